@@ -1,0 +1,130 @@
+"""Every ``SLMOPS_*`` variable, declared once with its type, default and help (as Ollama's ``envconfig``).
+
+Configuration is read here, at the edges (CLI start-up, ``serve``); deeper code receives plain values. A bad value
+is a :class:`ConfigError` at start-up naming the variable and what it accepts, never a crash later on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from slmops.types.errors import ConfigError
+
+
+def parse_duration(text: str) -> float:
+    """Ollama's keep-alive grammar: seconds as a number, or a Go duration (``5m``, ``1h30m``, ``300ms``).
+
+    Returns seconds; negative means forever.
+    """
+    text = str(text).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise ValueError(f'invalid duration "{text}": use seconds or a duration such as 5m, 1h, 30s')
+    return sign * sum(float(n) * units[u] for n, u in parts)
+
+
+def _host(text: str) -> tuple[str, int]:
+    text = text.strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):]
+    text = text.rstrip("/")
+    host, port = text, 11434
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("unclosed '[' in IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            port = int(rest.removeprefix(":"))
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = int(p)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host or "127.0.0.1", port
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SLMOPS_HOME", lambda s: Path(s).expanduser(), "~/.slmops", "Root of models, keys and logs."),
+    Setting("SLMOPS_HOST", _host, "127.0.0.1:11434", "Address the server binds and the CLI talks to."),
+    Setting("SLMOPS_KEEP_ALIVE", parse_duration, "5m", "How long an idle model stays loaded (0 unloads, <0 forever)."),
+    Setting("SLMOPS_CONTEXT_LENGTH", _positive_int, "4096", "Default num_ctx when a request sets none."),
+    Setting("SLMOPS_NUM_THREADS", _positive_int, "0", "Threads for generation; 0 picks the physical core count."),
+    Setting("SLMOPS_DEBUG", _bool, "false", "Show llama.cpp logs and tracebacks."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective configuration: values plus where each came from (``env`` or ``default``)."""
+
+    values: Mapping[str, Any]
+    origins: Mapping[str, str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for s in SETTINGS:
+            raw = env.get(s.name)
+            origin = "env" if raw not in (None, "") else "default"
+            text = raw if origin == "env" else s.default
+            try:
+                values[s.name] = s.parse(text)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{s.name}={text!r} is invalid: {err}. {s.help}") from None
+            origins[s.name] = origin
+        return cls(values, origins)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    @property
+    def home(self) -> Path:
+        return self.values["SLMOPS_HOME"]
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def describe(self, name: str) -> str:
+        return _BY_NAME[name].help

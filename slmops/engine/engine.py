@@ -1,0 +1,107 @@
+"""The in-process engine: loads models on demand, keeps them until evicted, runs chat and generate requests.
+
+This is the ``EngineClient`` the CLI and the Python API use directly; the server will reach the same interface
+across a process boundary. It takes plain values (specs, option dicts) and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from slmops.engine import options as opts
+from slmops.engine.model import LoadedModel, ModelSpec
+from slmops.engine.outputs import Output
+from slmops.store import manifests as mt
+from slmops.store.store import Store
+from slmops.types.name import ModelName
+
+
+def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
+    manifest = store.manifest(name)
+    return ModelSpec(
+        name=name.display,
+        model_path=store.model_path(name),
+        template=store.read_text(manifest, mt.TEMPLATE),
+        system=store.read_text(manifest, mt.SYSTEM),
+        params=store.read_json(manifest, mt.PARAMS) or {},
+        messages=store.read_json(manifest, mt.MESSAGES) or [],
+        adapters=[store.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
+    )
+
+
+@dataclass
+class Request:
+    """One chat or generate call. ``messages`` for chat; ``prompt`` (+ ``raw``) for generate."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    options: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+
+class Engine:
+    def __init__(self, default_ctx: int = 4096, num_thread: int = 0, max_loaded: int = 1):
+        self.default_ctx = default_ctx
+        self.num_thread = num_thread
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> tuple[LoadedModel, int]:
+        """Return the loaded model (loading or reloading it if its context settings changed) and load time in ns."""
+        merged = opts.merge(spec.params, options)
+        if self.num_thread and "num_thread" not in merged:
+            merged["num_thread"] = self.num_thread
+        with self._lock:
+            current = self._loaded.get(spec.name)
+            max_ctx = current.model.n_ctx_train if current else 1 << 20
+            load = opts.to_load(merged, self.default_ctx, max_ctx or 1 << 20)
+            if current and current.spec.model_path == spec.model_path and current.load_params == load:
+                self._loaded.move_to_end(spec.name)
+                return current, 0
+            if current:
+                self._loaded.pop(spec.name).close()
+            while len(self._loaded) >= self.max_loaded:
+                _, old = self._loaded.popitem(last=False)
+                old.close()
+            model = LoadedModel(spec, load)
+            if model.ctx.n_ctx > model.model.n_ctx_train > 0:
+                model.close()
+                load = opts.to_load(merged, self.default_ctx, model.model.n_ctx_train)
+                model = LoadedModel(spec, load)
+            self._loaded[spec.name] = model
+            return model, model.load_duration
+
+    def run(self, spec: ModelSpec, req: Request) -> Iterator[Output]:
+        merged = opts.merge(spec.params, req.options)
+        sampling = opts.to_sampling(merged)
+        model, load_ns = self.load(spec, req.options)
+        if req.messages is not None:
+            text = model.render(model.chat_messages(req.messages), tools=req.tools, template=req.template)
+        elif req.raw:
+            text = req.prompt or ""
+        else:
+            text = model.render(model.chat_messages([{"role": "user", "content": req.prompt or ""}], req.system),
+                                template=req.template)
+        tokens = model.tokenize(text)
+        return model.generate(tokens, sampling, load_ns)
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            model = self._loaded.pop(name, None)
+        if model:
+            model.close()
+        return model is not None
+
+    def close(self) -> None:
+        for name in list(self._loaded):
+            self.unload(name)

@@ -1,0 +1,176 @@
+"""The only module that touches ``llama_cpp`` ctypes: model, context, batch, memory and C sampler chains.
+
+Everything per-token that llama.cpp can do in C stays in C (the sampler chain samples and accepts in one call);
+batch fills go through numpy views of the ctypes arrays instead of Python loops over the prompt.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from slmops.engine.options import LoadParams, SamplingParams
+from slmops.types.errors import EngineError, InvalidInput
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def init_backend(verbose: bool = False) -> None:
+    """Once per process; llama.cpp logs only when asked, so the CLI stays quiet."""
+    global _initialized
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    with _init_lock:
+        if not _initialized:
+            lc.llama_backend_init()
+            _initialized = True
+
+
+class LlamaModel:
+    def __init__(self, path: Path, n_gpu_layers: int = 0):
+        init_backend(logging.getLogger("llama-cpp-python").level == logging.DEBUG)
+        params = lc.llama_model_default_params()
+        params.use_mmap = True
+        params.n_gpu_layers = n_gpu_layers
+        self.ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise EngineError("llama.cpp could not load the model file; it may be corrupt or of an unsupported architecture")
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
+        self.n_embd = lc.llama_model_n_embd(self.ptr)
+        self._piece = ctypes.create_string_buffer(256)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise EngineError("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            return buf.raw[:n]
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def valid_token(self, token: int) -> bool:
+        return 0 <= token < self.n_vocab
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaContext:
+    """One llama.cpp context; ``n_seq_max`` sequences share its unified KV cache."""
+
+    def __init__(self, model: LlamaModel, params: LoadParams, n_seq_max: int = 1, embeddings: bool = False):
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = params.num_ctx
+        cp.n_batch = params.num_batch
+        cp.n_ubatch = params.num_batch
+        cp.n_seq_max = n_seq_max
+        cp.n_threads = params.threads
+        cp.n_threads_batch = params.threads
+        cp.embeddings = embeddings
+        cp.no_perf = True
+        self.model = model
+        self.params = params
+        self.ptr = lc.llama_init_from_model(model.ptr, cp)
+        if not self.ptr:
+            raise EngineError(f"llama.cpp could not create a context of {params.num_ctx} tokens; lower num_ctx")
+        self.n_ctx = lc.llama_n_ctx(self.ptr)
+        self.n_batch = params.num_batch
+        self.mem = lc.llama_get_memory(self.ptr)
+        self._batch = lc.llama_batch_init(self.n_batch, 0, n_seq_max)
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._n_seq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        self._n_seq[:] = 1
+        for i in range(self.n_batch):
+            self._batch.seq_id[i][0] = 0
+
+    def decode(self, tokens: list[int], pos0: int) -> int:
+        """Feed ``tokens`` (sequence 0) at positions ``pos0...``; returns the batch index of the last logits."""
+        if pos0 + len(tokens) > self.n_ctx:
+            raise InvalidInput(f"context of {self.n_ctx} tokens is full")
+        last = -1
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n = len(chunk)
+            self._tokens[:n] = chunk
+            self._pos[:n] = np.arange(pos0 + start, pos0 + start + n, dtype=np.int32)
+            self._logits[:n] = 0
+            self._logits[n - 1] = 1
+            self._batch.n_tokens = n
+            rc = lc.llama_decode(self.ptr, self._batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc}")
+            last = n - 1
+        return last
+
+    def forget_from(self, pos: int) -> None:
+        """Drop KV cells of sequence 0 at ``pos`` and after, keeping the prefix for reuse."""
+        lc.llama_memory_seq_rm(self.mem, 0, pos, -1)
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self.ptr)
+            self.ptr = None
+
+
+class SamplerChain:
+    """A C sampler chain in Ollama's order: penalties → top_k → typical → top_p → min_p → temperature → dist."""
+
+    def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int):
+        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        last_n = n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
+        add = lambda s: lc.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        add(lc.llama_sampler_init_penalties(model.n_vocab, last_n, p.repeat_penalty, p.frequency_penalty,
+                                            p.presence_penalty))
+        if p.temperature <= 0:
+            add(lc.llama_sampler_init_greedy())
+            return
+        add(lc.llama_sampler_init_top_k(p.top_k))
+        add(lc.llama_sampler_init_typical(p.typical_p, 1))
+        add(lc.llama_sampler_init_top_p(p.top_p, 1))
+        add(lc.llama_sampler_init_min_p(p.min_p, 1))
+        add(lc.llama_sampler_init_temp(p.temperature))
+        add(lc.llama_sampler_init_dist(p.seed & 0xFFFFFFFF if p.seed >= 0 else lc.LLAMA_DEFAULT_SEED))
+
+    def sample(self, ctx: LlamaContext, idx: int) -> int:
+        return lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+
+    def accept(self, token: int) -> None:
+        lc.llama_sampler_accept(self.ptr, token)
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,35 @@
+"""What generation yields: text pieces, then one final record with Ollama's stats (durations in ns)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stats:
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+    load_duration: int
+    total_duration: int
+    cached_prompt_tokens: int = 0
+    truncated_prompt_tokens: int = 0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_eval_count / (self.prompt_eval_duration / 1e9) if self.prompt_eval_duration else 0.0
+
+    @property
+    def eval_tokens_per_s(self) -> float:
+        return self.eval_count / (self.eval_duration / 1e9) if self.eval_duration else 0.0
+
+
+@dataclass(frozen=True)
+class Output:
+    """A streamed piece (``done`` False) or the final record (``done`` True, ``text`` may hold a last piece)."""
+
+    text: str = ""
+    done: bool = False
+    done_reason: str | None = None  # "stop" | "length"
+    stats: Stats | None = None

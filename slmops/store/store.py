@@ -1,0 +1,222 @@
+"""The model store: ``<root>/manifests`` + ``<root>/blobs``, Ollama's layout.
+
+``Store(root)`` is always constructed with its root; nothing here reads configuration or knows the engine.
+Writers order their steps so a kill at any instant is harmless: blobs first (each complete once it has its name),
+the manifest last (one atomic rename). Unreferenced blobs are removed under an exclusive lock that every writer
+holds shared, so garbage collection never races a pull or create that is about to reference a blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from slmops.store import manifests as mt
+from slmops.store.atomic import remove_abandoned_temps
+from slmops.store.blobs import BlobStore
+from slmops.store.catalog import Catalog, CatalogEntry
+from slmops.store.gguf import GGUFInfo, inspect_gguf
+from slmops.store.manifests import Layer, Manifest, ManifestStore
+from slmops.store.sources import Source, default_sources
+from slmops.types.digest import Digest
+from slmops.types.errors import InvalidInput, ModelNotFound, SourceError
+from slmops.types.name import ModelName
+
+ProgressFn = Callable[[str, int, int | None], None]
+"""``progress(status, completed_bytes, total_bytes)``; ``total`` is None for phases without a size."""
+
+
+def _no_progress(status: str, completed: int, total: int | None) -> None:
+    pass
+
+
+@dataclass
+class ModelRecord:
+    name: ModelName
+    digest: Digest
+    size: int
+    modified_at: datetime
+    manifest: Manifest
+
+
+class Store:
+    def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None):
+        self.root = Path(root)
+        self.blobs = BlobStore(self.root / "blobs")
+        self.manifests = ManifestStore(self.root / "manifests")
+        self.catalog = catalog or Catalog.builtin()
+        self.sources = sources or default_sources()
+
+    # -- locking -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while adding blobs and the manifest that references them."""
+        return self._lock(exclusive=False)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def manifest(self, name: ModelName) -> Manifest:
+        return self.manifests.get(name)
+
+    def exists(self, name: ModelName) -> bool:
+        return self.manifests.path(name).is_file()
+
+    def record(self, name: ModelName) -> ModelRecord:
+        m = self.manifest(name)
+        path = self.manifests.path(name)
+        return ModelRecord(
+            name=name,
+            digest=Digest.of_bytes(path.read_bytes()),
+            size=sum(l.size for l in m.all_layers()),
+            modified_at=datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc),
+            manifest=m,
+        )
+
+    def list(self) -> list[ModelRecord]:
+        out = []
+        for name in self.manifests.names():
+            with contextlib.suppress(Exception):
+                out.append(self.record(name))
+        return sorted(out, key=lambda r: r.modified_at, reverse=True)
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs.path(digest)
+
+    def read_text(self, manifest: Manifest, media_type: str) -> str | None:
+        layer = manifest.layer(media_type)
+        return self.blobs.path(layer.blob).read_text() if layer else None
+
+    def read_json(self, manifest: Manifest, media_type: str) -> Any:
+        text = self.read_text(manifest, media_type)
+        return json.loads(text) if text is not None else None
+
+    def model_path(self, name: ModelName) -> Path:
+        layer = self.manifest(name).layer(mt.MODEL)
+        if layer is None:
+            raise InvalidInput(f'"{name.display}" has no model layer')
+        return self.blobs.path(layer.blob)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def put_json_layer(self, media_type: str, value: Any) -> Layer:
+        return self.put_text_layer(media_type, json.dumps(value, indent=None, separators=(",", ":")))
+
+    def put_text_layer(self, media_type: str, text: str) -> Layer:
+        digest, size = self.blobs.put_bytes(text.encode())
+        return Layer(mediaType=media_type, digest=str(digest), size=size)
+
+    def config_layer(self, info: GGUFInfo, layers: list[Layer], extra: dict[str, Any] | None = None) -> Layer:
+        config = {
+            "model_format": "gguf",
+            "model_family": info.architecture,
+            "model_families": [info.architecture],
+            "model_type": info.parameter_size,
+            "file_type": info.file_type,
+            "architecture": "amd64" if os.uname().machine == "x86_64" else os.uname().machine,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [l.digest for l in layers]},
+            **(extra or {}),
+        }
+        layer = self.put_json_layer(mt.CONFIG_MEDIA_TYPE, config)
+        return layer
+
+    def write_manifest(self, name: ModelName, layers: list[Layer], config: Layer) -> Manifest:
+        manifest = Manifest(config=config, layers=layers)
+        self.manifests.put(name, manifest)
+        return manifest
+
+    def import_gguf(self, open_stream, what: str, expected: Digest | None, progress: ProgressFn,
+                    total: int | None) -> tuple[Layer, GGUFInfo]:
+        """Store a GGUF blob, then validate it; an invalid file is removed again unless another model uses it."""
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            progress("verifying sha256 digest" if expected else "copying model", done, total)
+
+        existed = expected is not None and self.blobs.has(expected)
+        with open_stream() as src:
+            digest, size = self.blobs.put_stream(src, expected, tick, what=what)
+        try:
+            info = inspect_gguf(self.blobs.path(digest))
+        except Exception:
+            if not existed and digest not in self._referenced():
+                self.blobs.remove(digest)
+            raise
+        return Layer(mediaType=mt.MODEL, digest=str(digest), size=size), info
+
+    def pull(self, name: ModelName, progress: ProgressFn = _no_progress) -> Manifest:
+        entry = self.catalog.lookup(name)
+        if entry is None:
+            raise ModelNotFound(name.display)
+        source = self.sources.get(entry.source.get("type", ""))
+        if source is None:
+            raise SourceError(f"unknown source type {entry.source.get('type')!r} for {name.display}")
+        with self.writing(), tempfile.TemporaryDirectory(prefix="slmops-pull-") as tmp:
+            remove_abandoned_temps(self.root)
+            progress("pulling manifest", 0, None)
+            fetched = source.fetch(entry.source, Path(tmp), lambda s: progress(s, 0, None))
+            model, info = self.import_gguf(fetched.open, name.display, entry.digest, progress,
+                                           entry.size or fetched.size)
+            layers = [model, *self._catalog_layers(entry, info, fetched.license)]
+            config = self.config_layer(info, layers, {"source": entry.source.get("type")})
+            progress("writing manifest", 0, None)
+            manifest = self.write_manifest(name, layers, config)
+        progress("success", 0, None)
+        return manifest
+
+    def _catalog_layers(self, entry: CatalogEntry, info: GGUFInfo, license_text: str | None) -> list[Layer]:
+        layers = []
+        template = entry.template or info.chat_template
+        if template:
+            layers.append(self.put_text_layer(mt.TEMPLATE, template))
+        if entry.system:
+            layers.append(self.put_text_layer(mt.SYSTEM, entry.system))
+        if entry.params:
+            layers.append(self.put_json_layer(mt.PARAMS, entry.params))
+        if license_text:
+            layers.append(self.put_text_layer(mt.LICENSE, license_text))
+        return layers
+
+    def copy(self, src: ModelName, dst: ModelName) -> None:
+        with self.writing():
+            self.manifests.put(dst, self.manifest(src))
+
+    def remove(self, name: ModelName) -> list[Digest]:
+        """Delete a model and every blob no other manifest references; returns the blobs removed."""
+        with self._lock(exclusive=True):
+            self.manifests.delete(name)
+            return self._collect_garbage()
+
+    def prune(self) -> list[Digest]:
+        with self._lock(exclusive=True):
+            remove_abandoned_temps(self.root)
+            return self._collect_garbage()
+
+    def _referenced(self) -> set[Digest]:
+        refs: set[Digest] = set()
+        for n in self.manifests.names():
+            with contextlib.suppress(Exception):
+                refs.update(l.blob for l in self.manifests.get(n).all_layers())
+        return refs
+
+    def _collect_garbage(self) -> list[Digest]:
+        unused = sorted(self.blobs.digests() - self._referenced())
+        for d in unused:
+            self.blobs.remove(d)
+        return unused

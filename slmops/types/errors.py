@@ -1,0 +1,93 @@
+"""The one exception tree of slmops.
+
+Every error a user can meet is a subclass of :class:`SlmopsError` whose message is a single line that says what
+to do next. Layers raise these; only the edges (CLI, HTTP handlers) turn them into exit codes or HTTP statuses,
+each through one table keyed by class, never by message text.
+
+    SlmopsError
+    ├── InvalidInput            bad request from the user (HTTP 400)
+    │   ├── InvalidName         a model name outside the grammar
+    │   ├── InvalidDigest       anything but ``sha256:<64 hex>``
+    │   ├── ModelfileError      a Modelfile that does not parse (names the line)
+    │   ├── TemplateError       a chat template that cannot be used
+    │   ├── InvalidOption       an unknown or ill-typed option
+    │   ├── InvalidModelFile    a GGUF that fails validation (truncated, crafted)
+    │   └── ContextOverflow     a prompt longer than the context window
+    ├── NotFound                (HTTP 404)
+    │   └── ModelNotFound
+    ├── IntegrityError          content whose digest differs from the pinned one
+    ├── SourceError             a model source failed (download, missing file)
+    ├── ConfigError             a bad SLMOPS_* value or settings file
+    ├── Busy                    the engine cannot take more work now (HTTP 503)
+    └── EngineError             llama.cpp failed (HTTP 500)
+"""
+
+from __future__ import annotations
+
+
+class SlmopsError(Exception):
+    """Base of every error slmops raises on purpose; ``str(err)`` is the one-line user message."""
+
+
+class InvalidInput(SlmopsError):
+    pass
+
+
+class InvalidName(InvalidInput):
+    pass
+
+
+class InvalidDigest(InvalidInput):
+    pass
+
+
+class ModelfileError(InvalidInput):
+    def __init__(self, message: str, line: int | None = None):
+        self.line = line
+        super().__init__(f"Modelfile line {line}: {message}" if line else message)
+
+
+class TemplateError(InvalidInput):
+    pass
+
+
+class InvalidOption(InvalidInput):
+    pass
+
+
+class InvalidModelFile(InvalidInput):
+    pass
+
+
+class ContextOverflow(InvalidInput):
+    pass
+
+
+class NotFound(SlmopsError):
+    pass
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f'model "{name}" not found, try pulling it first')
+
+
+class IntegrityError(SlmopsError):
+    pass
+
+
+class SourceError(SlmopsError):
+    pass
+
+
+class ConfigError(SlmopsError):
+    pass
+
+
+class Busy(SlmopsError):
+    pass
+
+
+class EngineError(SlmopsError):
+    pass

@@ -1,0 +1,96 @@
+"""Model names, Ollama style.
+
+Grammar (case-insensitive; stored lower-case)::
+
+    name      = [ host "/" ] [ namespace "/" ] model [ ":" tag ]
+    host      = part [ ":" port ]          ; only when three path parts are given
+    namespace = part
+    model     = part
+    part      = alnum { alnum | "_" | "-" | "." }   ; 1..80 chars, never "." or ".."-only
+    tag       = alnum-or-"_" { alnum | "_" | "-" | "." } ; 1..80 chars
+    port      = digit { digit }
+
+Defaults: host ``registry.ollama.ai``, namespace ``library``, tag ``latest`` — the same as Ollama's, so a store
+written by slmops has the paths Ollama users know (``manifests/registry.ollama.ai/library/smollm2/135m``).
+Every part maps to one path component; the grammar admits no separator, no ``..`` and no empty part, which is what
+keeps a name from escaping the store.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from slmops.types.errors import InvalidName
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+
+_PART = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
+_TAG = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,79}")
+_HOST = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}(:[0-9]{1,5})?")
+
+
+def _bad(text: str, why: str) -> InvalidName:
+    shown = text if len(text) <= 100 else text[:100] + "..."
+    return InvalidName(f'invalid model name "{shown}": {why}; expected [host/][namespace/]model[:tag]')
+
+
+def _check(pattern: re.Pattern[str], value: str, text: str, what: str) -> str:
+    if not pattern.fullmatch(value) or set(value) <= {"."} or ".." in value:
+        raise _bad(text, f'bad {what} "{value[:100]}"')
+    return value
+
+
+@dataclass(frozen=True, order=True)
+class ModelName:
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelName":
+        if not isinstance(text, str) or not text.strip():
+            raise _bad(str(text or ""), "empty name")
+        raw = text.strip().lower()
+        parts = raw.split("/")
+        if len(parts) > 3:
+            raise _bad(text, "too many '/'")
+        last = parts[-1]
+        model, sep, tag = last.partition(":")
+        if sep and not tag:
+            raise _bad(text, "empty tag")
+        tag = tag or DEFAULT_TAG
+        host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
+        if len(parts) == 3:
+            host, namespace = parts[0], parts[1]
+            _check(_HOST, host, text, "host")
+        elif len(parts) == 2:
+            namespace = parts[0]
+        _check(_PART, namespace, text, "namespace")
+        _check(_PART, model, text, "model")
+        _check(_TAG, tag, text, "tag")
+        return cls(host, namespace, model, tag)
+
+    @property
+    def path_parts(self) -> tuple[str, str, str, str]:
+        """Components of the manifest path; the host's ``:port`` becomes ``%`` as no OS forbids it."""
+        return (self.host.replace(":", "%"), self.namespace, self.model, self.tag)
+
+    @classmethod
+    def from_path_parts(cls, host: str, namespace: str, model: str, tag: str) -> "ModelName":
+        return cls.parse(f"{host.replace('%', ':')}/{namespace}/{model}:{tag}")
+
+    @property
+    def display(self) -> str:
+        """Shortest unambiguous form, as ``ollama list`` prints it."""
+        if self.host != DEFAULT_HOST:
+            return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+        if self.namespace != DEFAULT_NAMESPACE:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.model}:{self.tag}"
+
+    def __str__(self) -> str:
+        return self.display
