@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from slmops.engine import options as opts
+from slmops.types import options as opts
 from slmops.engine.model import LoadedModel, ModelSpec
 from slmops.engine.outputs import Output
 from slmops.store import manifests as mt
@@ -29,6 +29,7 @@ def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
         params=store.read_json(manifest, mt.PARAMS) or {},
         messages=store.read_json(manifest, mt.MESSAGES) or [],
         adapters=[store.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
+        gguf_cache=store.gguf_cache,
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from slmops.engine.options import LoadParams, SamplingParams
+from slmops.types.options import LoadParams, SamplingParams
 from slmops.types.errors import EngineError, InvalidInput
 
 _init_lock = threading.Lock()

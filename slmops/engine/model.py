@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import llama_cpp as lc
 
-from slmops.engine import options as opts
+from slmops.types import options as opts
 from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import Output, Stats
 from slmops.engine.stops import StopMatcher
@@ -41,6 +41,7 @@ class ModelSpec:
     params: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
     adapters: list[Path] = field(default_factory=list)
+    gguf_cache: Path | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -55,7 +56,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams):
         t0 = time.perf_counter_ns()
-        inspect_gguf(spec.model_path)
+        inspect_gguf(spec.model_path, spec.gguf_cache)
         self.spec = spec
         self.model = LlamaModel(spec.model_path)
         self.load_params = load

@@ -6,14 +6,19 @@ has crashed it before (CVE-2025-0315/0317 class). Here such a file becomes :clas
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
+from slmops.store.atomic import write_bytes
 from slmops.types.errors import InvalidModelFile
 
 GGUF_MAGIC = b"GGUF"
@@ -62,16 +67,46 @@ def _value(reader: GGUFReader, key: str) -> Any:
     if f.types and f.types[0] == GGUFValueType.ARRAY:
         if len(f.data) > 64:
             return f"[{len(f.data)} items]"
-        return f.contents()
-    return f.contents()
+        return [_plain(v) for v in f.contents()]
+    return _plain(f.contents())
 
 
-def inspect_gguf(path: Path) -> GGUFInfo:
-    """Validate ``path`` fully (header, metadata, every tensor inside the file) and return its metadata."""
+def _plain(v: Any) -> Any:
+    """numpy scalars to Python values, so metadata serialises to JSON."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _identity(path: Path, st: os.stat_result) -> str:
+    return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def inspect_gguf(path: Path, cache_dir: Path | None = None) -> GGUFInfo:
+    """Validate ``path`` fully (header, metadata, every tensor inside the file) and return its metadata.
+
+    Parsing a GGUF's metadata takes seconds (the tokenizer arrays), so with ``cache_dir`` the result is kept under
+    the file's identity (device, inode, size, mtime): a changed file is validated again, an unchanged one loads fast.
+    """
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError:
         raise InvalidModelFile("model file is missing or unreadable") from None
+    ident = _identity(path, st)
+    entry = cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json") if cache_dir else None
+    if entry is not None:
+        try:
+            cached = json.loads(entry.read_text())
+            if cached.get("identity") == ident:
+                return GGUFInfo(**cached["info"])
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+    info = _inspect(path, st.st_size)
+    if entry is not None:
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            write_bytes(entry, json.dumps({"identity": ident, "info": asdict(info)}, default=str).encode())
+    return info
+
+
+def _inspect(path: Path, size: int) -> GGUFInfo:
     _header(path, size)
     try:
         reader = GGUFReader(path, "r")

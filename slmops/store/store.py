@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -53,6 +54,7 @@ class Store:
         self.manifests = ManifestStore(self.root / "manifests")
         self.catalog = catalog or Catalog.builtin()
         self.sources = sources or default_sources()
+        self.gguf_cache = self.root / "cache" / "gguf"
 
     # -- locking -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -105,6 +107,9 @@ class Store:
         text = self.read_text(manifest, media_type)
         return json.loads(text) if text is not None else None
 
+    def inspect(self, name: ModelName) -> GGUFInfo:
+        return inspect_gguf(self.model_path(name), self.gguf_cache)
+
     def model_path(self, name: ModelName) -> Path:
         layer = self.manifest(name).layer(mt.MODEL)
         if layer is None:
@@ -153,7 +158,7 @@ class Store:
         with open_stream() as src:
             digest, size = self.blobs.put_stream(src, expected, tick, what=what)
         try:
-            info = inspect_gguf(self.blobs.path(digest))
+            info = inspect_gguf(self.blobs.path(digest), self.gguf_cache)
         except Exception:
             if not existed and digest not in self._referenced():
                 self.blobs.remove(digest)
@@ -219,4 +224,6 @@ class Store:
         unused = sorted(self.blobs.digests() - self._referenced())
         for d in unused:
             self.blobs.remove(d)
+        if unused and self.gguf_cache.is_dir():
+            shutil.rmtree(self.gguf_cache, ignore_errors=True)  # entries are rebuilt on demand
         return unused

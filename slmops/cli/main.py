@@ -1,0 +1,74 @@
+"""The ``slmops`` command. Each noun lives in its own module; this one wires them and maps errors to exit codes.
+
+Every user-facing error is one line on stderr and a non-zero exit; tracebacks only with SLMOPS_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+import slmops
+from slmops.cli import models, run, serve
+from slmops.cli.common import console, err_console, settings
+from slmops.config.settings import SETTINGS
+from slmops.types.errors import SlmopsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run small language models locally; Ollama- and OpenAI-compatible.")
+app.command("pull")(models.pull)
+app.command("list")(models.list_models)
+app.command("ls", hidden=True)(models.list_models)
+app.command("show")(models.show)
+app.command("rm")(models.rm)
+app.command("cp")(models.cp)
+app.command("create")(models.create)
+app.command("prune")(models.prune)
+app.command("run")(run.run)
+app.command("serve")(serve.serve)
+app.command("ps")(serve.ps)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    console.print(f"slmops version {slmops.__version__}")
+
+
+@app.command("env")
+def env() -> None:
+    """Print every SLMOPS_* setting: effective value, where it came from, and what it does."""
+    cfg = settings()
+    for s in SETTINGS:
+        value = cfg[s.name]
+        shown = f"{value[0]}:{value[1]}" if s.name == "SLMOPS_HOST" else str(value)
+        console.print(f"{s.name}={shown}  ({cfg.origins[s.name]})  # {s.help}", markup=False, soft_wrap=True)
+
+
+def main() -> None:
+    debug = os.environ.get("SLMOPS_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    try:
+        app(standalone_mode=False)
+    except SlmopsError as err:
+        err_console.print(f"Error: {err}", markup=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (typer.Abort, typer.Exit) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if debug:
+            raise
+        err_console.print(f"Error: {type(err).__name__}: {err} (set SLMOPS_DEBUG=1 for a traceback)", markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""``slmops serve`` and ``slmops ps``: start the HTTP server, or ask a running one what it has loaded."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+
+from slmops.cli.common import console, settings, store
+from slmops.engine.engine import Engine
+from slmops.types.errors import ConfigError, SlmopsError
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            if err.errno == 98:
+                raise ConfigError(f"address {host}:{port} is already in use; stop the other server or set SLMOPS_HOST")
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; check SLMOPS_HOST") from None
+
+
+def serve() -> None:
+    """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
+    import uvicorn
+
+    from slmops.server.app import create_app
+
+    cfg = settings()
+    host, port = cfg["SLMOPS_HOST"]
+    _check_port(host, port)
+    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"])
+    app = create_app(store(), engine)
+    console.print(f"slmops listening on http://{host}:{port}", markup=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def base_url() -> str:
+    host, port = settings()["SLMOPS_HOST"]
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def ps() -> None:
+    """List the models a running server has loaded."""
+    url = base_url()
+    try:
+        models = httpx.get(f"{url}/api/ps", timeout=5).json()["models"]
+    except httpx.HTTPError:
+        raise SlmopsError(f"could not connect to a running slmops server at {url}; start one with `slmops serve`")
+    rows = [("NAME", "CONTEXT")] + [(m["name"], str(m.get("context_length", ""))) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        console.print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)

@@ -1,0 +1,95 @@
+"""The in-process Python API: pull a model, load it, generate and chat without a server.
+
+    >>> import slmops
+    >>> model = slmops.load("smollm2:135m")          # pulls on first use
+    >>> model.generate("Why is the sky blue?", options={"num_predict": 32}).text
+    >>> for piece in model.chat([{"role": "user", "content": "Hi"}], stream=True):
+    ...     print(piece.text, end="")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from slmops.config.settings import Settings
+from slmops.engine.engine import Engine, Request, spec_from_store
+from slmops.engine.outputs import Output, Stats
+from slmops.store.store import ProgressFn, Store, _no_progress
+from slmops.types.errors import ModelNotFound
+from slmops.types.name import ModelName
+
+DEFAULT_MODEL = "smollm2:135m"
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+    done_reason: str
+    stats: Stats
+
+
+def open_store(home: str | Path | None = None) -> Store:
+    """The store under ``home`` (default: ``SLMOPS_HOME``, else ``~/.slmops``)."""
+    root = Path(home).expanduser() if home else Settings.from_env().home
+    return Store(root / "models")
+
+
+def pull(name: str = DEFAULT_MODEL, home: str | Path | None = None, progress: ProgressFn = _no_progress) -> None:
+    open_store(home).pull(ModelName.parse(name), progress)
+
+
+class Model:
+    """A model loaded in this process; not thread-safe across concurrent calls (one generation at a time)."""
+
+    def __init__(self, store: Store, name: ModelName, engine: Engine):
+        self.name = name
+        self._engine = engine
+        self._spec = spec_from_store(store, name)
+        self._loaded, _ = engine.load(self._spec)
+
+    def generate(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                 options: dict[str, Any] | None = None, stream: bool = False) -> Result | Iterator[Output]:
+        it = self._engine.run(self._spec, Request(prompt=prompt, system=system, raw=raw, options=options))
+        return it if stream else _collect(it)
+
+    def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
+             stream: bool = False) -> Result | Iterator[Output]:
+        it = self._engine.run(self._spec, Request(messages=messages, options=options))
+        return it if stream else _collect(it)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._loaded.tokenize(text, special=False)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._loaded.detokenize(tokens)
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, pull_missing: bool = True,
+         num_ctx: int = 4096, num_thread: int = 0) -> Model:
+    store = open_store(home)
+    model_name = ModelName.parse(name)
+    if not store.exists(model_name):
+        if not (pull_missing and store.catalog.lookup(model_name)):
+            raise ModelNotFound(model_name.display)
+        store.pull(model_name)
+    return Model(store, model_name, Engine(default_ctx=num_ctx, num_thread=num_thread))
+
+
+def _collect(it: Iterator[Output]) -> Result:
+    parts: list[str] = []
+    for out in it:
+        parts.append(out.text)
+        if out.done:
+            return Result("".join(parts), out.done_reason or "stop", out.stats)  # type: ignore[arg-type]
+    raise RuntimeError("generation ended without a final record")

@@ -1,0 +1,106 @@
+"""Build a model in the store from a Modelfile (``slmops create``), and the reverse (``show --modelfile``).
+
+Like Ollama: FROM an existing model inherits its layers; FROM a ``.gguf`` path imports the file (validated first);
+PARAMETERs merge over the base's, TEMPLATE/SYSTEM/MESSAGEs replace the base's, LICENSEs and ADAPTERs add layers.
+The manifest is written last, so an interrupted create leaves no model behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slmops.engine.template import ChatTemplate
+from slmops.modelfile.parser import Modelfile
+from slmops.store import manifests as mt
+from slmops.store.gguf import GGUFInfo
+from slmops.store.manifests import Layer, Manifest
+from slmops.store.store import ProgressFn, Store, _no_progress
+from slmops.types.errors import InvalidInput, ModelfileError, ModelNotFound, SlmopsError
+from slmops.types.name import ModelName
+
+
+def _is_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.lower().endswith(".gguf") or "\\" in value
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path, progress: ProgressFn = _no_progress,
+           pull_missing: bool = True) -> Manifest:
+    if mf.template is not None:
+        ChatTemplate.compile(mf.template)  # reject an unusable template before anything is written
+    with store.writing():
+        progress("reading model metadata", 0, None)
+        base_layers, info = _base(store, mf, base_dir, progress, pull_missing)
+        layers = [l for l in base_layers if l.media_type in (mt.MODEL, mt.ADAPTER, mt.LICENSE)]
+        kept = {l.media_type: l for l in base_layers}
+        for path in mf.adapters:
+            file = _resolve(path, base_dir)
+            if not file.is_file():
+                raise ModelfileError(f"ADAPTER file {path} does not exist")
+            layer, _ = store.import_gguf(lambda f=file: f.open("rb"), path, None, progress, file.stat().st_size)
+            layers.append(Layer(mediaType=mt.ADAPTER, digest=layer.digest, size=layer.size))
+        template = mf.template if mf.template is not None else _text(store, kept.get(mt.TEMPLATE))
+        if template is None and info.chat_template:
+            template = info.chat_template
+        if template:
+            layers.append(store.put_text_layer(mt.TEMPLATE, template))
+        system = mf.system if mf.system is not None else _text(store, kept.get(mt.SYSTEM))
+        if system:
+            layers.append(store.put_text_layer(mt.SYSTEM, system))
+        params = {**(json.loads(_text(store, kept.get(mt.PARAMS)) or "{}")), **mf.parameters}
+        if params:
+            layers.append(store.put_json_layer(mt.PARAMS, params))
+        messages = mf.messages or json.loads(_text(store, kept.get(mt.MESSAGES)) or "[]")
+        if messages:
+            layers.append(store.put_json_layer(mt.MESSAGES, messages))
+        for lic in mf.licenses:
+            layers.append(store.put_text_layer(mt.LICENSE, lic))
+        config = store.config_layer(info, layers)
+        progress("writing manifest", 0, None)
+        manifest = store.write_manifest(name, layers, config)
+    progress("success", 0, None)
+    return manifest
+
+
+def _text(store: Store, layer: Layer | None) -> str | None:
+    return store.blobs.path(layer.blob).read_text() if layer else None
+
+
+def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
+          pull_missing: bool) -> tuple[list[Layer], GGUFInfo]:
+    if _is_path(mf.from_):
+        file = _resolve(mf.from_, base_dir)
+        if not file.is_file():
+            raise ModelfileError(f"FROM file {mf.from_} does not exist")
+        layer, info = store.import_gguf(lambda: file.open("rb"), mf.from_, None, progress, file.stat().st_size)
+        return [layer], info
+    try:
+        base = ModelName.parse(mf.from_)
+    except SlmopsError as err:
+        raise ModelfileError(f"FROM: {err}") from None
+    if not store.exists(base):
+        if not (pull_missing and store.catalog.lookup(base)):
+            raise ModelNotFound(base.display)
+        store.pull(base, progress)
+    manifest = store.manifest(base)
+    model = manifest.layer(mt.MODEL)
+    if model is None:
+        raise InvalidInput(f'"{base.display}" has no model layer')
+    return manifest.layers, store.inspect(base)
+
+
+def to_modelfile(store: Store, name: ModelName) -> Modelfile:
+    m = store.manifest(name)
+    mf = Modelfile(from_=name.display)
+    mf.template = store.read_text(m, mt.TEMPLATE)
+    mf.system = store.read_text(m, mt.SYSTEM)
+    mf.parameters = store.read_json(m, mt.PARAMS) or {}
+    mf.messages = store.read_json(m, mt.MESSAGES) or []
+    mf.adapters = [str(store.blob_path(l.blob)) for l in m.layers if l.media_type == mt.ADAPTER]
+    mf.licenses = [store.blobs.path(l.blob).read_text() for l in m.layers if l.media_type == mt.LICENSE]
+    return mf
