@@ -38,7 +38,8 @@ _GO_ENV = _env(go=True)
 _RESPONSE_CUT = "\x00slmops-response\x00"
 
 _GO_ACTION = re.compile(r"{{(-\s)?\s*(.*?)\s*(\s-)?}}", re.S)
-_GO_HINT = re.compile(r"{{-?\s*(\.|\$\.|if\s|range\s|end\b|else\b|/\*)")
+_GO_HINT = re.compile(r"{{-?\s*(\.|\$|/\*|(if|range|end|else|with|template|define|block|slice|index|len|eq|ne|and|or|not|"
+                      r"printf|print|json|toJson|html|js|call|lt|le|gt|ge)\b)")
 
 
 def is_go_template(source: str) -> bool:

@@ -1,0 +1,83 @@
+"""Shared fixtures. The real default model is pulled once per machine into a cache (pip's cache makes even that
+quick) and reused read-only; tests that change a store get their own, fed from that cache through a file source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmops.store.catalog import Catalog
+from slmops.store.sources import default_sources
+from slmops.store.store import Store
+from slmops.types.name import ModelName
+
+DEFAULT = ModelName.parse("smollm2:135m")
+CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmops-tests"))
+BIN = Path(sys.executable).parent / "slmops"
+
+
+@pytest.fixture(scope="session")
+def shared_home() -> Path:
+    """An SLMOPS_HOME holding the real default model, pulled through the real catalog source once per machine."""
+    home = CACHE / "home"
+    store = Store(home / "models")
+    if not store.exists(DEFAULT):
+        store.pull(DEFAULT)
+    return home
+
+
+@pytest.fixture(scope="session")
+def shared_store(shared_home: Path) -> Store:
+    return Store(shared_home / "models")
+
+
+@pytest.fixture(scope="session")
+def model_file(shared_store: Store) -> Path:
+    return shared_store.model_path(DEFAULT)
+
+
+def local_catalog(model_file: Path) -> Catalog:
+    """The built-in catalog with the default model's source pointed at a local copy (same pinned digest)."""
+    data = json.loads((Path(__file__).parents[1] / "slmops" / "store" / "catalog.json").read_text())
+    entry = data["models"]["smollm2:135m"]
+    entry["source"] = {"type": "file", "path": str(model_file)}
+    return Catalog(data)
+
+
+@pytest.fixture
+def home(tmp_path: Path, model_file: Path) -> Path:
+    """A fresh, empty SLMOPS_HOME whose catalog pulls the default model from the local cache."""
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.fixture
+def store(home: Path, model_file: Path) -> Store:
+    return Store(home / "models", catalog=local_catalog(model_file), sources=default_sources())
+
+
+def run_cli(*args: str, home: Path, input: str | None = None, timeout: float = 240, **env: str):
+    e = {**os.environ, "SLMOPS_HOME": str(home), **env}
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, input=input, timeout=timeout, env=e)
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path, shared_home: Path) -> Path:
+    """An SLMOPS_HOME with the default model already in it (blobs hard-linked from the cache, no copy)."""
+    h = tmp_path / "clihome"
+    src = shared_home / "models"
+    dst = h / "models"
+    shutil.copytree(src / "manifests", dst / "manifests")
+    (dst / "blobs").mkdir(parents=True)
+    for blob in (src / "blobs").iterdir():
+        if blob.name.startswith("sha256-"):
+            os.link(blob, dst / "blobs" / blob.name)
+    return h
