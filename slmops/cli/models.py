@@ -53,9 +53,8 @@ def show(
                   f"{name.display} or point FROM at a .gguf file\n")
         console.print(render(mf, header), end="", markup=False, soft_wrap=True)
     elif parameters:
-        for key, value in mf.parameters.items():
-            for v in value if isinstance(value, list) else [value]:
-                console.print(f"{key:<24}{json.dumps(v) if isinstance(v, str) else v}", markup=False)
+        for line in parameter_lines(mf.parameters):
+            console.print(line, markup=False)
     elif template:
         console.print(mf.template or "", markup=False, soft_wrap=True)
     elif system:
@@ -64,6 +63,12 @@ def show(
         console.print("\n".join(mf.licenses), markup=False, soft_wrap=True)
     else:
         _show_info(s, name, mf)
+
+
+def parameter_lines(params: dict, indent: str = "") -> list[str]:
+    """One line per value (repeatable ``stop`` included), strings quoted, as ``ollama show`` prints them."""
+    return [f"{indent}{key:<30}{json.dumps(v) if isinstance(v, str) else v}"
+            for key, value in params.items() for v in (value if isinstance(value, list) else [value])]
 
 
 def _show_info(s, name: ModelName, mf) -> None:
@@ -78,9 +83,8 @@ def _show_info(s, name: ModelName, mf) -> None:
         console.print(f"    {k:<20}{v}", markup=False)
     if mf.parameters:
         console.print("\n  Parameters")
-        for key, value in mf.parameters.items():
-            for v in value if isinstance(value, list) else [value]:
-                console.print(f"    {key:<20}{json.dumps(v) if isinstance(v, str) else v}", markup=False)
+        for line in parameter_lines(mf.parameters, "    "):
+            console.print(line, markup=False)
     if mf.system:
         console.print("\n  System")
         for line in mf.system.splitlines()[:2]:

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import typer
 
 from slmops.cli.common import PullBar, console, err_console, settings, store
+from slmops.cli.models import parameter_lines
 from slmops.engine.engine import Engine, Request, spec_from_store
 from slmops.engine.outputs import Output, Stats
 from slmops.modelfile import build, render
@@ -203,7 +204,7 @@ class Chat:
             "template": mf.template or "No template was specified for this model.",
             "system": mf.system or "No system message was specified for this model.",
             "license": "\n".join(mf.licenses) or "No license was specified for this model.",
-            "parameters": "\n".join(f"{k:<20}{v}" for k, v in mf.parameters.items()) or "No parameters set.",
+            "parameters": "\n".join(parameter_lines(mf.parameters)) or "No parameters set.",
         }.get(what)
         if text is None:
             from slmops.cli.models import show as show_cmd

@@ -111,7 +111,7 @@ def _inspect(path: Path, size: int) -> GGUFInfo:
     try:
         reader = GGUFReader(path, "r")
     except Exception as err:  # the gguf package signals every malformation with a different builtin error
-        raise InvalidModelFile(f"corrupt or truncated GGUF file ({type(err).__name__}); re-download the model") from None
+        raise InvalidModelFile("corrupt or truncated GGUF file; check the file or export it again") from None
     total = 0
     for t in reader.tensors:
         dims = [int(d) for d in t.shape]

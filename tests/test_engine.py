@@ -1,0 +1,125 @@
+"""The real engine with the real default model."""
+
+import pytest
+
+from conftest import DEFAULT
+from slmops.engine import Engine, Request, spec_from_store
+from slmops.types import options as opts
+from slmops.types.errors import ContextOverflow, InvalidInput, InvalidOption
+
+GREEDY = {"temperature": 0, "num_predict": 24}
+Q = [{"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(default_ctx=2048)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def spec(shared_store):
+    return spec_from_store(shared_store, DEFAULT)
+
+
+def collect(it):
+    parts, final = [], None
+    for out in it:
+        parts.append(out.text)
+        if out.done:
+            final = out
+    return "".join(parts), final
+
+
+def test_greedy_is_identical_across_runs_and_engines(engine, spec):
+    a, fa = collect(engine.run(spec, Request(messages=Q, options=GREEDY)))
+    b, _ = collect(engine.run(spec, Request(messages=Q, options=GREEDY)))
+    other = Engine(default_ctx=2048)
+    try:
+        c, _ = collect(other.run(spec, Request(messages=Q, options=GREEDY)))
+    finally:
+        other.close()
+    assert a and a == b == c
+    s = fa.stats
+    assert s.prompt_eval_count > 10 and s.eval_count == 24 and fa.done_reason == "length"
+    assert s.prompt_eval_duration > 0 and s.eval_duration > 0 and s.total_duration >= s.eval_duration
+
+
+def test_num_predict_is_honoured(engine, spec):
+    for n in (1, 5):
+        _, final = collect(engine.run(spec, Request(messages=Q, options={"temperature": 0, "num_predict": n})))
+        assert final.stats.eval_count == n and final.done_reason == "length"
+
+
+def test_stop_sequence_cuts_output(engine, spec):
+    full, _ = collect(engine.run(spec, Request(messages=Q, options=GREEDY)))
+    word = full.split()[2]
+    cut, final = collect(engine.run(spec, Request(messages=Q, options={**GREEDY, "stop": [word]})))
+    assert word not in cut and full.startswith(cut) and final.done_reason == "stop"
+    assert final.stats.eval_count < 24
+
+
+def test_model_stops_at_end_of_turn(engine, spec):
+    _, final = collect(engine.run(spec, Request(messages=[{"role": "user", "content": "Say OK."}],
+                                                options={"temperature": 0, "num_predict": 200})))
+    assert final.done_reason == "stop" and final.stats.eval_count < 200
+
+
+def test_raw_generate_and_system_override(engine, spec):
+    text, _ = collect(engine.run(spec, Request(prompt="The capital of France is", raw=True,
+                                               options={"temperature": 0, "num_predict": 3})))
+    assert "Paris" in text
+    with pytest.raises(InvalidInput, match="empty prompt"):
+        collect(engine.run(spec, Request(prompt="", raw=True)))
+
+
+def test_prompt_longer_than_context_is_a_clear_error(engine, spec):
+    long = "word " * 400  # llama.cpp rounds contexts up to a multiple of 256; the message gives the real size
+    with pytest.raises(ContextOverflow, match=r"prompt is \d+ tokens but the context holds 256 \(num_ctx\)"):
+        collect(engine.run(spec, Request(messages=[{"role": "user", "content": long}], options={"num_ctx": 256})))
+
+
+def test_generation_stops_with_length_at_the_context_end(engine, spec):
+    _, final = collect(engine.run(spec, Request(prompt="Count: 1, 2, 3,", raw=True,
+                                                options={"num_ctx": 256, "temperature": 0, "num_predict": -1,
+                                                         "repeat_penalty": 1.0})))
+    assert final.done_reason == "length"
+    assert 200 < final.stats.prompt_eval_count + final.stats.eval_count <= 256
+
+
+def test_unknown_and_ill_typed_options_are_reported(engine, spec):
+    with pytest.raises(InvalidOption, match='unknown option "temprature"'):
+        engine.run(spec, Request(messages=Q, options={"temprature": 0}))
+    with pytest.raises(InvalidOption, match='option "top_k" must be an integer'):
+        engine.run(spec, Request(messages=Q, options={"top_k": "many"}))
+    typed, ignored = opts.validate({"num_gpu": 0, "mirostat": 0, "temperature": "0.5"})
+    assert ignored == ["num_gpu", "mirostat"] and typed["temperature"] == 0.5
+
+
+def test_threads_default_to_physical_cores():
+    assert opts.LoadParams(num_ctx=512).threads == opts.physical_cores() >= 1
+
+
+def test_chat_history_reuses_the_cached_prefix(engine, spec):
+    first, _ = collect(engine.run(spec, Request(messages=Q, options=GREEDY)))
+    history = Q + [{"role": "assistant", "content": first}, {"role": "user", "content": "And three more?"}]
+    _, final = collect(engine.run(spec, Request(messages=history, options=GREEDY)))
+    assert final.stats.cached_prompt_tokens > 10
+
+
+def test_closing_the_stream_cancels_and_the_next_request_is_unaffected(engine, spec):
+    expected, _ = collect(engine.run(spec, Request(messages=Q, options=GREEDY)))
+    it = engine.run(spec, Request(messages=Q, options={"temperature": 0, "num_predict": 200}))
+    next(it)
+    next(it)
+    it.close()
+    again, _ = collect(engine.run(spec, Request(messages=Q, options=GREEDY)))
+    assert again == expected
+
+
+def test_seeded_sampling_is_reproducible(engine, spec):
+    o = {"temperature": 0.9, "seed": 42, "num_predict": 16}
+    a, _ = collect(engine.run(spec, Request(messages=Q, options=o)))
+    b, _ = collect(engine.run(spec, Request(messages=Q, options=o)))
+    assert a == b
