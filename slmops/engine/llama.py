@@ -45,6 +45,7 @@ class LlamaModel:
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         self.n_embd = lc.llama_model_n_embd(self.ptr)
         self._piece = ctypes.create_string_buffer(256)
+        self._adapters: list[LoraAdapter] = []
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -76,10 +77,26 @@ class LlamaModel:
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
 
+    def load_lora(self, path: Path) -> "LoraAdapter":
+        ptr = lc.llama_adapter_lora_init(self.ptr, str(path).encode())
+        if not ptr:
+            raise InvalidInput("the ADAPTER is not a LoRA adapter for this model (architecture or shapes differ)")
+        adapter = LoraAdapter(ptr)
+        self._adapters.append(adapter)
+        return adapter
+
     def close(self) -> None:
         if self.ptr:
+            for a in self._adapters:
+                lc.llama_adapter_lora_free(a.ptr)
+            self._adapters.clear()
             lc.llama_model_free(self.ptr)
             self.ptr = None
+
+
+class LoraAdapter:
+    def __init__(self, ptr):
+        self.ptr = ptr
 
 
 class LlamaContext:
@@ -111,6 +128,12 @@ class LlamaContext:
         self._n_seq[:] = 1
         for i in range(self.n_batch):
             self._batch.seq_id[i][0] = 0
+
+    def set_loras(self, adapters: list[LoraAdapter], scale: float = 1.0) -> None:
+        arr = (lc.llama_adapter_lora_p_ctypes * len(adapters))(*[a.ptr for a in adapters])
+        scales = (ctypes.c_float * len(adapters))(*([scale] * len(adapters)))
+        if lc.llama_set_adapters_lora(self.ptr, arr, len(adapters), scales) != 0:
+            raise EngineError("llama.cpp could not apply the LoRA adapters")
 
     def decode(self, tokens: list[int], pos0: int) -> int:
         """Feed ``tokens`` (sequence 0) at positions ``pos0...``; returns the batch index of the last logits."""

@@ -60,7 +60,17 @@ class LoadedModel:
         self.spec = spec
         self.model = LlamaModel(spec.model_path)
         self.load_params = load
-        self.ctx = LlamaContext(self.model, load)
+        try:
+            self.ctx = LlamaContext(self.model, load)
+            for path in spec.adapters:
+                inspect_gguf(path, spec.gguf_cache)
+            if spec.adapters:
+                self.ctx.set_loras([self.model.load_lora(p) for p in spec.adapters])
+        except BaseException:
+            if getattr(self, "ctx", None) is not None:
+                self.ctx.close()
+            self.model.close()
+            raise
         bos = lc.llama_vocab_bos(self.model.vocab)
         eos = lc.llama_vocab_eos(self.model.vocab)
         self.bos_text = self.model.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
