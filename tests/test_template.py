@@ -1,6 +1,6 @@
 import pytest
 
-from slmops.engine.template import ChatTemplate, go_to_jinja
+from slmops.modelfile.template import ChatTemplate, go_to_jinja
 from slmops.types.errors import TemplateError
 
 SMOL = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"

@@ -1,4 +1,4 @@
-"""Inference on llama.cpp: options, chat templates, the adapter over llama.cpp's C API and the generation loop.
+"""Inference on llama.cpp: the adapter over llama.cpp's C API, the generation loop and the in-process Engine.
 
 Knows nothing of HTTP; the server and CLI reach it through :class:`Engine`.
 """

@@ -20,7 +20,7 @@ from slmops.types import options as opts
 from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import Output, Stats
 from slmops.engine.stops import StopMatcher
-from slmops.engine.template import ChatTemplate
+from slmops.modelfile.template import ChatTemplate
 from slmops.store.gguf import inspect_gguf
 from slmops.types.errors import ContextOverflow, InvalidInput
 

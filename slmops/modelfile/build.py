@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slmops.engine.template import ChatTemplate
+from slmops.modelfile.template import ChatTemplate
 from slmops.modelfile.parser import Modelfile
 from slmops.store import manifests as mt
 from slmops.store.gguf import GGUFInfo
