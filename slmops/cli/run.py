@@ -89,7 +89,8 @@ def run(
     name = ModelName.parse(model)
     ensure_model(name)
     cfg = settings()
-    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"])
+    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
+                    verbose=cfg["SLMOPS_DEBUG"])
     spec = spec_from_store(store(), name)
     text = " ".join(prompt or [])
     if not sys.stdin.isatty():

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from slmops.types import options as opts
+from slmops.engine.grammar import for_format as grammar_for_format
+from slmops.engine.grammar import for_schema, tool_call_schema
+from slmops.engine.llama import init_backend
 from slmops.engine.model import LoadedModel, ModelSpec
+from slmops.engine.tools import prepare_messages
 from slmops.engine.outputs import Output
 from slmops.store import manifests as mt
 from slmops.store.store import Store
@@ -35,7 +39,12 @@ def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
 
 @dataclass
 class Request:
-    """One chat or generate call. ``messages`` for chat; ``prompt`` (+ ``raw``) for generate."""
+    """One chat or generate call. ``messages`` for chat; ``prompt`` (+ ``raw``) for generate.
+
+    ``format`` is Ollama's (``"json"`` or a JSON Schema); ``tool_choice`` is ``"auto"``, ``"none"``,
+    ``"required"`` or a tool name; ``logprobs`` asks for the chosen token's log-probability plus that many
+    alternatives.
+    """
 
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
@@ -43,11 +52,15 @@ class Request:
     template: str | None = None
     raw: bool = False
     options: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"
+    format: str | dict[str, Any] | None = None
+    logprobs: int | None = None
 
 
 class Engine:
-    def __init__(self, default_ctx: int = 4096, num_thread: int = 0, max_loaded: int = 1):
+    def __init__(self, default_ctx: int = 4096, num_thread: int = 0, max_loaded: int = 1, verbose: bool = False):
+        init_backend(verbose)
         self.default_ctx = default_ctx
         self.num_thread = num_thread
         self.max_loaded = max_loaded
@@ -81,10 +94,18 @@ class Engine:
 
     def run(self, spec: ModelSpec, req: Request) -> Iterator[Output]:
         merged = opts.merge(spec.params, req.options)
-        sampling = opts.to_sampling(merged)
+        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        grammar = grammar_for_format(req.format)
+        if tools and req.tool_choice != "auto":
+            name = None if req.tool_choice == "required" else req.tool_choice
+            grammar = for_schema(tool_call_schema(tools, name))
+        sampling = opts.to_sampling(merged, grammar=grammar, logprobs=req.logprobs)
         model, load_ns = self.load(spec, req.options)
         if req.messages is not None:
-            text = model.render(model.chat_messages(req.messages), tools=req.tools, template=req.template)
+            messages = model.chat_messages(req.messages)
+            source = req.template or model.template.source
+            messages = prepare_messages(messages, tools, source)
+            text = model.render(messages, tools=tools, template=req.template)
         elif req.raw:
             text = req.prompt or ""
         else:
@@ -92,6 +113,13 @@ class Engine:
                                 template=req.template)
         tokens = model.tokenize(text)
         return model.generate(tokens, sampling, load_ns)
+
+    def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
+              truncate: bool = True) -> tuple[list[list[float]], int, int]:
+        """(vectors, tokens used, load time in ns)."""
+        model, load_ns = self.load(spec, options)
+        vectors, used = model.embed(inputs, truncate)
+        return vectors, used, load_ns
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())

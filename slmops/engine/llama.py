@@ -7,7 +7,7 @@ batch fills go through numpy views of the ctypes arrays instead of Python loops 
 from __future__ import annotations
 
 import ctypes
-import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -19,21 +19,32 @@ from slmops.types.errors import EngineError, InvalidInput
 
 _init_lock = threading.Lock()
 _initialized = False
+_GGML_LOG_ERROR = 3
+_verbose = False
 
 
-def init_backend(verbose: bool = False) -> None:
-    """Once per process; llama.cpp logs only when asked, so the CLI stays quiet."""
-    global _initialized
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+@lc.llama_log_callback
+def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    """llama.cpp's own log: errors always reach stderr, the rest only with SLMOPS_DEBUG."""
+    if _verbose or level == _GGML_LOG_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def init_backend(verbose: bool | None = None) -> None:
+    """Once per process; llama.cpp logs only when asked, so the CLI stays quiet. ``None`` keeps the setting."""
+    global _initialized, _verbose
+    if verbose is not None:
+        _verbose = verbose
     with _init_lock:
         if not _initialized:
+            lc.llama_log_set(_log, ctypes.c_void_p(0))
             lc.llama_backend_init()
             _initialized = True
 
 
 class LlamaModel:
     def __init__(self, path: Path, n_gpu_layers: int = 0):
-        init_backend(logging.getLogger("llama-cpp-python").level == logging.DEBUG)
+        init_backend()
         params = lc.llama_model_default_params()
         params.use_mmap = True
         params.n_gpu_layers = n_gpu_layers
@@ -107,6 +118,8 @@ class LlamaContext:
         cp.n_ctx = params.num_ctx
         cp.n_batch = params.num_batch
         cp.n_ubatch = params.num_batch
+        if embeddings:
+            cp.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
         cp.n_seq_max = n_seq_max
         cp.n_threads = params.threads
         cp.n_threads_batch = params.threads
@@ -154,6 +167,29 @@ class LlamaContext:
             last = n - 1
         return last
 
+    def logits(self, idx: int) -> np.ndarray:
+        """The raw logits at batch index ``idx`` as a numpy view (valid until the next decode)."""
+        ptr = lc.llama_get_logits_ith(self.ptr, idx)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        """Pooled embedding of ``tokens`` (an embeddings context, one sequence, memory cleared first)."""
+        if len(tokens) > self.n_batch:
+            raise InvalidInput(f"input is {len(tokens)} tokens but the embedding context holds {self.n_batch}")
+        self.clear()
+        n = len(tokens)
+        self._tokens[:n] = tokens
+        self._pos[:n] = np.arange(n, dtype=np.int32)
+        self._logits[:n] = 1
+        self._batch.n_tokens = n
+        rc = lc.llama_decode(self.ptr, self._batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc}")
+        ptr = lc.llama_get_embeddings_seq(self.ptr, 0)
+        if not ptr:
+            raise EngineError("this model produced no pooled embedding")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
+
     def forget_from(self, pos: int) -> None:
         """Drop KV cells of sequence 0 at ``pos`` and after, keeping the prefix for reuse."""
         lc.llama_memory_seq_rm(self.mem, 0, pos, -1)
@@ -169,14 +205,26 @@ class LlamaContext:
 
 
 class SamplerChain:
-    """A C sampler chain in Ollama's order: penalties → top_k → typical → top_p → min_p → temperature → dist."""
+    """A C sampler chain in Ollama's order: penalties → grammar → top_k → typical → top_p → min_p → temperature → dist.
 
-    def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int):
+    The prompt's last tokens are accepted into the penalties before the grammar joins the chain, so the grammar
+    only ever sees generated tokens.
+    """
+
+    def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int, prompt: list[int]):
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         last_n = n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
         add = lambda s: lc.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         add(lc.llama_sampler_init_penalties(model.n_vocab, last_n, p.repeat_penalty, p.frequency_penalty,
                                             p.presence_penalty))
+        for t in prompt[-last_n:] if last_n > 0 else []:
+            lc.llama_sampler_accept(self.ptr, t)
+        if p.grammar:
+            grammar = lc.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
+            if not grammar:
+                self.close()
+                raise InvalidInput("the output format could not be compiled to a grammar; simplify the JSON schema")
+            add(grammar)
         if p.temperature <= 0:
             add(lc.llama_sampler_init_greedy())
             return
@@ -189,9 +237,6 @@ class SamplerChain:
 
     def sample(self, ctx: LlamaContext, idx: int) -> int:
         return lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
-
-    def accept(self, token: int) -> None:
-        lc.llama_sampler_accept(self.ptr, token)
 
     def close(self) -> None:
         if self.ptr:

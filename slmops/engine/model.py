@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import llama_cpp as lc
+import numpy as np
 
 from slmops.types import options as opts
 from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
-from slmops.engine.outputs import Output, Stats
+from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.engine.stops import StopMatcher
 from slmops.modelfile.template import ChatTemplate
 from slmops.store.gguf import inspect_gguf
@@ -80,6 +81,7 @@ class LoadedModel:
         self.template = ChatTemplate.compile(source, self.bos_text, eos_text)
         self.lock = threading.Lock()
         self._cached: list[int] = []
+        self._embed_ctx: LlamaContext | None = None
         self.load_duration = time.perf_counter_ns() - t0
 
     # -- prompts -------------------------------------------------------------------------------------------
@@ -134,13 +136,13 @@ class LoadedModel:
         idx = self.ctx.decode(tokens[reuse:], reuse)
         self._cached = list(tokens)
         t_prompt = time.perf_counter_ns()
-        sampler = SamplerChain(self.model, sampling, n_ctx)
-        for t in tokens[-max(sampling.repeat_last_n, 0):] if sampling.repeat_last_n else []:
-            sampler.accept(t)
+        sampler = SamplerChain(self.model, sampling, n_ctx, tokens)
         limit = sampling.num_predict if sampling.num_predict >= 0 else n_ctx
         stops = StopMatcher(sampling.stop)
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         n_gen, reason = 0, "length"
+        generated: list[int] = []
+        pending_lp: list[TokenLogprob] = []
         try:
             while n_gen < limit:
                 if len(self._cached) >= n_ctx:
@@ -150,9 +152,13 @@ class LoadedModel:
                     reason = "stop"
                     break
                 n_gen += 1
+                generated.append(tok)
+                if sampling.logprobs is not None:
+                    pending_lp.append(self._logprob(idx, tok, sampling.logprobs))
                 text, hit = stops.feed(utf8.decode(self.model.piece(tok)))
                 if text:
-                    yield Output(text=text)
+                    yield Output(text=text, logprobs=tuple(pending_lp))
+                    pending_lp = []
                 if hit:
                     reason = "stop"
                     break
@@ -178,8 +184,50 @@ class LoadedModel:
             total_duration=t_end - t_start + load_duration,
             cached_prompt_tokens=reuse,
         )
-        yield Output(text=tail, done=True, done_reason=reason, stats=stats)
+        yield Output(text=tail, done=True, done_reason=reason, stats=stats, logprobs=tuple(pending_lp),
+                     context=tuple(tokens) + tuple(generated))
+
+    def _logprob(self, idx: int, token: int, top: int) -> TokenLogprob:
+        """Log-softmax of the raw logits: the model's own distribution, before sampling settings."""
+        logits = self.ctx.logits(idx).astype(np.float64)
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        def entry(t: int) -> TokenLogprob:
+            raw = self.model.piece(t)
+            return TokenLogprob(raw.decode("utf-8", "replace"), float(logits[t] - lse), raw)
+        chosen = entry(token)
+        if top <= 0:
+            return chosen
+        best = np.argpartition(-logits, top)[:top]
+        best = best[np.argsort(-logits[best])]
+        return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, tuple(entry(int(t)) for t in best))
+
+    # -- embeddings ----------------------------------------------------------------------------------------
+    def embed(self, texts: list[str], truncate: bool = True) -> tuple[list[list[float]], int]:
+        """L2-normalised mean-pooled embeddings (as sentence-transformers returns them) and the tokens used."""
+        with self.lock:
+            if self._embed_ctx is None:
+                n = min(self.load_params.num_ctx, self.model.n_ctx_train or self.load_params.num_ctx)
+                params = opts.LoadParams(num_ctx=n, num_batch=n, num_thread=self.load_params.num_thread)
+                self._embed_ctx = LlamaContext(self.model, params, embeddings=True)
+            out, used = [], 0
+            for text in texts:
+                toks = self.model.tokenize(text, add_special=True, parse_special=False)
+                if len(toks) > self._embed_ctx.n_batch:
+                    if not truncate:
+                        raise ContextOverflow(f"input is {len(toks)} tokens but the context holds "
+                                              f"{self._embed_ctx.n_batch}; shorten it or allow truncation")
+                    toks = toks[: self._embed_ctx.n_batch]
+                if not toks:
+                    raise InvalidInput("cannot embed an empty input")
+                vec = self._embed_ctx.embed(toks)
+                norm = float(np.linalg.norm(vec))
+                out.append((vec / norm if norm > 0 else vec).tolist())
+                used += len(toks)
+            return out, used
 
     def close(self) -> None:
+        if self._embed_ctx is not None:
+            self._embed_ctx.close()
         self.ctx.close()
         self.model.close()

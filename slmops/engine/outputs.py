@@ -26,10 +26,24 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: bytes = b""
+    top: tuple["TokenLogprob", ...] = ()
+
+
+@dataclass(frozen=True)
 class Output:
-    """A streamed piece (``done`` False) or the final record (``done`` True, ``text`` may hold a last piece)."""
+    """A streamed piece (``done`` False) or the final record (``done`` True, ``text`` may hold a last piece).
+
+    ``logprobs`` covers the tokens whose text this piece completes (when requested); ``context`` on the final
+    record is the prompt plus generated tokens, for Ollama's ``context`` field.
+    """
 
     text: str = ""
     done: bool = False
     done_reason: str | None = None  # "stop" | "length"
     stats: Stats | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    context: tuple[int, ...] = ()
