@@ -157,11 +157,10 @@ class Chat:
         if self.system is not None:
             messages = [{"role": "system", "content": self.system}] + messages
         try:
-            it = self.engine.run(self.spec, Request(messages=messages, options=self.options))
+            answer, stats = _stream(self.engine.run(self.spec, Request(messages=messages, options=self.options)))
         except SlmopsError as err:
             err_console.print(f"Error: {err}", markup=False)
             return
-        answer, stats = _stream(it)
         console.print()
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         if self.verbose and stats:

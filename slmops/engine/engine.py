@@ -15,7 +15,8 @@ from slmops.types import options as opts
 from slmops.engine.grammar import for_format as grammar_for_format
 from slmops.engine.grammar import for_schema, tool_call_schema
 from slmops.engine.llama import init_backend
-from slmops.engine.model import LoadedModel, ModelSpec
+from slmops.engine.model import LoadedModel, ModelSpec, ModelUnloaded
+from slmops.types.errors import EngineError
 from slmops.engine.tools import prepare_messages
 from slmops.engine.outputs import Output
 from slmops.store import manifests as mt
@@ -34,6 +35,7 @@ def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
         messages=store.read_json(manifest, mt.MESSAGES) or [],
         adapters=[store.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
         gguf_cache=store.gguf_cache,
+        context_length=store.inspect(name).context_length,
     )
 
 
@@ -72,11 +74,10 @@ class Engine:
         merged = opts.merge(spec.params, options)
         if self.num_thread and "num_thread" not in merged:
             merged["num_thread"] = self.num_thread
+        load = opts.to_load(merged, self.default_ctx, spec.context_length or 1 << 20)
         with self._lock:
             current = self._loaded.get(spec.name)
-            max_ctx = current.model.n_ctx_train if current else 1 << 20
-            load = opts.to_load(merged, self.default_ctx, max_ctx or 1 << 20)
-            if current and current.spec.model_path == spec.model_path and current.load_params == load:
+            if current and current.spec == spec and current.load_params == load:
                 self._loaded.move_to_end(spec.name)
                 return current, 0
             if current:
@@ -85,21 +86,36 @@ class Engine:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
             model = LoadedModel(spec, load)
-            if model.ctx.n_ctx > model.model.n_ctx_train > 0:
-                model.close()
-                load = opts.to_load(merged, self.default_ctx, model.model.n_ctx_train)
-                model = LoadedModel(spec, load)
             self._loaded[spec.name] = model
             return model, model.load_duration
 
     def run(self, spec: ModelSpec, req: Request) -> Iterator[Output]:
+        """Stream a completion. Options, format and tools are checked now; prompt errors (a template that fails,
+        a prompt over the context) surface at the first ``next()``."""
+        sampling, tools = self._sampling(spec, req)
+        return self._retrying(spec, req, sampling, tools)
+
+    def _sampling(self, spec: ModelSpec, req: Request) -> tuple[opts.SamplingParams, list[dict[str, Any]] | None]:
         merged = opts.merge(spec.params, req.options)
         tools = req.tools if req.tools and req.tool_choice != "none" else None
         grammar = grammar_for_format(req.format)
         if tools and req.tool_choice != "auto":
             name = None if req.tool_choice == "required" else req.tool_choice
             grammar = for_schema(tool_call_schema(tools, name))
-        sampling = opts.to_sampling(merged, grammar=grammar, logprobs=req.logprobs)
+        return opts.to_sampling(merged, grammar=grammar, logprobs=req.logprobs), tools
+
+    def _retrying(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
+                  tools: list[dict[str, Any]] | None) -> Iterator[Output]:
+        for _ in range(3):
+            try:
+                yield from self._run(spec, req, sampling, tools)
+                return
+            except ModelUnloaded:
+                continue  # evicted while this request waited: load it again
+        raise EngineError(f'model "{spec.name}" was unloaded repeatedly while waiting; try again')
+
+    def _run(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
+             tools: list[dict[str, Any]] | None) -> Iterator[Output]:
         model, load_ns = self.load(spec, req.options)
         if req.messages is not None:
             messages = model.chat_messages(req.messages)
@@ -112,14 +128,19 @@ class Engine:
             text = model.render(model.chat_messages([{"role": "user", "content": req.prompt or ""}], req.system),
                                 template=req.template)
         tokens = model.tokenize(text)
-        return model.generate(tokens, sampling, load_ns)
+        yield from model.generate(tokens, sampling, load_ns)
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:
         """(vectors, tokens used, load time in ns)."""
-        model, load_ns = self.load(spec, options)
-        vectors, used = model.embed(inputs, truncate)
-        return vectors, used, load_ns
+        for _ in range(3):
+            model, load_ns = self.load(spec, options)
+            try:
+                vectors, used = model.embed(inputs, truncate)
+                return vectors, used, load_ns
+            except ModelUnloaded:
+                continue
+        raise EngineError(f'model "{spec.name}" was unloaded repeatedly while waiting; try again')
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())

@@ -31,6 +31,10 @@ DEFAULT_TEMPLATE = (
 )
 
 
+class ModelUnloaded(Exception):
+    """The model was unloaded (evicted, expired, reloaded) while a request waited for it; load it again."""
+
+
 @dataclass
 class ModelSpec:
     """Everything the engine needs to run a model, resolved from the store by the caller."""
@@ -43,6 +47,7 @@ class ModelSpec:
     messages: list[dict[str, Any]] = field(default_factory=list)
     adapters: list[Path] = field(default_factory=list)
     gguf_cache: Path | None = None
+    context_length: int | None = None  # the model's training context, the cap for num_ctx
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -82,6 +87,7 @@ class LoadedModel:
         self.lock = threading.Lock()
         self._cached: list[int] = []
         self._embed_ctx: LlamaContext | None = None
+        self.closed = False
         self.load_duration = time.perf_counter_ns() - t0
 
     # -- prompts -------------------------------------------------------------------------------------------
@@ -125,6 +131,8 @@ class LoadedModel:
             raise InvalidInput("empty prompt")
         self.check_fits(len(tokens))
         with self.lock:
+            if self.closed:
+                raise ModelUnloaded(self.spec.name)
             yield from self._generate(tokens, sampling, load_duration)
 
     def _generate(self, tokens: list[int], sampling: opts.SamplingParams, load_duration: int) -> Iterator[Output]:
@@ -206,6 +214,8 @@ class LoadedModel:
     def embed(self, texts: list[str], truncate: bool = True) -> tuple[list[list[float]], int]:
         """L2-normalised mean-pooled embeddings (as sentence-transformers returns them) and the tokens used."""
         with self.lock:
+            if self.closed:
+                raise ModelUnloaded(self.spec.name)
             if self._embed_ctx is None:
                 n = min(self.load_params.num_ctx, self.model.n_ctx_train or self.load_params.num_ctx)
                 params = opts.LoadParams(num_ctx=n, num_batch=n, num_thread=self.load_params.num_thread)
@@ -227,7 +237,12 @@ class LoadedModel:
             return out, used
 
     def close(self) -> None:
-        if self._embed_ctx is not None:
-            self._embed_ctx.close()
-        self.ctx.close()
-        self.model.close()
+        """Free llama.cpp memory once the request in progress (if any) has finished."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._embed_ctx is not None:
+                self._embed_ctx.close()
+            self.ctx.close()
+            self.model.close()

@@ -1,0 +1,1 @@
+"""Wire types of the HTTP APIs, one module per protocol (``ollama``, ``openai``), shared by server and client."""

@@ -1,0 +1,282 @@
+"""Ollama's wire types (``/api/*``), as in Ollama's ``api/types.go`` and ``docs/api.md``: validation only.
+
+Unknown request fields are ignored, as Ollama's JSON decoder ignores them; known fields are type-checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KeepAlive = Optional[Union[str, float, int]]
+Format = Optional[Union[Literal["", "json"], dict[str, Any]]]
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _Resp(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ToolCallFunction(_Req):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: Optional[int] = None
+
+
+class ToolCall(_Req):
+    function: ToolCallFunction
+
+
+class Message(_Req):
+    role: str
+    content: str = ""
+    images: Optional[list[str]] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_name: Optional[str] = None
+    thinking: Optional[str] = None
+
+
+class ToolFunction(_Req):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(_Req):
+    type: str = "function"
+    function: ToolFunction
+
+
+class GenerateRequest(_Req):
+    model: str
+    prompt: str = ""
+    suffix: Optional[str] = None
+    system: Optional[str] = None
+    template: Optional[str] = None
+    context: Optional[list[int]] = None
+    stream: bool = True
+    raw: bool = False
+    format: Format = None
+    options: Optional[dict[str, Any]] = None
+    keep_alive: KeepAlive = None
+    images: Optional[list[str]] = None
+    think: Optional[Union[bool, str]] = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+
+class ChatRequest(_Req):
+    model: str
+    messages: list[Message] = Field(default_factory=list)
+    tools: Optional[list[Tool]] = None
+    format: Format = None
+    options: Optional[dict[str, Any]] = None
+    stream: bool = True
+    keep_alive: KeepAlive = None
+    think: Optional[Union[bool, str]] = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+
+class TokenLogprob(_Resp):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class Logprob(TokenLogprob):
+    top_logprobs: Optional[list[TokenLogprob]] = None
+
+
+class _Stats(_Resp):
+    model: str
+    created_at: str
+    done: bool
+    done_reason: Optional[str] = None
+    total_duration: Optional[int] = None
+    load_duration: Optional[int] = None
+    prompt_eval_count: Optional[int] = None
+    prompt_eval_duration: Optional[int] = None
+    eval_count: Optional[int] = None
+    eval_duration: Optional[int] = None
+
+
+class GenerateResponse(_Stats):
+    response: str = ""
+    context: Optional[list[int]] = None
+    logprobs: Optional[list[Logprob]] = None
+
+
+class ResponseMessage(_Resp):
+    role: str = "assistant"
+    content: str = ""
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+class ChatResponse(_Stats):
+    message: ResponseMessage
+    logprobs: Optional[list[Logprob]] = None
+
+
+class EmbedRequest(_Req):
+    model: str
+    input: Union[str, list[str]] = Field(default_factory=list)
+    truncate: bool = True
+    options: Optional[dict[str, Any]] = None
+    keep_alive: KeepAlive = None
+    dimensions: Optional[int] = Field(None, ge=1)
+
+
+class EmbedResponse(_Resp):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+
+
+class EmbeddingsRequest(_Req):
+    model: str
+    prompt: str = ""
+    options: Optional[dict[str, Any]] = None
+    keep_alive: KeepAlive = None
+
+
+class EmbeddingsResponse(_Resp):
+    embedding: list[float]
+
+
+class ModelRef(_Req):
+    """Requests that name one model; ``name`` is the older spelling Ollama still accepts."""
+
+    model: str = ""
+    name: str = ""
+
+    @property
+    def ref(self) -> str:
+        return self.model or self.name
+
+
+class ShowRequest(ModelRef):
+    verbose: bool = False
+
+
+class DeleteRequest(ModelRef):
+    pass
+
+
+class PullRequest(ModelRef):
+    insecure: bool = False
+    stream: bool = True
+
+
+class CopyRequest(_Req):
+    source: str
+    destination: str
+
+
+class CreateRequest(ModelRef):
+    from_: Optional[str] = Field(None, alias="from")
+    files: Optional[dict[str, str]] = None
+    adapters: Optional[dict[str, str]] = None
+    template: Optional[str] = None
+    license: Optional[Union[str, list[str]]] = None
+    system: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    messages: Optional[list[Message]] = None
+    quantize: Optional[str] = None
+    modelfile: Optional[str] = None
+    stream: bool = True
+
+
+class ProgressResponse(_Resp):
+    status: str
+    digest: Optional[str] = None
+    total: Optional[int] = None
+    completed: Optional[int] = None
+
+
+class ModelDetails(_Resp):
+    parent_model: str = ""
+    format: str = "gguf"
+    family: str = ""
+    families: Optional[list[str]] = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class ListModel(_Resp):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class ListResponse(_Resp):
+    models: list[ListModel]
+
+
+class ProcessModel(_Resp):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails
+    expires_at: str
+    size_vram: int = 0
+    context_length: int
+
+
+class ProcessResponse(_Resp):
+    models: list[ProcessModel]
+
+
+class ShowResponse(_Resp):
+    modelfile: str
+    parameters: str = ""
+    template: str = ""
+    system: Optional[str] = None
+    license: Optional[str] = None
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+    messages: Optional[list[Message]] = None
+
+
+class TokenizeRequest(_Req):
+    model: str
+    text: str = Field(..., description="Text to tokenize (special tokens are parsed)")
+    options: Optional[dict[str, Any]] = None
+    keep_alive: KeepAlive = None
+
+
+class TokenizeResponse(_Resp):
+    model: str
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Req):
+    model: str
+    tokens: list[int]
+    options: Optional[dict[str, Any]] = None
+    keep_alive: KeepAlive = None
+
+
+class DetokenizeResponse(_Resp):
+    model: str
+    text: str
+
+
+class VersionResponse(_Resp):
+    version: str
+
+
+class ErrorResponse(_Resp):
+    error: str
