@@ -72,12 +72,60 @@ def run_cli(*args: str, home: Path, input: str | None = None, timeout: float = 2
 @pytest.fixture
 def cli_home(tmp_path: Path, shared_home: Path) -> Path:
     """An SLMOPS_HOME with the default model already in it (blobs hard-linked from the cache, no copy)."""
-    h = tmp_path / "clihome"
-    src = shared_home / "models"
-    dst = h / "models"
+    return link_home(shared_home, tmp_path / "clihome")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def link_home(src_home: Path, dst_home: Path) -> Path:
+    """A new SLMOPS_HOME holding the models of ``src_home``; blobs are hard links, not copies."""
+    src, dst = src_home / "models", dst_home / "models"
     shutil.copytree(src / "manifests", dst / "manifests")
     (dst / "blobs").mkdir(parents=True)
     for blob in (src / "blobs").iterdir():
         if blob.name.startswith("sha256-"):
             os.link(blob, dst / "blobs" / blob.name)
-    return h
+    return dst_home
+
+
+class Server:
+    """A real `slmops serve` process on a free loopback port."""
+
+    def __init__(self, home: Path, **env: str):
+        import httpx
+        import time
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        e = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_HOST": f"127.0.0.1:{self.port}", **env}
+        self.log = open(home / "server.log", "w")
+        self.proc = subprocess.Popen([str(BIN), "serve"], env=e, stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(300):
+            try:
+                httpx.get(self.url + "/health", timeout=1)
+                return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start: {(home / 'server.log').read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(shared_home: Path, tmp_path_factory) -> Server:
+    home = link_home(shared_home, tmp_path_factory.mktemp("serverhome"))
+    s = Server(home)
+    yield s
+    s.stop()

@@ -7,7 +7,6 @@ import socket
 import httpx
 
 from slmops.cli.common import console, settings, store
-from slmops.engine.engine import Engine
 from slmops.types.errors import ConfigError, SlmopsError
 
 
@@ -27,20 +26,27 @@ def serve() -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
     import uvicorn
 
-    from slmops.server.app import create_app
+    from slmops.engine.engine import Engine
+    from slmops.server.app import ServerConfig, create_app
+    from slmops.server.runtime import ModelRuntime
 
     cfg = settings()
     host, port = cfg["SLMOPS_HOST"]
     _check_port(host, port)
-    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"])
-    app = create_app(store(), engine)
+    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
+                    max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"])
+    s = store()
+    runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
+    config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"])
+    app = create_app(s, runtime, config)
     console.print(f"slmops listening on http://{host}:{port}", markup=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="debug" if cfg["SLMOPS_DEBUG"] else "warning",
+                timeout_graceful_shutdown=5)
 
 
 def base_url() -> str:
     host, port = settings()["SLMOPS_HOST"]
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -51,7 +57,10 @@ def ps() -> None:
         models = httpx.get(f"{url}/api/ps", timeout=5).json()["models"]
     except httpx.HTTPError:
         raise SlmopsError(f"could not connect to a running slmops server at {url}; start one with `slmops serve`")
-    rows = [("NAME", "CONTEXT")] + [(m["name"], str(m.get("context_length", ""))) for m in models]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    rows = [("NAME", "ID", "SIZE", "CONTEXT", "UNTIL")]
+    for m in models:
+        rows.append((m["name"], m.get("digest", "")[:12], f"{m.get('size', 0) / 1e6:.0f} MB",
+                     str(m.get("context_length", "")), m.get("expires_at", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         console.print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)

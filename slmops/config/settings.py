@@ -72,6 +72,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -86,6 +97,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_KEEP_ALIVE", parse_duration, "5m", "How long an idle model stays loaded (0 unloads, <0 forever)."),
     Setting("SLMOPS_CONTEXT_LENGTH", _positive_int, "4096", "Default num_ctx when a request sets none."),
     Setting("SLMOPS_NUM_THREADS", _positive_int, "0", "Threads for generation; 0 picks the physical core count."),
+    Setting("SLMOPS_MAX_LOADED_MODELS", _at_least_one, "3", "Models kept loaded at once; the least recently used goes."),
+    Setting("SLMOPS_MAX_QUEUE", _positive_int, "512", "Requests that may wait per model before new ones get 503."),
+    Setting("SLMOPS_ORIGINS", _origins, "", "Extra CORS origins (comma-separated) besides the local ones."),
+    Setting("SLMOPS_MAX_REQUEST_BYTES", _at_least_one, "16777216", "Largest JSON request body; bigger ones get 413."),
     Setting("SLMOPS_DEBUG", _bool, "false", "Show llama.cpp logs and tracebacks."),
 )
 

@@ -16,7 +16,7 @@ from slmops.engine.grammar import for_format as grammar_for_format
 from slmops.engine.grammar import for_schema, tool_call_schema
 from slmops.engine.llama import init_backend
 from slmops.engine.model import LoadedModel, ModelSpec, ModelUnloaded
-from slmops.types.errors import EngineError
+from slmops.types.errors import EngineError, InvalidInput
 from slmops.engine.tools import prepare_messages
 from slmops.engine.outputs import Output
 from slmops.store import manifests as mt
@@ -58,6 +58,7 @@ class Request:
     tool_choice: str = "auto"
     format: str | dict[str, Any] | None = None
     logprobs: int | None = None
+    prefix_tokens: list[int] | None = None  # Ollama's ``context``: tokens of an earlier exchange to continue
 
 
 class Engine:
@@ -128,6 +129,11 @@ class Engine:
             text = model.render(model.chat_messages([{"role": "user", "content": req.prompt or ""}], req.system),
                                 template=req.template)
         tokens = model.tokenize(text)
+        if req.prefix_tokens:
+            bad = [t for t in req.prefix_tokens if not model.model.valid_token(t)]
+            if bad:
+                raise InvalidInput(f"context holds token {bad[0]}, which is outside the vocabulary")
+            tokens = list(req.prefix_tokens) + tokens
         yield from model.generate(tokens, sampling, load_ns)
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,

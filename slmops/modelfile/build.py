@@ -16,7 +16,8 @@ from slmops.store import manifests as mt
 from slmops.store.gguf import GGUFInfo
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.store import ProgressFn, Store, _no_progress
-from slmops.types.errors import InvalidInput, ModelfileError, ModelNotFound, SlmopsError
+from slmops.types.digest import Digest
+from slmops.types.errors import InvalidInput, ModelfileError, ModelNotFound, NotFound, SlmopsError
 from slmops.types.name import ModelName
 
 
@@ -24,13 +25,29 @@ def _is_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.lower().endswith(".gguf") or "\\" in value
 
 
-def _resolve(value: str, base_dir: Path) -> Path:
+def _digest(value: str) -> Digest | None:
+    """FROM/ADAPTER may name an uploaded blob by digest (``sha256:<hex>``), as Ollama's create API does."""
+    return Digest.parse(value.removeprefix("@")) if value.lstrip("@").startswith("sha256") else None
+
+
+def _file(store: Store, value: str, base_dir: Path | None, what: str) -> tuple[Path, Digest | None]:
+    digest = _digest(value)
+    if digest is not None:
+        if not store.blobs.has(digest):
+            raise NotFound(f"{what} blob {digest} not found; upload it first with POST /api/blobs/{digest}")
+        return store.blob_path(digest), digest
+    if base_dir is None:
+        raise InvalidInput(f"{what} must be a model name or an uploaded blob digest, not a file path")
     p = Path(value).expanduser()
-    return p if p.is_absolute() else base_dir / p
+    file = p if p.is_absolute() else base_dir / p
+    if not file.is_file():
+        raise ModelfileError(f"{what} file {value} does not exist")
+    return file, None
 
 
-def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path, progress: ProgressFn = _no_progress,
-           pull_missing: bool = True) -> Manifest:
+def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
+           progress: ProgressFn = _no_progress, pull_missing: bool = True) -> Manifest:
+    """``base_dir`` resolves relative paths; ``None`` (the HTTP API) allows model names and blob digests only."""
     if mf.template is not None:
         ChatTemplate.compile(mf.template)  # reject an unusable template before anything is written
     with store.writing():
@@ -39,10 +56,8 @@ def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path, progres
         layers = [l for l in base_layers if l.media_type in (mt.MODEL, mt.ADAPTER, mt.LICENSE)]
         kept = {l.media_type: l for l in base_layers}
         for path in mf.adapters:
-            file = _resolve(path, base_dir)
-            if not file.is_file():
-                raise ModelfileError(f"ADAPTER file {path} does not exist")
-            layer, _ = store.import_gguf(lambda f=file: f.open("rb"), path, None, progress, file.stat().st_size)
+            file, digest = _file(store, path, base_dir, "ADAPTER")
+            layer, _ = store.import_gguf(lambda f=file: f.open("rb"), path, digest, progress, file.stat().st_size)
             layers.append(Layer(mediaType=mt.ADAPTER, digest=layer.digest, size=layer.size))
         template = mf.template if mf.template is not None else _text(store, kept.get(mt.TEMPLATE))
         if template is None and info.chat_template:
@@ -73,11 +88,9 @@ def _text(store: Store, layer: Layer | None) -> str | None:
 
 def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
           pull_missing: bool) -> tuple[list[Layer], GGUFInfo]:
-    if _is_path(mf.from_):
-        file = _resolve(mf.from_, base_dir)
-        if not file.is_file():
-            raise ModelfileError(f"FROM file {mf.from_} does not exist")
-        layer, info = store.import_gguf(lambda: file.open("rb"), mf.from_, None, progress, file.stat().st_size)
+    if _is_path(mf.from_) or _digest(mf.from_):
+        file, digest = _file(store, mf.from_, base_dir, "FROM")
+        layer, info = store.import_gguf(lambda: file.open("rb"), mf.from_, digest, progress, file.stat().st_size)
         return [layer], info
     try:
         base = ModelName.parse(mf.from_)

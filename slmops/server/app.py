@@ -1,42 +1,219 @@
 """The HTTP server's application factory. State lives on ``app.state``; nothing here is a module global.
 
-This is the skeleton the Ollama (/api) and OpenAI (/v1) routes grow on: the store and the engine are injected.
+Middlewares, outermost first: Host check (DNS rebinding), body size limit, metrics, CORS. Every error, from any
+layer, is mapped once here into Ollama's or OpenAI's error shape by path.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+import ipaddress
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import slmops
-from slmops.engine.engine import Engine
+from slmops.server import errors, ollama, openai
+from slmops.server.metrics import Metrics
+from slmops.server.runtime import ModelRuntime
 from slmops.store.store import Store
+from slmops.types.errors import SlmopsError
+
+log = logging.getLogger("slmops.server")
+
+LOCAL_ORIGINS = r"(https?|app|file|tauri|vscode-webview)://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?|" \
+                r"(app|file|tauri|vscode-webview)://.*"
 
 
-def create_app(store: Store, engine: Engine) -> FastAPI:
-    app = FastAPI(title="slmops", version=slmops.__version__)
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    origins: tuple[str, ...] = ()
+    max_request_bytes: int = 16 << 20
+    extra_hosts: tuple[str, ...] = field(default_factory=tuple)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_allowed(header: str, extra: tuple[str, ...]) -> bool:
+    """Names a browser may legitimately use for a loopback server; anything else is a rebinding attempt."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    if not host or is_loopback(host) or host.endswith(".localhost"):
+        return True
+    return host in extra or host == socket.gethostname().lower()
+
+
+def _one_line_validation(err: RequestValidationError) -> str:
+    first = err.errors()[0] if err.errors() else {}
+    if first.get("type") == "json_invalid":
+        return "invalid JSON in request body"
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    msg = first.get("msg", "invalid request")
+    return f"{loc}: {msg}" if loc else msg
+
+
+class Guard:
+    """Host-header check and request-size limit, as raw ASGI so oversized bodies are refused before buffering."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig):
+        self.app = app
+        self.config = config
+        self.check_host = is_loopback(config.host)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        if self.check_host and not _host_allowed(headers.get("host", ""), self.config.extra_hosts):
+            return await self._reject(scope, receive, send, 403, "host not allowed: this server answers only "
+                                      "loopback names (DNS rebinding protection)")
+        if path.startswith("/api/blobs/"):
+            return await self.app(scope, receive, send)
+        if headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            # Ollama reads every body as JSON whatever its Content-Type (curl -d sends a form type)
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+            scope["headers"].append((b"content-type", b"application/json"))
+        limit = self.config.max_request_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+        await JSONResponse(errors.body(scope.get("path", ""), status, message), status_code=status)(scope, receive,
+                                                                                                    send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    metrics = metrics or Metrics()
+    runtime.on_generation = metrics.generation
+
+    async def lifespan(app: FastAPI):
+        runtime.start()
+        yield
+        await runtime.stop()
+
+    app = FastAPI(title="slmops", version=slmops.__version__, lifespan=lifespan,
+                  description="Ollama-compatible /api and OpenAI-compatible /v1 API for local small language models.")
     app.state.store = store
-    app.state.engine = engine
+    app.state.runtime = runtime
+    app.state.metrics = metrics
+    app.include_router(ollama.router)
+    app.include_router(openai.router)
+    _add_ops_routes(app)
+    _add_error_handlers(app)
 
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        metrics.requests.labels(label, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        return response
+
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.origins), allow_origin_regex=LOCAL_ORIGINS,
+                       allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(Guard, config=config)
+    return app
+
+
+def _add_ops_routes(app: FastAPI) -> None:
     @app.get("/", response_class=PlainTextResponse)
-    def root() -> str:
+    @app.head("/", include_in_schema=False)
+    async def root() -> str:
         return "slmops is running"
 
-    @app.get("/api/version")
-    def version() -> dict[str, str]:
-        return {"version": slmops.__version__}
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
 
-    @app.get("/api/tags")
-    def tags() -> dict:
-        models = []
-        for r in store.list():
-            models.append({"name": r.name.display, "model": r.name.display, "size": r.size, "digest": r.digest.hex,
-                           "modified_at": r.modified_at.isoformat()})
-        return {"models": models}
+    @app.get("/ready")
+    async def ready(request: Request):
+        store: Store = request.app.state.store
+        try:
+            store.list()
+            store.root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return JSONResponse({"status": "not ready", "reason": "model store unreadable"}, status_code=503)
+        return {"status": "ready"}
 
-    @app.get("/api/ps")
-    def ps() -> dict:
-        return {"models": [{"name": m.spec.name, "model": m.spec.name, "size_vram": 0,
-                            "context_length": m.ctx.n_ctx} for m in engine.loaded()]}
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_endpoint(request: Request) -> Response:
+        m: Metrics = request.app.state.metrics
+        rt: ModelRuntime = request.app.state.runtime
+        m.loaded_models.set(len(rt.loaded()))
+        m.queue_depth.set(rt.queue_depth())
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def reply(request: Request, status: int, message: str, code: str | None = None) -> JSONResponse:
+        return JSONResponse(errors.body(request.url.path, status, message, code), status_code=status)
+
+    @app.exception_handler(SlmopsError)
+    async def slmops_error(request: Request, err: SlmopsError):
+        return reply(request, errors.status_for(err), str(err), errors.openai_code(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        return reply(request, 400, _one_line_validation(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        message = {404: "not found", 405: "method not allowed"}.get(err.status_code, str(err.detail))
+        return reply(request, err.status_code, message)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, err: RecursionError):
+        return reply(request, 400, "request JSON is nested too deeply")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception):
+        log.exception("unhandled error on %s", request.url.path, exc_info=err)
+        return reply(request, 500, "internal server error; see the server log")

@@ -1,0 +1,45 @@
+"""One table from the error tree to HTTP statuses, and the two error body shapes.
+
+``/api`` answers Ollama-style ``{"error": "..."}``; ``/v1`` answers OpenAI-style
+``{"error": {"message", "type", "param", "code"}}``. Handlers never build error responses themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slmops.types import errors as e
+
+STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
+    (e.ModelNotFound, 404),
+    (e.NotFound, 404),
+    (e.InvalidInput, 400),
+    (e.IntegrityError, 400),
+    (e.Busy, 503),
+    (e.SourceError, 502),
+    (e.ConfigError, 500),
+    (e.EngineError, 500),
+    (e.SlmopsError, 500),
+)
+
+OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def status_for(err: e.SlmopsError) -> int:
+    return next(code for cls, code in STATUS if isinstance(err, cls))
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def body(path: str, status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    if is_openai(path):
+        return {"error": {"message": message, "type": OPENAI_TYPE.get(status, "server_error"), "param": None,
+                          "code": code}}
+    return {"error": message}
+
+
+def openai_code(err: Exception) -> str | None:
+    return "model_not_found" if isinstance(err, e.ModelNotFound) else None

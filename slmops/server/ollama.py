@@ -1,0 +1,342 @@
+"""Ollama's native API (``/api/*``). Routes stay thin: parse the wire type, convert, call the runtime or store,
+convert back. Error bodies and statuses come from the one table in :mod:`slmops.server.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+import slmops
+from slmops.api import ollama as oa
+from slmops.engine.tools import parse_calls
+from slmops.modelfile import build, render
+from slmops.modelfile.parser import Modelfile, parse
+from slmops.server import convert, streaming
+from slmops.server.runtime import ModelRuntime, keep_alive_seconds
+from slmops.store import manifests as mt
+from slmops.store.store import Store
+from slmops.types import options as opts
+from slmops.types.digest import Digest
+from slmops.types.errors import InvalidInput, NotFound, SlmopsError
+from slmops.types.name import ModelName
+
+router = APIRouter()
+_END = object()
+
+
+def _rt(request: Request) -> ModelRuntime:
+    return request.app.state.runtime
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+# -- inference ------------------------------------------------------------------------------------------------
+async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
+    if keep == 0:
+        await rt.unload(spec.name)
+        reason = "unload"
+    else:
+        await rt.call(spec, lambda m: None, keep)
+        reason = "load"
+    out: dict[str, Any] = {"model": model, "created_at": convert.now_iso(), "done": True, "done_reason": reason}
+    out[key] = {"role": "assistant", "content": ""} if key == "message" else ""
+    return out
+
+
+@router.post("/api/generate")
+async def generate(body: oa.GenerateRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    if not body.prompt and not body.context:
+        return await _load_only(rt, body.model, spec, keep, "response")
+    outputs = await streaming.prime(rt.stream(spec, convert.from_generate(body), keep))
+    if body.stream:
+        return streaming.ndjson(streaming.amap(lambda o: convert.generate_chunk(body.model, o), outputs))
+    text, final, lps = await _collect(outputs)
+    return convert.generate_chunk(body.model, _merged(final, lps), text)
+
+
+@router.post("/api/chat")
+async def chat(body: oa.ChatRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    if not body.messages:
+        return await _load_only(rt, body.model, spec, keep, "message")
+    req = convert.from_chat(body)
+    outputs = await streaming.prime(rt.stream(spec, req, keep))
+    if body.stream and not req.tools:
+        return streaming.ndjson(streaming.amap(lambda o: convert.chat_chunk(body.model, o), outputs))
+    text, final, lps = await _collect(outputs)
+    calls, text = parse_calls(text, req.tools) if req.tools else ([], text)
+    chunk = convert.chat_chunk(body.model, _merged(final, lps), text, calls)
+    if body.stream:
+        return streaming.ndjson(_one(chunk))
+    return chunk
+
+
+async def _one(item: dict) -> AsyncIterator[dict]:
+    yield item
+
+
+async def _collect(outputs: AsyncIterator) -> tuple[str, Any, list]:
+    parts, lps, final = [], [], None
+    async for out in outputs:
+        parts.append(out.text)
+        lps.extend(out.logprobs)
+        if out.done:
+            final = out
+    return "".join(parts), final, lps
+
+
+def _merged(final, lps: list):
+    from dataclasses import replace
+    return replace(final, logprobs=tuple(lps))
+
+
+@router.post("/api/embed")
+async def embed(body: oa.EmbedRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not inputs:
+        await rt.call(spec, lambda m: None, keep)
+        return oa.EmbedResponse(model=body.model, embeddings=[], total_duration=0, load_duration=0,
+                                prompt_eval_count=0)
+    import time
+    t0 = time.perf_counter_ns()
+    vectors, used, load_ns = await rt.embed(spec, inputs, body.options, body.truncate, keep)
+    vectors = convert.truncate_dimensions(vectors, body.dimensions)
+    return oa.EmbedResponse(model=body.model, embeddings=vectors, total_duration=time.perf_counter_ns() - t0,
+                            load_duration=load_ns, prompt_eval_count=used)
+
+
+@router.post("/api/embeddings")
+async def embeddings(body: oa.EmbeddingsRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    if not body.prompt:
+        await rt.call(spec, lambda m: None, keep)
+        return oa.EmbeddingsResponse(embedding=[])
+    vectors, _, _ = await rt.embed(spec, [body.prompt], body.options, True, keep)
+    return oa.EmbeddingsResponse(embedding=vectors[0])
+
+
+@router.post("/api/tokenize")
+async def tokenize(body: oa.TokenizeRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    tokens = await rt.call(spec, lambda m, t: m.model.tokenize(t, add_special=False, parse_special=True), keep,
+                           body.text)
+    return oa.TokenizeResponse(model=body.model, tokens=tokens)
+
+
+@router.post("/api/detokenize")
+async def detokenize(body: oa.DetokenizeRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    text = await rt.call(spec, lambda m, t: m.detokenize(t), keep, body.tokens)
+    return oa.DetokenizeResponse(model=body.model, text=text)
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+def details(store: Store, name: ModelName) -> oa.ModelDetails:
+    m = store.manifest(name)
+    try:
+        cfg = json.loads(store.blobs.path(m.config.blob).read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return oa.ModelDetails(format=cfg.get("model_format", "gguf"), family=cfg.get("model_family", ""),
+                           families=cfg.get("model_families"), parameter_size=cfg.get("model_type", ""),
+                           quantization_level=cfg.get("file_type", ""))
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> oa.ListResponse:
+    store = _store(request)
+    return oa.ListResponse(models=[
+        oa.ListModel(name=r.name.display, model=r.name.display, modified_at=convert.iso(r.modified_at),
+                     size=r.size, digest=r.digest.hex, details=details(store, r.name))
+        for r in store.list()])
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> oa.ProcessResponse:
+    rt, store = _rt(request), _store(request)
+    models = []
+    for info in rt.loaded():
+        name = ModelName.parse(info.name)
+        try:
+            digest, det = store.record(name).digest.hex, details(store, name)
+        except SlmopsError:
+            digest, det = "", oa.ModelDetails()
+        expires = "9999-12-31T23:59:59Z" if info.expires_at == float("inf") else convert.iso(info.expires_at)
+        models.append(oa.ProcessModel(name=info.name, model=info.name, size=info.size, digest=digest, details=det,
+                                      expires_at=expires, size_vram=0, context_length=info.context_length))
+    return oa.ProcessResponse(models=models)
+
+
+def _capabilities(architecture: str) -> list[str]:
+    return ["embedding"] if "bert" in architecture else ["completion", "tools"]
+
+
+@router.post("/api/show")
+async def show(body: oa.ShowRequest, request: Request) -> oa.ShowResponse:
+    store = _store(request)
+    name = ModelName.parse(body.ref or "")
+    mf = build.to_modelfile(store, name)
+    info = await asyncio.to_thread(store.inspect, name)
+    model_info = {k: v for k, v in info.metadata.items() if not k.startswith("tokenizer.chat_template")}
+    model_info["general.parameter_count"] = info.parameter_count
+    params = "\n".join(f"{k:<30}{json.dumps(v) if isinstance(v, str) else v}"
+                       for k, vals in mf.parameters.items() for v in (vals if isinstance(vals, list) else [vals]))
+    return oa.ShowResponse(modelfile=render(mf, f'# Modelfile generated by "slmops show"\n'), parameters=params,
+                           template=mf.template or "", system=mf.system, license="\n".join(mf.licenses) or None,
+                           details=details(store, name), model_info=model_info,
+                           capabilities=_capabilities(info.architecture),
+                           modified_at=convert.iso(store.record(name).modified_at),
+                           messages=[oa.Message(**m) for m in mf.messages] or None)
+
+
+@router.post("/api/copy")
+async def copy(body: oa.CopyRequest, request: Request):
+    _store(request).copy(ModelName.parse(body.source), ModelName.parse(body.destination))
+    return Response(status_code=200)
+
+
+@router.delete("/api/delete")
+async def delete(body: oa.DeleteRequest, request: Request):
+    name = ModelName.parse(body.ref)
+    await _rt(request).unload(name.display)
+    await asyncio.to_thread(_store(request).remove, name)
+    return Response(status_code=200)
+
+
+async def _progress(work: Callable[[Callable[[str, int, int | None], None]], Any]) -> AsyncIterator[dict]:
+    """Run a store operation in a thread and yield its progress as Ollama status objects."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    last: dict[str, Any] = {}
+
+    def progress(status: str, completed: int, total: int | None) -> None:
+        item = oa.ProgressResponse(status=status, total=total, completed=completed if total else None)
+        loop.call_soon_threadsafe(queue.put_nowait, item.model_dump(exclude_none=True))
+
+    def run() -> None:
+        try:
+            work(progress)
+        except BaseException as err:
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (item := await queue.get()) is not _END:
+        if isinstance(item, BaseException):
+            raise item
+        if item.get("total") and item == last:
+            continue
+        last = item
+        yield item
+
+
+async def _progress_response(stream: bool, work) -> Any:
+    items = await streaming.prime(_progress(work))
+    if stream:
+        return streaming.ndjson(items)
+    async for _ in items:
+        pass
+    return {"status": "success"}
+
+
+@router.post("/api/pull")
+async def pull(body: oa.PullRequest, request: Request):
+    store = _store(request)
+    name = ModelName.parse(body.ref)
+    return await _progress_response(body.stream, lambda p: store.pull(name, p))
+
+
+def _create_modelfile(body: oa.CreateRequest) -> Modelfile:
+    if body.modelfile:
+        return parse(body.modelfile)
+    if body.quantize:
+        raise InvalidInput("quantize is not supported yet; create from an already quantized GGUF")
+    files = list((body.files or {}).values())
+    if len(files) > 1:
+        raise InvalidInput("create takes one GGUF file in files")
+    source = files[0] if files else body.from_
+    if not source:
+        raise InvalidInput("create needs from (a model name) or files (an uploaded GGUF blob)")
+    licenses = [body.license] if isinstance(body.license, str) else list(body.license or [])
+    return Modelfile(from_=source, parameters=dict(body.parameters or {}), template=body.template,
+                     system=body.system, messages=[convert.to_engine_message(m) for m in body.messages or []],
+                     adapters=list((body.adapters or {}).values()), licenses=licenses)
+
+
+@router.post("/api/create")
+async def create(body: oa.CreateRequest, request: Request):
+    store = _store(request)
+    name = ModelName.parse(body.ref)
+    mf = _create_modelfile(body)
+    opts.validate(mf.parameters)
+    return await _progress_response(body.stream, lambda p: build.create(store, name, mf, None, p))
+
+
+@router.head("/api/blobs/{digest}")
+async def blob_exists(digest: str, request: Request):
+    if not _store(request).blobs.has(Digest.parse(digest)):
+        raise NotFound(f"blob {digest} not found")
+    return Response(status_code=200)
+
+
+@router.post("/api/blobs/{digest}", status_code=201)
+async def blob_upload(digest: str, request: Request):
+    store = _store(request)
+    expected = Digest.parse(digest)
+    if store.blobs.has(expected):
+        return Response(status_code=200)
+    reader = _StreamReader(request, asyncio.get_running_loop())
+    await asyncio.to_thread(store.blobs.put_stream, reader, expected, None, f"blob {digest}")
+    return Response(status_code=201)
+
+
+class _StreamReader:
+    """A blocking file-like view of the request body, for the blob store's streaming writer (runs in a thread)."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+        self._it = request.stream().__aiter__()
+        self._loop = loop
+        self._buf = b""
+        self._done = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._done and (n < 0 or len(self._buf) < n):
+            try:
+                chunk = asyncio.run_coroutine_threadsafe(self._it.__anext__(), self._loop).result()
+            except StopAsyncIteration:
+                self._done = True
+                break
+            self._buf += chunk
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+@router.get("/api/version")
+async def version() -> oa.VersionResponse:
+    return oa.VersionResponse(version=slmops.__version__)

@@ -1,0 +1,199 @@
+"""OpenAI-compatible API (``/v1/*``). Converts to the same engine requests the native routes use."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+
+import slmops
+from slmops.api import openai as oai
+from slmops.engine.outputs import Output, Stats
+from slmops.engine.tools import parse_calls
+from slmops.server import convert, streaming
+from slmops.server.runtime import ModelRuntime
+from slmops.types.errors import InvalidInput, ModelNotFound
+from slmops.types.name import ModelName
+
+router = APIRouter(prefix="/v1")
+FINGERPRINT = f"fp_slmops_{slmops.__version__}"
+
+
+def _rt(request: Request) -> ModelRuntime:
+    return request.app.state.runtime
+
+
+async def _run(rt: ModelRuntime, spec, req) -> tuple[str, Output, list]:
+    text, final, lps = [], None, []
+    async for out in rt.stream(spec, req, rt.default_keep_alive):
+        text.append(out.text)
+        lps.extend(out.logprobs)
+        if out.done:
+            final = out
+    return "".join(text), final, lps
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    req = convert.from_chat_completion(body)
+    created, cid = int(time.time()), convert.new_id("chatcmpl")
+    if body.stream:
+        if body.n != 1:
+            raise InvalidInput("n > 1 is not supported with stream; make n requests")
+        outputs = await streaming.prime(rt.stream(spec, req, rt.default_keep_alive))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming.sse(_chat_stream(outputs, body.model, cid, created, req.tools, include_usage))
+    choices, stats = [], []
+    for i in range(body.n):
+        text, final, lps = await _run(rt, spec, convert.from_chat_completion(body, seed_offset=i))
+        calls, text = parse_calls(text, req.tools) if req.tools else ([], text)
+        message = oai.AssistantMessage(content=text if (text or not calls) else None,
+                                       tool_calls=convert.openai_tool_calls(calls) if calls else None)
+        choices.append(oai.ChatChoice(index=i, message=message, finish_reason=convert.finish_reason(final, calls),
+                                      logprobs=convert.openai_logprobs(lps) if req.logprobs is not None else None))
+        stats.append(final.stats)
+    return oai.ChatCompletion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT,
+                              choices=choices, usage=convert.usage(stats))
+
+
+async def _chat_stream(outputs: AsyncIterator[Output], model: str, cid: str, created: int,
+                       tools: list | None, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(delta: oai.Delta, finish: str | None = None, logprobs=None) -> dict:
+        c = oai.ChatCompletionChunk(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                                    choices=[oai.ChunkChoice(index=0, delta=delta, finish_reason=finish,
+                                                             logprobs=logprobs)])
+        return c.model_dump(exclude_none=True) | {"usage": None} if include_usage else c.model_dump(exclude_none=True)
+
+    yield chunk(oai.Delta(role="assistant", content=""))
+    held: list[str] = []
+    stats: Stats | None = None
+    async for out in outputs:
+        lp = convert.openai_logprobs(list(out.logprobs)) if out.logprobs else None
+        if tools:
+            held.append(out.text)  # a tool call is only known once the whole answer is in
+        elif out.text:
+            yield chunk(oai.Delta(content=out.text), logprobs=lp)
+        if out.done:
+            stats = out.stats
+            calls: list = []
+            if tools:
+                calls, text = parse_calls("".join(held), tools)
+                if calls:
+                    yield chunk(oai.Delta(tool_calls=convert.openai_tool_calls(calls, with_index=True)))
+                elif text:
+                    yield chunk(oai.Delta(content=text))
+            yield chunk(oai.Delta(), convert.finish_reason(out, calls))
+    if include_usage and stats is not None:
+        yield oai.ChatCompletionChunk(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
+                                      choices=[], usage=convert.usage([stats])).model_dump(exclude_none=True)
+
+
+@router.post("/completions")
+async def completions(body: oai.CompletionRequest, request: Request):
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    prompts = convert.completion_prompts(body.prompt)
+    created, cid = int(time.time()), convert.new_id("cmpl")
+    if body.stream:
+        if body.n != 1 or len(prompts) != 1:
+            raise InvalidInput("streaming takes one prompt and n = 1")
+        req = await _completion_request(rt, spec, body, prompts[0], 0)
+        outputs = await streaming.prime(rt.stream(spec, req, rt.default_keep_alive))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming.sse(_completion_stream(outputs, body, cid, created, include_usage,
+                                                req.prompt if body.echo else ""))
+    choices, stats = [], []
+    for p_i, prompt in enumerate(prompts):
+        for i in range(body.n):
+            req = await _completion_request(rt, spec, body, prompt, i)
+            text, final, lps = await _run(rt, spec, req)
+            prefix = req.prompt if body.echo else ""
+            choices.append(oai.CompletionChoice(
+                index=len(choices), text=prefix + text, finish_reason=convert.finish_reason(final),
+                logprobs=convert.completion_logprobs(lps, len(prefix)) if body.logprobs is not None else None))
+            stats.append(final.stats)
+    return oai.Completion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT,
+                          choices=choices, usage=_completion_usage(stats, len(prompts)))
+
+
+def _completion_usage(stats: list[Stats], n_prompts: int) -> oai.Usage:
+    p = sum(s.prompt_eval_count for s in stats[:: max(1, len(stats) // max(1, n_prompts))])
+    c = sum(s.eval_count for s in stats)
+    return oai.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+async def _completion_request(rt: ModelRuntime, spec, body: oai.CompletionRequest, prompt: Any, i: int):
+    if isinstance(prompt, list):
+        prompt = await rt.call(spec, lambda m, t: m.detokenize(t), rt.default_keep_alive, prompt)
+    if not prompt:
+        raise InvalidInput("prompt is empty")
+    return convert.from_completion(body, prompt, seed_offset=i)
+
+
+async def _completion_stream(outputs: AsyncIterator[Output], body: oai.CompletionRequest, cid: str, created: int,
+                             include_usage: bool, echo: str) -> AsyncIterator[dict]:
+    def chunk(text: str, finish: str | None = None, lps=None, offset: int = 0) -> dict:
+        c = oai.Completion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT,
+                           choices=[oai.CompletionChoice(index=0, text=text, finish_reason=finish,
+                                                         logprobs=convert.completion_logprobs(lps, offset)
+                                                         if lps is not None else None)])
+        d = c.model_dump(exclude_none=True)
+        d["choices"][0]["finish_reason"] = finish
+        return d
+
+    offset = len(echo)
+    if echo:
+        yield chunk(echo)
+    stats = None
+    async for out in outputs:
+        lps = list(out.logprobs) if body.logprobs is not None else None
+        if out.text or lps:
+            yield chunk(out.text, lps=lps, offset=offset)
+            offset += len(out.text)
+        if out.done:
+            stats = out.stats
+            yield chunk("", convert.finish_reason(out))
+    if include_usage and stats is not None:
+        yield oai.Completion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT, choices=[],
+                             usage=_completion_usage([stats], 1)).model_dump(exclude_none=True)
+
+
+@router.post("/embeddings")
+async def embeddings(body: oai.EmbeddingRequest, request: Request) -> oai.EmbeddingResponse:
+    rt = _rt(request)
+    _, spec = rt.resolve(body.model)
+    raw = body.input
+    items: list = [raw] if isinstance(raw, str) or (raw and all(isinstance(x, int) for x in raw)) else list(raw)
+    if not items or any(i in ("", []) for i in items):
+        raise InvalidInput("input must not be empty")
+    texts = []
+    for item in items:
+        texts.append(item if isinstance(item, str) else
+                     await rt.call(spec, lambda m, t: m.detokenize(t), rt.default_keep_alive, item))
+    vectors, used, _ = await rt.embed(spec, texts, None, True, rt.default_keep_alive)
+    vectors = convert.truncate_dimensions(vectors, body.dimensions)
+    data = [oai.EmbeddingData(index=i, embedding=convert.encode_embedding(v, body.encoding_format))
+            for i, v in enumerate(vectors)]
+    return oai.EmbeddingResponse(data=data, model=body.model, usage={"prompt_tokens": used, "total_tokens": used})
+
+
+def _model_object(request: Request, name: ModelName) -> oai.ModelObject:
+    record = request.app.state.store.record(name)
+    owner = name.namespace if name.namespace != "library" else "library"
+    return oai.ModelObject(id=name.display, created=int(record.modified_at.timestamp()), owned_by=owner)
+
+
+@router.get("/models")
+async def models(request: Request) -> oai.ModelList:
+    return oai.ModelList(data=[_model_object(request, r.name) for r in request.app.state.store.list()])
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, request: Request) -> oai.ModelObject:
+    name = ModelName.parse(model)
+    if not request.app.state.store.exists(name):
+        raise ModelNotFound(model)
+    return _model_object(request, name)
