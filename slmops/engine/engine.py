@@ -97,12 +97,16 @@ class Engine:
         return self._retrying(spec, req, sampling, tools)
 
     def _sampling(self, spec: ModelSpec, req: Request) -> tuple[opts.SamplingParams, list[dict[str, Any]] | None]:
-        merged = opts.merge(spec.params, req.options)
         tools = req.tools if req.tools and req.tool_choice != "none" else None
         grammar = grammar_for_format(req.format)
         if tools and req.tool_choice != "auto":
             name = None if req.tool_choice == "required" else req.tool_choice
             grammar = for_schema(tool_call_schema(tools, name))
+        model_params = spec.params
+        if grammar:
+            # The grammar decides where output ends; a model's turn-marker stops could cut a JSON string short.
+            model_params = {k: v for k, v in spec.params.items() if k != "stop"}
+        merged = opts.merge(model_params, req.options)
         return opts.to_sampling(merged, grammar=grammar, logprobs=req.logprobs), tools
 
     def _retrying(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
