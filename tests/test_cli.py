@@ -136,7 +136,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_skeleton_ps_and_busy_port(cli_home):
+def test_serve_ps_and_busy_port(cli_home):
     port = _free_port()
     env = {**os.environ, "SLMOPS_HOME": str(cli_home), "SLMOPS_HOST": f"127.0.0.1:{port}"}
     proc = subprocess.Popen([str(BIN), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -151,7 +151,7 @@ def test_serve_skeleton_ps_and_busy_port(cli_home):
         tags = httpx.get(f"http://127.0.0.1:{port}/api/tags").json()
         assert [m["name"] for m in tags["models"]] == ["smollm2:135m"]
         p = run_cli("ps", home=cli_home, SLMOPS_HOST=f"127.0.0.1:{port}")
-        assert p.returncode == 0 and p.stdout.split()[:2] == ["NAME", "CONTEXT"]
+        assert p.returncode == 0 and p.stdout.split() == ["NAME", "ID", "SIZE", "CONTEXT", "UNTIL"]
         one_line_error(run_cli("serve", home=cli_home, SLMOPS_HOST=f"127.0.0.1:{port}"), "already in use")
     finally:
         proc.terminate()

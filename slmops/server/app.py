@@ -100,21 +100,26 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        body = bytearray()
+        while True:  # JSON bodies are read whole anyway; reading them here lets a chunked one be cut off at the limit
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
+            if not message.get("more_body", False):
+                break
+        sent = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     @staticmethod
     async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
@@ -122,15 +127,12 @@ class Guard:
                                                                                                     send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
                metrics: Metrics | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = metrics or Metrics()
     runtime.on_generation = metrics.generation
+    runtime.on_cancel = lambda model: metrics.cancelled.labels(model).inc()
 
     async def lifespan(app: FastAPI):
         runtime.start()
@@ -189,6 +191,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         rt: ModelRuntime = request.app.state.runtime
         m.loaded_models.set(len(rt.loaded()))
         m.queue_depth.set(rt.queue_depth())
+        m.in_flight.set(rt.in_flight())
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
