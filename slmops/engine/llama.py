@@ -19,14 +19,14 @@ from slmops.types.errors import EngineError, InvalidInput
 
 _init_lock = threading.Lock()
 _initialized = False
-_GGML_LOG_ERROR = 3
 _verbose = False
 
 
 @lc.llama_log_callback
 def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    """llama.cpp's own log: errors always reach stderr, the rest only with SLMOPS_DEBUG."""
-    if _verbose or level == _GGML_LOG_ERROR:
+    """llama.cpp's own log reaches stderr only with SLMOPS_DEBUG: it logs benign conditions at error level
+    (BERT vocabularies, for one), and every failure that matters surfaces as an slmops error anyway."""
+    if _verbose:
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 
@@ -113,13 +113,15 @@ class LoraAdapter:
 class LlamaContext:
     """One llama.cpp context; ``n_seq_max`` sequences share its unified KV cache."""
 
-    def __init__(self, model: LlamaModel, params: LoadParams, n_seq_max: int = 1, embeddings: bool = False):
+    def __init__(self, model: LlamaModel, params: LoadParams, n_seq_max: int = 1, embeddings: bool = False,
+                 pooling: int | None = None):
+        """``pooling``: the model's own (``None`` for models that declare none, which are mean-pooled)."""
         cp = lc.llama_context_default_params()
         cp.n_ctx = params.num_ctx
         cp.n_batch = params.num_batch
         cp.n_ubatch = params.num_batch
         if embeddings:
-            cp.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
+            cp.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN if pooling is None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
         cp.n_seq_max = n_seq_max
         cp.n_threads = params.threads
         cp.n_threads_batch = params.threads

@@ -62,7 +62,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams):
         t0 = time.perf_counter_ns()
-        inspect_gguf(spec.model_path, spec.gguf_cache)
+        self.info = inspect_gguf(spec.model_path, spec.gguf_cache)
         self.spec = spec
         self.model = LlamaModel(spec.model_path)
         self.load_params = load
@@ -129,6 +129,8 @@ class LoadedModel:
         """Stream the completion of ``tokens``; closing the iterator stops generation at once."""
         if not tokens:
             raise InvalidInput("empty prompt")
+        if self.info.embedding_only:
+            raise InvalidInput(f'"{self.spec.name}" is an embedding model; use /api/embed or /v1/embeddings')
         self.check_fits(len(tokens))
         with self.lock:
             if self.closed:
@@ -219,7 +221,7 @@ class LoadedModel:
             if self._embed_ctx is None:
                 n = min(self.load_params.num_ctx, self.model.n_ctx_train or self.load_params.num_ctx)
                 params = opts.LoadParams(num_ctx=n, num_batch=n, num_thread=self.load_params.num_thread)
-                self._embed_ctx = LlamaContext(self.model, params, embeddings=True)
+                self._embed_ctx = LlamaContext(self.model, params, embeddings=True, pooling=self.info.pooling)
             out, used = [], 0
             for text in texts:
                 toks = self.model.tokenize(text, add_special=True, parse_special=False)

@@ -37,6 +37,16 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def pooling(self) -> int | None:
+        """The pooling the model declares (embedding models do); ``None`` for generative models."""
+        value = self.metadata.get(f"{self.architecture}.pooling_type")
+        return int(value) if value is not None else None
+
+    @property
+    def embedding_only(self) -> bool:
+        return self.pooling is not None
+
+    @property
     def parameter_size(self) -> str:
         """Ollama's human form: 135M, 1.7B."""
         n = self.parameter_count

