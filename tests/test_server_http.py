@@ -173,3 +173,36 @@ def test_schemathesis_finds_no_server_errors(shared_home, tmp_path):
         assert proc.returncode == 0, found or out[-4000:]
     finally:
         s.stop()
+
+
+def test_least_recently_used_model_is_evicted(shared_home, tmp_path):
+    home = link_home(shared_home, tmp_path / "h")
+    s = Server(home, SLMOPS_MAX_LOADED_MODELS="1")
+    try:
+        assert httpx.post(s.url + "/api/copy", json={"source": M, "destination": "other"}).status_code == 200
+        for name in (M, "other:latest"):
+            r = httpx.post(s.url + "/api/generate", json={"model": name, "prompt": "hi", "stream": False,
+                                                           "options": {"num_predict": 1}})
+            assert r.status_code == 200
+            assert [m["name"] for m in httpx.get(s.url + "/api/ps").json()["models"]] == [name]
+    finally:
+        s.stop()
+
+
+def test_unsupported_inputs_are_400(server):
+    for body in ({"model": M, "prompt": "x", "images": ["aGk="]}, {"model": M, "prompt": "x", "think": True},
+                 {"model": M, "prompt": "x", "suffix": "y"}):
+        r = httpx.post(server.url + "/api/generate", json=body)
+        assert r.status_code == 400 and "does not support" in r.json()["error"]
+    r = httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "x", "keep_alive": "soon"})
+    assert r.status_code == 400 and "invalid duration" in r.json()["error"]
+
+
+def test_request_template_overrides_the_model_template(server):
+    r = httpx.post(server.url + "/api/generate", json={
+        "model": M, "prompt": "The capital of France is", "stream": False, "template": "{{ .Prompt }}",
+        "options": {"temperature": 0, "num_predict": 3}})
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] <= 8 and "Paris" in r.json()["response"]
+    r = httpx.post(server.url + "/api/generate", json={
+        "model": M, "prompt": "x", "template": "{{ .Prompt | bad }}"})
+    assert r.status_code == 400 and "TEMPLATE" in r.json()["error"]

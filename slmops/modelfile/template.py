@@ -219,7 +219,8 @@ class ChatTemplate:
                     turns[-1]["response"] = _RESPONSE_CUT
                 text = "".join(template.render(**turn) for turn in turns)
                 return text.split(_RESPONSE_CUT, 1)[0]
-            return template.render(messages=messages, tools=tools or None, system=system, prompt="", response="",
+            prompt = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+            return template.render(messages=messages, tools=tools or None, system=system, prompt=prompt, response="",
                                    add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                    eos_token=self.eos_token)
         except TemplateError:
