@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pexpect
-import pytest
 
 from conftest import BIN, run_cli
 

@@ -11,6 +11,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -166,7 +169,7 @@ class ChatChoice(_Resp):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(_Resp):
@@ -189,7 +192,7 @@ class ChunkChoice(_Resp):
     index: int
     delta: Delta
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "tool_calls", "content_filter"]] = None
+    finish_reason: Optional[FinishReason] = None
 
 
 class ChatCompletionChunk(_Resp):

@@ -18,7 +18,8 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as err:
             if err.errno == 98:
-                raise ConfigError(f"address {host}:{port} is already in use; stop the other server or set SLMOPS_HOST")
+                raise ConfigError(
+                    f"address {host}:{port} is already in use; stop the other server or set SLMOPS_HOST") from None
             raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; check SLMOPS_HOST") from None
 
 
@@ -56,7 +57,8 @@ def ps() -> None:
     try:
         models = httpx.get(f"{url}/api/ps", timeout=5).json()["models"]
     except httpx.HTTPError:
-        raise SlmopsError(f"could not connect to a running slmops server at {url}; start one with `slmops serve`")
+        raise SlmopsError(
+            f"could not connect to a running slmops server at {url}; start one with `slmops serve`") from None
     rows = [("NAME", "ID", "SIZE", "CONTEXT", "UNTIL")]
     for m in models:
         rows.append((m["name"], m.get("digest", "")[:12], f"{m.get('size', 0) / 1e6:.0f} MB",

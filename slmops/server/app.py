@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 import slmops
 from slmops.api import ollama as oa
@@ -19,7 +21,6 @@ from slmops.modelfile import build, render
 from slmops.modelfile.parser import Modelfile, parse
 from slmops.server import convert, streaming
 from slmops.server.runtime import ModelRuntime, keep_alive_seconds
-from slmops.store import manifests as mt
 from slmops.store.store import Store
 from slmops.types import options as opts
 from slmops.types.digest import Digest
@@ -39,6 +40,13 @@ def _store(request: Request) -> Store:
 
 
 # -- inference ------------------------------------------------------------------------------------------------
+def _target(request: Request, model: str, keep_alive: Any):
+    """The runtime, the named model's spec (404 if absent) and the request's keep-alive in seconds."""
+    rt = _rt(request)
+    _, spec = rt.resolve(model)
+    return rt, spec, keep_alive_seconds(keep_alive, rt.default_keep_alive)
+
+
 async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
     if keep == 0:
         await rt.unload(spec.name)
@@ -53,9 +61,7 @@ async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) 
 
 @router.post("/api/generate")
 async def generate(body: oa.GenerateRequest, request: Request):
-    rt = _rt(request)
-    _, spec = rt.resolve(body.model)
-    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.prompt and not body.context:
         return await _load_only(rt, body.model, spec, keep, "response")
     outputs = await streaming.prime(rt.stream(spec, convert.from_generate(body), keep))
@@ -67,9 +73,7 @@ async def generate(body: oa.GenerateRequest, request: Request):
 
 @router.post("/api/chat")
 async def chat(body: oa.ChatRequest, request: Request):
-    rt = _rt(request)
-    _, spec = rt.resolve(body.model)
-    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.messages:
         return await _load_only(rt, body.model, spec, keep, "message")
     req = convert.from_chat(body)
@@ -99,21 +103,18 @@ async def _collect(outputs: AsyncIterator) -> tuple[str, Any, list]:
 
 
 def _merged(final, lps: list):
-    from dataclasses import replace
+    """The final record carrying every token's logprobs, for a non-streamed answer."""
     return replace(final, logprobs=tuple(lps))
 
 
 @router.post("/api/embed")
 async def embed(body: oa.EmbedRequest, request: Request):
-    rt = _rt(request)
-    _, spec = rt.resolve(body.model)
-    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    rt, spec, keep = _target(request, body.model, body.keep_alive)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
         await rt.call(spec, lambda m: None, keep)
         return oa.EmbedResponse(model=body.model, embeddings=[], total_duration=0, load_duration=0,
                                 prompt_eval_count=0)
-    import time
     t0 = time.perf_counter_ns()
     vectors, used, load_ns = await rt.embed(spec, inputs, body.options, body.truncate, keep)
     vectors = convert.truncate_dimensions(vectors, body.dimensions)
@@ -123,9 +124,7 @@ async def embed(body: oa.EmbedRequest, request: Request):
 
 @router.post("/api/embeddings")
 async def embeddings(body: oa.EmbeddingsRequest, request: Request):
-    rt = _rt(request)
-    _, spec = rt.resolve(body.model)
-    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.prompt:
         await rt.call(spec, lambda m: None, keep)
         return oa.EmbeddingsResponse(embedding=[])
@@ -135,9 +134,7 @@ async def embeddings(body: oa.EmbeddingsRequest, request: Request):
 
 @router.post("/api/tokenize")
 async def tokenize(body: oa.TokenizeRequest, request: Request):
-    rt = _rt(request)
-    _, spec = rt.resolve(body.model)
-    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    rt, spec, keep = _target(request, body.model, body.keep_alive)
     tokens = await rt.call(spec, lambda m, t: m.model.tokenize(t, add_special=False, parse_special=True), keep,
                            body.text)
     return oa.TokenizeResponse(model=body.model, tokens=tokens)
@@ -145,9 +142,7 @@ async def tokenize(body: oa.TokenizeRequest, request: Request):
 
 @router.post("/api/detokenize")
 async def detokenize(body: oa.DetokenizeRequest, request: Request):
-    rt = _rt(request)
-    _, spec = rt.resolve(body.model)
-    keep = keep_alive_seconds(body.keep_alive, rt.default_keep_alive)
+    rt, spec, keep = _target(request, body.model, body.keep_alive)
     text = await rt.call(spec, lambda m, t: m.detokenize(t), keep, body.tokens)
     return oa.DetokenizeResponse(model=body.model, text=text)
 
@@ -203,7 +198,7 @@ async def show(body: oa.ShowRequest, request: Request) -> oa.ShowResponse:
     model_info["general.parameter_count"] = info.parameter_count
     params = "\n".join(f"{k:<30}{json.dumps(v) if isinstance(v, str) else v}"
                        for k, vals in mf.parameters.items() for v in (vals if isinstance(vals, list) else [vals]))
-    return oa.ShowResponse(modelfile=render(mf, f'# Modelfile generated by "slmops show"\n'), parameters=params,
+    return oa.ShowResponse(modelfile=render(mf, '# Modelfile generated by "slmops show"\n'), parameters=params,
                            template=mf.template or "", system=mf.system, license="\n".join(mf.licenses) or None,
                            details=details(store, name), model_info=model_info,
                            capabilities=_capabilities(info.architecture),

@@ -106,7 +106,7 @@ async def completions(body: oai.CompletionRequest, request: Request):
         return streaming.sse(_completion_stream(outputs, body, cid, created, include_usage,
                                                 req.prompt if body.echo else ""))
     choices, stats = [], []
-    for p_i, prompt in enumerate(prompts):
+    for prompt in prompts:
         for i in range(body.n):
             req = await _completion_request(rt, spec, body, prompt, i)
             text, final, lps = await _run(rt, spec, req)

@@ -120,7 +120,7 @@ def _inspect(path: Path, size: int) -> GGUFInfo:
     _header(path, size)
     try:
         reader = GGUFReader(path, "r")
-    except Exception as err:  # the gguf package signals every malformation with a different builtin error
+    except Exception:  # the gguf package signals every malformation with a different builtin error
         raise InvalidModelFile("corrupt or truncated GGUF file; check the file or export it again") from None
     total = 0
     for t in reader.tensors:

@@ -78,7 +78,8 @@ class ManifestStore:
         try:
             return Manifest.model_validate_json(data)
         except ValidationError:
-            raise SlmopsError(f'manifest of "{name.display}" is corrupt; remove it with `slmops rm {name.display}`')
+            raise SlmopsError(
+                f'manifest of "{name.display}" is corrupt; remove it with `slmops rm {name.display}`') from None
 
     def digest(self, name: ModelName) -> Digest:
         return Digest.of_bytes(self.path(name).read_bytes())
