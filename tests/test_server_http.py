@@ -206,3 +206,21 @@ def test_request_template_overrides_the_model_template(server):
     r = httpx.post(server.url + "/api/generate", json={
         "model": M, "prompt": "x", "template": "{{ .Prompt | bad }}"})
     assert r.status_code == 400 and "TEMPLATE" in r.json()["error"]
+
+
+def test_blob_head_and_upload(server, model_file):
+    digest = "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert httpx.head(server.url + f"/api/blobs/{digest}").status_code == 200
+    missing = "sha256:" + "0" * 64
+    assert httpx.head(server.url + f"/api/blobs/{missing}").status_code == 404
+    r = httpx.post(server.url + f"/api/blobs/{missing}", content=b"not the right bytes")
+    assert r.status_code == 400 and "digest mismatch" in r.json()["error"]
+    assert httpx.head(server.url + f"/api/blobs/{missing}").status_code == 404
+    for bad in ("sha256:../../etc/passwd", "md5:abc", "sha256-" + "A" * 64):
+        r = httpx.post(server.url + f"/api/blobs/{bad}", content=b"x")
+        assert r.status_code in (400, 404) and "Traceback" not in r.text
+    data = b"hello blob"
+    import hashlib
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert httpx.post(server.url + f"/api/blobs/{d}", content=data).status_code == 201
+    assert httpx.head(server.url + f"/api/blobs/{d}").status_code == 200
