@@ -1,0 +1,199 @@
+"""Continuous batching as a pure state machine: ``schedule() -> Batch`` and ``update(batch, sampled)``.
+
+It never touches llama.cpp, so it is tested with made-up tokens. Each step:
+
+1. every running sequence decodes its last sampled token (streams stay smooth),
+2. the rest of the per-step token budget goes to prompt chunks (chunked prefill: a long prompt is spread over
+   several steps instead of stalling everyone's stream),
+3. waiting requests are admitted into free sequence slots, first reusing the longest cached prefix.
+
+Each active sequence owns one slot with ``n_ctx_seq`` KV cells reserved, so admission never over-commits the
+cache; spare slots hold cached prefixes within their own budget (:class:`PrefixCache`). Memory operations the
+runner must perform before decoding (prefix copies, frees) travel in the batch, in order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from slmops.engine.prefix_cache import PrefixCache
+from slmops.types.errors import Busy, ContextOverflow
+
+
+class State(Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class Seq:
+    req_id: int
+    prompt: list[int]
+    max_new: int  # -1: until the context is full
+    slot: int = -1
+    state: State = State.WAITING
+    n_past: int = 0  # tokens whose KV is in the slot
+    cached: int = 0  # of which came from the prefix cache
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+@dataclass(frozen=True)
+class MemOp:
+    """``copy``: share cells [0, n) of ``src`` with ``dst``; ``drop``: free every cell of ``src``."""
+
+    kind: str
+    src: int
+    dst: int = -1
+    n: int = -1
+
+
+@dataclass(frozen=True)
+class Item:
+    req_id: int
+    slot: int
+    tokens: tuple[int, ...]
+    pos0: int
+    sample: bool  # logits wanted for the last token: a token is sampled for this request after the step
+
+
+@dataclass
+class Batch:
+    ops: list[MemOp] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(i.tokens) for i in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items or self.ops)
+
+
+@dataclass(frozen=True)
+class Finished:
+    req_id: int
+    reason: str  # "length" (max_new or context) | "stop" | "cancelled"
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, n_ctx_seq: int, token_budget: int = 512, max_queue: int = 512,
+                 cache: PrefixCache | None = None):
+        self.n_ctx_seq = n_ctx_seq
+        self.token_budget = token_budget
+        self.max_queue = max_queue
+        self.cache = cache
+        self.free_slots = list(range(n_slots))
+        self.waiting: deque[Seq] = deque()
+        self.running: dict[int, Seq] = {}
+        self._ops: list[MemOp] = []
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def add(self, req_id: int, prompt: list[int], max_new: int = -1) -> None:
+        if not prompt:
+            raise ContextOverflow("empty prompt")
+        if len(prompt) >= self.n_ctx_seq:
+            raise ContextOverflow(f"prompt is {len(prompt)} tokens but the context holds {self.n_ctx_seq} "
+                                  "(num_ctx); shorten the prompt or raise num_ctx")
+        if len(self.waiting) >= self.max_queue:
+            raise Busy(f"server busy: {self.max_queue} requests already wait; retry later")
+        self.waiting.append(Seq(req_id, list(prompt), max_new))
+
+    def cancel(self, req_id: int) -> Finished | None:
+        for seq in list(self.waiting):
+            if seq.req_id == req_id:
+                self.waiting.remove(seq)
+                return Finished(req_id, "cancelled")
+        if req_id in self.running:
+            self._release(self.running.pop(req_id), keep=False)
+            return Finished(req_id, "cancelled")
+        return None
+
+    def finish(self, req_id: int, reason: str = "stop") -> Finished | None:
+        """The runner saw an end-of-generation token or a stop string."""
+        seq = self.running.pop(req_id, None)
+        if seq is None:
+            return None
+        self._release(seq, keep=True)
+        return Finished(req_id, reason)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running and not self._ops
+
+    # -- stepping ------------------------------------------------------------------------------------------
+    def schedule(self) -> Batch:
+        batch = Batch(ops=self._ops)
+        self._ops = []
+        budget = self.token_budget
+        for seq in self.running.values():
+            if seq.state is State.DECODE:
+                batch.items.append(Item(seq.req_id, seq.slot, (seq.generated[-1],), seq.n_past, True))
+                budget -= 1
+        for seq in self.running.values():
+            if seq.state is State.PREFILL and budget > 0:
+                budget -= self._prefill_chunk(seq, budget, batch)
+        while self.waiting and self.free_slots and budget > 0:
+            seq = self.waiting.popleft()
+            self._admit(seq, batch)
+            budget -= self._prefill_chunk(seq, budget, batch)
+        return batch
+
+    def update(self, batch: Batch, sampled: dict[int, int]) -> list[Finished]:
+        """Record the step: KV now holds each item's tokens; ``sampled`` maps request → token sampled for it."""
+        done = []
+        for item in batch.items:
+            seq = self.running.get(item.req_id)
+            if seq is None:
+                continue
+            seq.n_past = item.pos0 + len(item.tokens)
+            if not item.sample:
+                continue
+            seq.state = State.DECODE
+            tok = sampled.get(item.req_id)
+            if tok is None:
+                continue
+            seq.generated.append(tok)
+            at_limit = 0 <= seq.max_new <= len(seq.generated)
+            if at_limit or seq.n_past + 1 >= self.n_ctx_seq:
+                done.append(self.finish(seq.req_id, "length"))
+        return [d for d in done if d is not None]
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _admit(self, seq: Seq, batch: Batch) -> None:
+        seq.slot = self.free_slots.pop(0)
+        seq.state = State.PREFILL
+        self.running[seq.req_id] = seq
+        if self.cache is not None:
+            slot, n = self.cache.match(seq.prompt)
+            n = min(n, len(seq.prompt) - 1)  # at least one token is evaluated, for its logits
+            if slot is not None and n > 0:
+                batch.ops.append(MemOp("copy", slot, seq.slot, n))
+                seq.n_past = seq.cached = n
+
+    def _prefill_chunk(self, seq: Seq, budget: int, batch: Batch) -> int:
+        rest = seq.prompt[seq.n_past:]
+        chunk = rest[:budget]
+        if not chunk:
+            return 0
+        last = len(chunk) == len(rest)
+        batch.items.append(Item(seq.req_id, seq.slot, tuple(chunk), seq.n_past, last))
+        seq.n_past += len(chunk)  # provisional, confirmed by update(); lets a later chunk follow in one step
+        return len(chunk)
+
+    def _release(self, seq: Seq, keep: bool) -> None:
+        """Free the slot; with ``keep`` its tokens first move to the prefix cache (when it has room)."""
+        if keep and self.cache is not None:
+            tokens = seq.tokens[: seq.n_past]
+            slot, evicted = self.cache.insert(tokens)
+            self._ops.extend(MemOp("drop", s) for s in evicted)
+            if slot is not None:
+                self._ops.append(MemOp("copy", seq.slot, slot, len(tokens)))
+        self._ops.append(MemOp("drop", seq.slot))
+        self.free_slots.append(seq.slot)

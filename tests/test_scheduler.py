@@ -1,0 +1,151 @@
+"""The batching scheduler and the prefix cache, with made-up tokens and no model (as vLLM tests its scheduler)."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from slmops.engine.prefix_cache import PrefixCache
+from slmops.engine.scheduler import Finished, MemOp, Scheduler
+from slmops.types.errors import Busy, ContextOverflow
+
+
+def step(s: Scheduler, token: int = 7):
+    """Run one step, sampling ``token`` for everything that wants a sample."""
+    batch = s.schedule()
+    sampled = {i.req_id: token for i in batch.items if i.sample}
+    return batch, s.update(batch, sampled)
+
+
+def test_admission_up_to_slots_and_queue_bound():
+    s = Scheduler(n_slots=2, n_ctx_seq=64, token_budget=100, max_queue=2)
+    for r in range(3):
+        s.add(r, [1, 2, 3])
+    batch, _ = step(s)
+    assert {i.req_id for i in batch.items} == {0, 1}  # only two slots
+    assert [q.req_id for q in s.waiting] == [2]
+    s.add(3, [1])
+    with pytest.raises(Busy):  # two already wait
+        s.add(4, [1])
+    s.finish(0)
+    batch, _ = step(s)
+    assert 2 in {i.req_id for i in batch.items}  # a freed slot admits the next in line
+
+
+def test_prompt_over_context_is_refused():
+    s = Scheduler(n_slots=1, n_ctx_seq=8)
+    with pytest.raises(ContextOverflow, match="prompt is 8 tokens but the context holds 8"):
+        s.add(0, list(range(8)))
+
+
+def test_decode_tokens_come_first_and_prefill_is_chunked_by_budget():
+    s = Scheduler(n_slots=4, n_ctx_seq=4096, token_budget=16)
+    s.add(0, [1, 2, 3])
+    step(s)  # request 0 prefilled, now decoding
+    s.add(1, list(range(100, 140)))  # a 40-token prompt
+    chunks = []
+    while 1 not in s.running or s.running[1].state.value != "decode":
+        batch, _ = step(s)
+        assert batch.n_tokens <= 16
+        assert batch.items[0].req_id == 0 and len(batch.items[0].tokens) == 1  # the stream is never stalled
+        chunks += [len(i.tokens) for i in batch.items if i.req_id == 1]
+    assert chunks == [15, 15, 10] and sum(chunks) == 40
+
+
+def test_positions_and_sampling_flags_follow_the_sequence():
+    s = Scheduler(n_slots=1, n_ctx_seq=64, token_budget=4)
+    s.add(0, [1, 2, 3, 4, 5, 6])
+    b1, _ = step(s)
+    assert b1.items[0].tokens == (1, 2, 3, 4) and b1.items[0].pos0 == 0 and not b1.items[0].sample
+    b2, _ = step(s, token=9)
+    assert b2.items[0].tokens == (5, 6) and b2.items[0].pos0 == 4 and b2.items[0].sample
+    b3, _ = step(s)
+    assert b3.items[0].tokens == (9,) and b3.items[0].pos0 == 6
+
+
+def test_max_new_and_context_end_finish_with_length():
+    s = Scheduler(n_slots=2, n_ctx_seq=10, token_budget=64)
+    s.add(0, [1, 2, 3], max_new=2)
+    s.add(1, [1, 2, 3, 4, 5, 6, 7])
+    finished = []
+    for _ in range(6):
+        finished += step(s)[1]
+    assert Finished(0, "length") in finished and Finished(1, "length") in finished
+    assert s.running == {} and sorted(s.free_slots) == [0, 1]
+
+
+def test_cancel_waiting_and_running_frees_the_slot():
+    s = Scheduler(n_slots=1, n_ctx_seq=64)
+    s.add(0, [1, 2])
+    s.add(1, [3, 4])
+    step(s)
+    assert s.cancel(1) == Finished(1, "cancelled") and not s.waiting
+    assert s.cancel(0) == Finished(0, "cancelled") and s.free_slots == [0]
+    batch = s.schedule()
+    assert MemOp("drop", 0) in batch.ops and not batch.items
+    assert s.cancel(42) is None
+
+
+def test_finished_sequence_is_cached_and_reused_by_the_next_request():
+    cache = PrefixCache(slots=[8, 9], budget_tokens=1000)
+    s = Scheduler(n_slots=2, n_ctx_seq=256, token_budget=512, cache=cache)
+    system = list(range(1000, 1100))  # a shared 100-token system prompt
+    s.add(0, system + [1, 2, 3])
+    step(s)
+    s.finish(0)
+    s.add(1, system + [4, 5])
+    batch = s.schedule()
+    assert MemOp("copy", 0, 8, 103) in batch.ops  # the finished sequence went to cache slot 8 ...
+    assert MemOp("drop", 0) in batch.ops
+    copy = [op for op in batch.ops if op.kind == "copy" and op.src == 8]
+    assert copy and copy[0].n == 100  # ... and the new request starts from its 100 shared tokens
+    item = next(i for i in batch.items if i.req_id == 1)
+    assert item.tokens == (4, 5) and item.pos0 == 100 and s.running[1].cached == 100
+
+
+def test_identical_prompt_still_evaluates_one_token():
+    cache = PrefixCache(slots=[5], budget_tokens=100)
+    s = Scheduler(n_slots=1, n_ctx_seq=64, cache=cache)
+    s.add(0, [1, 2, 3, 4])
+    step(s)
+    s.finish(0)
+    s.add(1, [1, 2, 3, 4])
+    batch = s.schedule()
+    item = batch.items[0]
+    assert item.tokens == (4,) and item.pos0 == 3 and item.sample
+
+
+def test_prefix_cache_match_split_and_lru_eviction():
+    c = PrefixCache(slots=[1, 2], budget_tokens=10)
+    assert c.insert([1, 2, 3, 4]) == (1, [])
+    assert c.insert([1, 2, 9]) == (2, [])
+    assert c.match([1, 2, 3, 4, 5]) == (1, 4)
+    assert c.match([1, 2, 9, 9]) == (2, 3)
+    assert c.match([1, 2, 7])[1] == 2
+    assert c.match([5]) == (None, 0)
+    c.match([1, 2, 9])  # slot 2 is now the most recently used
+    slot, evicted = c.insert([7, 7, 7, 7, 7])  # needs room: the least recently used (slot 1) goes
+    assert evicted == [1] and slot == 1 and c.used_tokens == 8
+    assert c.match([1, 2, 3, 4])[0] == 2  # only the shared [1, 2] prefix remains, in slot 2
+    assert c.insert([1, 2, 9]) == (None, [])  # already cached whole: not stored twice
+    assert c.insert(list(range(11))) == (None, [])  # larger than the whole budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=1, max_size=12))
+def test_prefix_cache_matches_agree_with_brute_force(seqs):
+    c = PrefixCache(slots=list(range(4)), budget_tokens=16)
+    for seq in seqs:
+        c.insert(seq)
+        for probe in seqs:
+            slot, n = c.match(probe)
+            best = max((sum(1 for _ in _common(e.tokens, probe)) for e in c.entries.values()), default=0)
+            assert n == best
+            if slot is not None:
+                assert list(c.entries[slot].tokens[:n]) == probe[:n]
+        assert c.used_tokens <= 16 and len(c.entries) + len(c.free) == 4
+
+
+def _common(a, b):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
