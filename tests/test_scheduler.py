@@ -17,12 +17,13 @@ def step(s: Scheduler, token: int = 7):
 
 def test_admission_up_to_slots_and_queue_bound():
     s = Scheduler(n_slots=2, n_ctx_seq=64, token_budget=100, max_queue=2)
-    for r in range(3):
+    for r in range(2):
         s.add(r, [1, 2, 3])
     batch, _ = step(s)
-    assert {i.req_id for i in batch.items} == {0, 1}  # only two slots
-    assert [q.req_id for q in s.waiting] == [2]
+    assert {i.req_id for i in batch.items} == {0, 1}
+    s.add(2, [1, 2, 3])
     s.add(3, [1])
+    assert step(s)[0].items and [q.req_id for q in s.waiting] == [2, 3]  # no free slot
     with pytest.raises(Busy):  # two already wait
         s.add(4, [1])
     s.finish(0)
