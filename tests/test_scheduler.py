@@ -26,6 +26,10 @@ def test_admission_up_to_slots_and_queue_bound():
     assert step(s)[0].items and [q.req_id for q in s.waiting] == [2, 3]  # no free slot
     with pytest.raises(Busy):  # two already wait
         s.add(4, [1])
+    none_waiting = Scheduler(n_slots=1, n_ctx_seq=64, max_queue=0)
+    none_waiting.add(0, [1])  # a free slot: it runs, it does not wait
+    with pytest.raises(Busy):
+        none_waiting.add(1, [1])
     s.finish(0)
     batch, _ = step(s)
     assert 2 in {i.req_id for i in batch.items}  # a freed slot admits the next in line

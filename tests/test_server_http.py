@@ -129,7 +129,7 @@ def test_health_ready_openapi_and_metrics(server):
 
 def test_client_disconnect_stops_generation(server):
     cancelled = metric(server.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}')
-    with httpx.stream("POST", server.url + "/api/generate", json=ENDLESS) as r:
+    with httpx.stream("POST", server.url + "/api/generate", json=ENDLESS, timeout=120) as r:
         lines = r.iter_lines()
         for _ in range(3):
             assert json.loads(next(lines))["done"] is False
@@ -144,9 +144,9 @@ def test_client_disconnect_stops_generation(server):
 
 
 def test_full_queue_is_503(shared_home, tmp_path):
-    s = Server(link_home(shared_home, tmp_path / "h"), SLMOPS_MAX_QUEUE="0")
+    s = Server(link_home(shared_home, tmp_path / "h"), SLMOPS_MAX_QUEUE="0", SLMOPS_NUM_PARALLEL="1")
     try:
-        with httpx.stream("POST", s.url + "/api/generate", json=ENDLESS) as r:
+        with httpx.stream("POST", s.url + "/api/generate", json=ENDLESS, timeout=120) as r:
             lines = r.iter_lines()  # kept referenced: a collected iterator closes the connection
             assert json.loads(next(lines))["done"] is False
             busy = httpx.post(s.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False})

@@ -98,6 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_CONTEXT_LENGTH", _positive_int, "4096", "Default num_ctx when a request sets none."),
     Setting("SLMOPS_NUM_THREADS", _positive_int, "0", "Threads for generation; 0 picks the physical core count."),
     Setting("SLMOPS_MAX_LOADED_MODELS", _at_least_one, "3", "Models kept loaded at once; the least recently used goes."),
+    Setting("SLMOPS_NUM_PARALLEL", _positive_int, "0",
+            "Sequences each model decodes together (continuous batching); 0 picks from free memory, at most 8."),
     Setting("SLMOPS_MAX_QUEUE", _positive_int, "512", "Requests that may wait per model before new ones get 503."),
     Setting("SLMOPS_ORIGINS", _origins, "", "Extra CORS origins (comma-separated) besides the local ones."),
     Setting("SLMOPS_MAX_REQUEST_BYTES", _at_least_one, "16777216", "Largest JSON request body; bigger ones get 413."),

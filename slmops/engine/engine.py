@@ -39,6 +39,12 @@ def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
     )
 
 
+def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
+    """A loaded model serves any smaller num_ctx per request, without reloading."""
+    return (wanted.num_ctx <= loaded.num_ctx and wanted.num_batch == loaded.num_batch
+            and wanted.num_thread == loaded.num_thread)
+
+
 @dataclass
 class Request:
     """One chat or generate call. ``messages`` for chat; ``prompt`` (+ ``raw``) for generate.
@@ -62,8 +68,11 @@ class Request:
 
 
 class Engine:
-    def __init__(self, default_ctx: int = 4096, num_thread: int = 0, max_loaded: int = 1, verbose: bool = False):
+    def __init__(self, default_ctx: int = 4096, num_thread: int = 0, max_loaded: int = 1, verbose: bool = False,
+                 num_parallel: int = 0, max_queue: int = 512):
         init_backend(verbose)
+        self.num_parallel = num_parallel
+        self.max_queue = max_queue
         self.default_ctx = default_ctx
         self.num_thread = num_thread
         self.max_loaded = max_loaded
@@ -72,13 +81,10 @@ class Engine:
 
     def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> tuple[LoadedModel, int]:
         """Return the loaded model (loading or reloading it if its context settings changed) and load time in ns."""
-        merged = opts.merge(spec.params, options)
-        if self.num_thread and "num_thread" not in merged:
-            merged["num_thread"] = self.num_thread
-        load = opts.to_load(merged, self.default_ctx, spec.context_length or 1 << 20)
+        load = self._load_params(spec, options)
         with self._lock:
             current = self._loaded.get(spec.name)
-            if current and current.spec == spec and current.load_params == load:
+            if current and current.spec == spec and _serves(current.load_params, load):
                 self._loaded.move_to_end(spec.name)
                 return current, 0
             if current:
@@ -86,9 +92,15 @@ class Engine:
             while len(self._loaded) >= self.max_loaded:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
-            model = LoadedModel(spec, load)
+            model = LoadedModel(spec, load, self.num_parallel, self.max_queue)
             self._loaded[spec.name] = model
             return model, model.load_duration
+
+    def _load_params(self, spec: ModelSpec, options: dict[str, Any] | None) -> opts.LoadParams:
+        merged = opts.merge(spec.params, options)
+        if self.num_thread and "num_thread" not in merged:
+            merged["num_thread"] = self.num_thread
+        return opts.to_load(merged, self.default_ctx, spec.context_length or 1 << 20)
 
     def run(self, spec: ModelSpec, req: Request) -> Iterator[Output]:
         """Stream a completion. Options, format and tools are checked now; prompt errors (a template that fails,
@@ -112,11 +124,16 @@ class Engine:
     def _retrying(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
                   tools: list[dict[str, Any]] | None) -> Iterator[Output]:
         for _ in range(3):
+            started = False
             try:
-                yield from self._run(spec, req, sampling, tools)
+                for out in self._run(spec, req, sampling, tools):
+                    started = True
+                    yield out
                 return
             except ModelUnloaded:
-                continue  # evicted while this request waited: load it again
+                if started:
+                    raise EngineError(f'model "{spec.name}" was unloaded during generation; try again') from None
+                continue  # evicted before this request began: load it again
         raise EngineError(f'model "{spec.name}" was unloaded repeatedly while waiting; try again')
 
     def _run(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
@@ -138,7 +155,7 @@ class Engine:
             if bad:
                 raise InvalidInput(f"context holds token {bad[0]}, which is outside the vocabulary")
             tokens = list(req.prefix_tokens) + tokens
-        yield from model.generate(tokens, sampling, load_ns)
+        yield from model.generate(tokens, sampling, load_ns, self._load_params(spec, req.options).num_ctx)
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:

@@ -127,6 +127,7 @@ class LlamaContext:
         cp.n_threads_batch = params.threads
         cp.embeddings = embeddings
         cp.no_perf = True
+        cp.kv_unified = True  # sequences share one cell pool, so a prefix copy between them shares cells
         self.model = model
         self.params = params
         self.ptr = lc.llama_init_from_model(model.ptr, cp)
@@ -141,8 +142,13 @@ class LlamaContext:
         self._n_seq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
         self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         self._n_seq[:] = 1
+        # Point every token's seq_id at one contiguous array so a whole batch's sequence ids are one numpy write;
+        # the pointers llama_batch_init allocated are kept and restored before llama_batch_free.
+        self._seq = np.zeros(self.n_batch, dtype=np.int32)
+        self._own_seq_ptrs = [ctypes.cast(self._batch.seq_id[i], ctypes.c_void_p).value for i in range(self.n_batch)]
+        base = self._seq.ctypes.data
         for i in range(self.n_batch):
-            self._batch.seq_id[i][0] = 0
+            self._batch.seq_id[i] = ctypes.cast(base + 4 * i, ctypes.POINTER(lc.llama_seq_id))
 
     def set_loras(self, adapters: list[LoraAdapter], scale: float = 1.0) -> None:
         arr = (lc.llama_adapter_lora_p_ctypes * len(adapters))(*[a.ptr for a in adapters])
@@ -160,6 +166,7 @@ class LlamaContext:
             n = len(chunk)
             self._tokens[:n] = chunk
             self._pos[:n] = np.arange(pos0 + start, pos0 + start + n, dtype=np.int32)
+            self._seq[:n] = 0
             self._logits[:n] = 0
             self._logits[n - 1] = 1
             self._batch.n_tokens = n
@@ -168,6 +175,25 @@ class LlamaContext:
                 raise EngineError(f"llama_decode failed with code {rc}")
             last = n - 1
         return last
+
+    def decode_batch(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, want: np.ndarray) -> None:
+        """One ``llama_decode`` over tokens of several sequences (at most ``n_batch``)."""
+        n = len(tokens)
+        self._tokens[:n] = tokens
+        self._pos[:n] = pos
+        self._seq[:n] = seqs
+        self._logits[:n] = want
+        self._batch.n_tokens = n
+        rc = lc.llama_decode(self.ptr, self._batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc} (the KV cache may be full; lower num_ctx or "
+                              "SLMOPS_NUM_PARALLEL)")
+
+    def seq_copy(self, src: int, dst: int, n: int) -> None:
+        lc.llama_memory_seq_cp(self.mem, src, dst, 0, n)
+
+    def seq_drop(self, seq: int) -> None:
+        lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
     def logits(self, idx: int) -> np.ndarray:
         """The raw logits at batch index ``idx`` as a numpy view (valid until the next decode)."""
@@ -201,6 +227,8 @@ class LlamaContext:
 
     def close(self) -> None:
         if self.ptr:
+            for i, addr in enumerate(self._own_seq_ptrs):
+                self._batch.seq_id[i] = ctypes.cast(addr, ctypes.POINTER(lc.llama_seq_id))
             lc.llama_batch_free(self._batch)
             lc.llama_free(self.ptr)
             self.ptr = None

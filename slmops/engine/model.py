@@ -7,7 +7,7 @@ batching scheduler will take over.
 
 from __future__ import annotations
 
-import codecs
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,13 +16,14 @@ from typing import Any, Iterator
 
 import llama_cpp as lc
 import numpy as np
+import psutil
 
 from slmops.types import options as opts
-from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
-from slmops.engine.outputs import Output, Stats, TokenLogprob
-from slmops.engine.stops import StopMatcher
+from slmops.engine.llama import LlamaContext, LlamaModel
+from slmops.engine.outputs import Output, TokenLogprob
+from slmops.engine.runner import BatchRunner
 from slmops.modelfile.template import ChatTemplate
-from slmops.store.gguf import inspect_gguf
+from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.types.errors import ContextOverflow, InvalidInput
 
 DEFAULT_TEMPLATE = (
@@ -50,33 +51,54 @@ class ModelSpec:
     context_length: int | None = None  # the model's training context, the cap for num_ctx
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def kv_bytes_per_token(info: GGUFInfo) -> int:
+    """f16 K and V for every layer: what one token of context costs in memory."""
+    m, a = info.metadata, info.architecture
+    n_embd = int(m.get(f"{a}.embedding_length") or 0)
+    n_head = int(m.get(f"{a}.attention.head_count") or 1)
+    n_kv = int(m.get(f"{a}.attention.head_count_kv") or n_head)
+    head_dim = int(m.get(f"{a}.attention.key_length") or (n_embd // max(n_head, 1)))
+    return int(m.get(f"{a}.block_count") or 0) * n_kv * head_dim * 2 * 2
+
+
+KV_BUDGET = 1 << 30  # the KV memory parallel sequences may take by default: edge devices share memory
+
+
+def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8) -> int:
+    """Parallel sequences for this machine: as many whole contexts as fit in the smaller of a quarter of free
+    memory and ``KV_BUDGET``, at most ``most`` (past 8, a 2-core CPU gains no aggregate speed)."""
+    per_seq = max(1, kv_bytes_per_token(info) * num_ctx)
+    return max(1, min(most, min(free_bytes // 4, KV_BUDGET) // per_seq))
 
 
 class LoadedModel:
-    def __init__(self, spec: ModelSpec, load: opts.LoadParams):
+    def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512):
+        """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free."""
         t0 = time.perf_counter_ns()
         self.info = inspect_gguf(spec.model_path, spec.gguf_cache)
         self.spec = spec
+        if n_parallel <= 0:
+            n_parallel = auto_parallel(self.info, load.num_ctx, psutil.virtual_memory().available)
         self.model = LlamaModel(spec.model_path)
         self.load_params = load
+        self.n_parallel = n_parallel
+        cache_budget = load.num_ctx * 2  # cached prefixes: a couple of contexts' worth
+        total = load.num_ctx * n_parallel + cache_budget
+        ctx_params = opts.LoadParams(num_ctx=total, num_batch=load.num_batch, num_thread=load.num_thread)
+        self.ctx: LlamaContext | None = None
         try:
-            self.ctx = LlamaContext(self.model, load)
+            self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=2 * n_parallel)
             for path in spec.adapters:
                 inspect_gguf(path, spec.gguf_cache)
             if spec.adapters:
                 self.ctx.set_loras([self.model.load_lora(p) for p in spec.adapters])
         except BaseException:
-            if getattr(self, "ctx", None) is not None:
+            if self.ctx is not None:
                 self.ctx.close()
             self.model.close()
             raise
+        self.runner = BatchRunner(self.model, self.ctx, n_parallel, load.num_ctx, cache_budget, self._logprob,
+                                  max_queue=max_queue)
         bos = lc.llama_vocab_bos(self.model.vocab)
         eos = lc.llama_vocab_eos(self.model.vocab)
         self.bos_text = self.model.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
@@ -85,7 +107,6 @@ class LoadedModel:
         source = spec.template or DEFAULT_TEMPLATE
         self.template = ChatTemplate.compile(source, self.bos_text, eos_text)
         self.lock = threading.Lock()
-        self._cached: list[int] = []
         self._embed_ctx: LlamaContext | None = None
         self.closed = False
         self.load_duration = time.perf_counter_ns() - t0
@@ -117,85 +138,38 @@ class LoadedModel:
         return self.model.detokenize(tokens)
 
     # -- generation ----------------------------------------------------------------------------------------
-    def check_fits(self, n_prompt: int) -> None:
-        n_ctx = self.ctx.n_ctx
+    def check_fits(self, n_prompt: int, n_ctx: int | None = None) -> None:
+        n_ctx = min(n_ctx or self.load_params.num_ctx, self.load_params.num_ctx)
         if n_prompt >= n_ctx:
             raise ContextOverflow(
                 f"prompt is {n_prompt} tokens but the context holds {n_ctx} (num_ctx); shorten the prompt or raise "
                 f"num_ctx (this model supports up to {self.model.n_ctx_train})"
             )
 
-    def generate(self, tokens: list[int], sampling: opts.SamplingParams, load_duration: int = 0) -> Iterator[Output]:
-        """Stream the completion of ``tokens``; closing the iterator stops generation at once."""
+    def generate(self, tokens: list[int], sampling: opts.SamplingParams, load_duration: int = 0,
+                 n_ctx: int | None = None) -> Iterator[Output]:
+        """Stream the completion of ``tokens``; closing the iterator cancels it at the next step."""
         if not tokens:
             raise InvalidInput("empty prompt")
         if self.info.embedding_only:
             raise InvalidInput(f'"{self.spec.name}" is an embedding model; use /api/embed or /v1/embeddings')
-        self.check_fits(len(tokens))
-        with self.lock:
-            if self.closed:
-                raise ModelUnloaded(self.spec.name)
-            yield from self._generate(tokens, sampling, load_duration)
-
-    def _generate(self, tokens: list[int], sampling: opts.SamplingParams, load_duration: int) -> Iterator[Output]:
-        t_start = time.perf_counter_ns()
-        n_ctx = self.ctx.n_ctx
-        reuse = min(_common_prefix(self._cached, tokens), len(tokens) - 1)
-        self.ctx.forget_from(reuse)
-        self._cached = self._cached[:reuse]
-        idx = self.ctx.decode(tokens[reuse:], reuse)
-        self._cached = list(tokens)
-        t_prompt = time.perf_counter_ns()
-        sampler = SamplerChain(self.model, sampling, n_ctx, tokens)
-        limit = sampling.num_predict if sampling.num_predict >= 0 else n_ctx
-        stops = StopMatcher(sampling.stop)
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        n_gen, reason = 0, "length"
-        generated: list[int] = []
-        pending_lp: list[TokenLogprob] = []
+        self.check_fits(len(tokens), n_ctx)
+        if self.closed:
+            raise ModelUnloaded(self.spec.name)
+        inbox: queue.Queue = queue.Queue()
+        req_id = self.runner.submit(tokens, sampling, inbox.put, load_duration, n_ctx)
+        done = False
         try:
-            while n_gen < limit:
-                if len(self._cached) >= n_ctx:
-                    break
-                tok = sampler.sample(self.ctx, idx)
-                if self.model.is_eog(tok):
-                    reason = "stop"
-                    break
-                n_gen += 1
-                generated.append(tok)
-                if sampling.logprobs is not None:
-                    pending_lp.append(self._logprob(idx, tok, sampling.logprobs))
-                text, hit = stops.feed(utf8.decode(self.model.piece(tok)))
-                if text:
-                    yield Output(text=text, logprobs=tuple(pending_lp))
-                    pending_lp = []
-                if hit:
-                    reason = "stop"
-                    break
-                if n_gen >= limit or len(self._cached) + 1 >= n_ctx:
-                    break
-                idx = self.ctx.decode([tok], len(self._cached))
-                self._cached.append(tok)
-            tail = stops.flush() + utf8.decode(b"", final=True)
-        except GeneratorExit:
-            raise
-        except BaseException:
-            self._cached = []  # interrupted inside llama_decode: the cache may not match what we recorded
-            raise
+            while not done:
+                item = inbox.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.done
+                yield item
         finally:
-            sampler.close()
-        t_end = time.perf_counter_ns()
-        stats = Stats(
-            prompt_eval_count=len(tokens),
-            prompt_eval_duration=t_prompt - t_start,
-            eval_count=n_gen,
-            eval_duration=t_end - t_prompt,
-            load_duration=load_duration,
-            total_duration=t_end - t_start + load_duration,
-            cached_prompt_tokens=reuse,
-        )
-        yield Output(text=tail, done=True, done_reason=reason, stats=stats, logprobs=tuple(pending_lp),
-                     context=tuple(tokens) + tuple(generated))
+            if not done:
+                self.runner.cancel(req_id)
 
     def _logprob(self, idx: int, token: int, top: int) -> TokenLogprob:
         """Log-softmax of the raw logits: the model's own distribution, before sampling settings."""
@@ -214,36 +188,39 @@ class LoadedModel:
 
     # -- embeddings ----------------------------------------------------------------------------------------
     def embed(self, texts: list[str], truncate: bool = True) -> tuple[list[list[float]], int]:
-        """L2-normalised mean-pooled embeddings (as sentence-transformers returns them) and the tokens used."""
-        with self.lock:
-            if self.closed:
-                raise ModelUnloaded(self.spec.name)
-            if self._embed_ctx is None:
-                n = min(self.load_params.num_ctx, self.model.n_ctx_train or self.load_params.num_ctx)
-                params = opts.LoadParams(num_ctx=n, num_batch=n, num_thread=self.load_params.num_thread)
-                self._embed_ctx = LlamaContext(self.model, params, embeddings=True, pooling=self.info.pooling)
-            out, used = [], 0
-            for text in texts:
-                toks = self.model.tokenize(text, add_special=True, parse_special=False)
-                if len(toks) > self._embed_ctx.n_batch:
-                    if not truncate:
-                        raise ContextOverflow(f"input is {len(toks)} tokens but the context holds "
-                                              f"{self._embed_ctx.n_batch}; shorten it or allow truncation")
-                    toks = toks[: self._embed_ctx.n_batch]
-                if not toks:
-                    raise InvalidInput("cannot embed an empty input")
-                vec = self._embed_ctx.embed(toks)
-                norm = float(np.linalg.norm(vec))
-                out.append((vec / norm if norm > 0 else vec).tolist())
-                used += len(toks)
-            return out, used
+        """L2-normalised pooled embeddings (as sentence-transformers returns them) and the tokens used."""
+        if self.closed:
+            raise ModelUnloaded(self.spec.name)
+        return self.runner.call(lambda: self._embed(texts, truncate))  # type: ignore[return-value]
+
+    def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+        if self._embed_ctx is None:
+            n = min(self.load_params.num_ctx, self.model.n_ctx_train or self.load_params.num_ctx)
+            params = opts.LoadParams(num_ctx=n, num_batch=n, num_thread=self.load_params.num_thread)
+            self._embed_ctx = LlamaContext(self.model, params, embeddings=True, pooling=self.info.pooling)
+        out, used = [], 0
+        for text in texts:
+            toks = self.model.tokenize(text, add_special=True, parse_special=False)
+            if len(toks) > self._embed_ctx.n_batch:
+                if not truncate:
+                    raise ContextOverflow(f"input is {len(toks)} tokens but the context holds "
+                                          f"{self._embed_ctx.n_batch}; shorten it or allow truncation")
+                toks = toks[: self._embed_ctx.n_batch]
+            if not toks:
+                raise InvalidInput("cannot embed an empty input")
+            vec = self._embed_ctx.embed(toks)
+            norm = float(np.linalg.norm(vec))
+            out.append((vec / norm if norm > 0 else vec).tolist())
+            used += len(toks)
+        return out, used
 
     def close(self) -> None:
-        """Free llama.cpp memory once the request in progress (if any) has finished."""
+        """Free llama.cpp memory once the requests in progress have finished."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+            self.runner.close(ModelUnloaded(self.spec.name))
             if self._embed_ctx is not None:
                 self._embed_ctx.close()
             self.ctx.close()

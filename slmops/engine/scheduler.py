@@ -33,6 +33,7 @@ class Seq:
     req_id: int
     prompt: list[int]
     max_new: int  # -1: until the context is full
+    n_ctx: int  # this request's context (its num_ctx), at most the slot's
     slot: int = -1
     state: State = State.WAITING
     n_past: int = 0  # tokens whose KV is in the slot
@@ -95,15 +96,17 @@ class Scheduler:
         self._ops: list[MemOp] = []
 
     # -- requests ------------------------------------------------------------------------------------------
-    def add(self, req_id: int, prompt: list[int], max_new: int = -1) -> None:
+    def add(self, req_id: int, prompt: list[int], max_new: int = -1, n_ctx: int | None = None) -> None:
+        """Queue a request; ``n_ctx`` (its num_ctx) may be smaller than a slot's, never larger."""
+        n_ctx = min(n_ctx or self.n_ctx_seq, self.n_ctx_seq)
         if not prompt:
             raise ContextOverflow("empty prompt")
-        if len(prompt) >= self.n_ctx_seq:
-            raise ContextOverflow(f"prompt is {len(prompt)} tokens but the context holds {self.n_ctx_seq} "
+        if len(prompt) >= n_ctx:
+            raise ContextOverflow(f"prompt is {len(prompt)} tokens but the context holds {n_ctx} "
                                   "(num_ctx); shorten the prompt or raise num_ctx")
-        if len(self.waiting) >= self.max_queue:
+        if len(self.waiting) >= self.max_queue + len(self.free_slots):  # a free slot takes it at the next step
             raise Busy(f"server busy: {self.max_queue} requests already wait; retry later")
-        self.waiting.append(Seq(req_id, list(prompt), max_new))
+        self.waiting.append(Seq(req_id, list(prompt), max_new, n_ctx))
 
     def cancel(self, req_id: int) -> Finished | None:
         for seq in list(self.waiting):
@@ -161,7 +164,7 @@ class Scheduler:
                 continue
             seq.generated.append(tok)
             at_limit = 0 <= seq.max_new <= len(seq.generated)
-            if at_limit or seq.n_past + 1 >= self.n_ctx_seq:
+            if at_limit or seq.n_past + 1 >= seq.n_ctx:
                 done.append(self.finish(seq.req_id, "length"))
         return [d for d in done if d is not None]
 

@@ -190,6 +190,9 @@ def _add_ops_routes(app: FastAPI) -> None:
         m.loaded_models.set(len(rt.loaded()))
         m.queue_depth.set(rt.queue_depth())
         m.in_flight.set(rt.in_flight())
+        for model in rt.engine.loaded():
+            m.batch_max.labels(model.spec.name).set(model.runner.max_batch)
+            m.parallel.labels(model.spec.name).set(model.n_parallel)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -28,6 +28,10 @@ class Metrics:
                               ["model"], buckets=_PER_TOKEN, registry=r)
         self.loaded_models = Gauge("slmops_loaded_models", "Models loaded now", registry=r)
         self.queue_depth = Gauge("slmops_queue_depth", "Requests waiting for a busy model", registry=r)
+        self.batch_max = Gauge("slmops_batch_max_sequences", "Most sequences decoded in one step, per loaded model",
+                               ["model"], registry=r)
+        self.parallel = Gauge("slmops_parallel_sequences", "Sequences a loaded model decodes together",
+                              ["model"], registry=r)
         self.in_flight = Gauge("slmops_requests_in_flight", "Model requests running or waiting", registry=r)
         self.cancelled = Counter("slmops_cancelled_generations", "Generations stopped because the client left",
                                  ["model"], registry=r)

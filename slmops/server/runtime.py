@@ -1,9 +1,10 @@
 """Model lifecycle for the server: load on first use, keep-alive expiry, queue bounds, and the bridge from the
 engine's blocking iterators to asyncio.
 
-All llama.cpp work runs on one engine thread: ggml's CPU threads belong to the thread that calls it, and a new
-calling thread per request would leave the previous team spinning on the same cores (measured: a 31-token prompt
-took 3 s instead of 30 ms). Pieces cross to the event loop through a queue. A client that goes away sets a cancel
+Generation runs on each model's batching runner thread; other llama.cpp work (loading, embeddings, tokenizing)
+runs on one engine thread. ggml's CPU threads belong to the thread that calls it, and a new calling thread per
+request left the previous team spinning on the same cores (measured: a 31-token prompt took 3 s instead of
+30 ms). Each request's pieces cross to the event loop through a queue. A client that goes away sets a cancel
 flag the worker checks between tokens, so its sequence is freed at once. Handlers depend
 on this class only through its methods; the batching runner of a later release plugs in behind the same ones.
 """
@@ -23,7 +24,7 @@ from slmops.engine.engine import Engine, Request, spec_from_store
 from slmops.engine.model import ModelSpec
 from slmops.engine.outputs import Output
 from slmops.store.store import Store
-from slmops.types.errors import Busy, InvalidInput, ModelNotFound
+from slmops.types.errors import InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
 
 _END = object()
@@ -53,14 +54,13 @@ class LoadedInfo:
 
 
 class ModelRuntime:
-    def __init__(self, store: Store, engine: Engine, keep_alive: float, max_queue: int,
+    def __init__(self, store: Store, engine: Engine, keep_alive: float,
                  clock: Callable[[], float] = time.time, on_generation: Callable[..., None] | None = None):
         self.on_generation = on_generation
         self.on_cancel: Callable[[str], None] | None = None
         self.store = store
         self.engine = engine
         self.default_keep_alive = keep_alive
-        self.max_queue = max_queue
         self.clock = clock
         self._expiry: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
@@ -82,14 +82,13 @@ class ModelRuntime:
 
     # -- requests ------------------------------------------------------------------------------------------
     def queue_depth(self) -> int:
-        return sum(max(0, n - 1) for n in self._in_flight.values())
+        return sum(len(m.runner.scheduler.waiting) for m in self.engine.loaded())
 
     def in_flight(self) -> int:
         return sum(self._in_flight.values())
 
     def _enter(self, name: str) -> None:
-        if self._in_flight.get(name, 0) > self.max_queue:
-            raise Busy(f'server busy: {self.max_queue} requests already wait for "{name}"; retry later')
+        """Count the request; the model's scheduler bounds how many may wait (503 beyond)."""
         self._in_flight[name] = self._in_flight.get(name, 0) + 1
 
     def _leave(self, name: str, keep_alive: float) -> None:
@@ -132,7 +131,7 @@ class ModelRuntime:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
-        self._engine_thread.submit(worker)
+        threading.Thread(target=worker, name="request", daemon=True).start()
         item: Any = None
         t0, ttft = time.perf_counter(), None
         try:
@@ -184,7 +183,8 @@ class ModelRuntime:
             if m.spec.name in self._unloading:
                 continue
             size = m.spec.model_path.stat().st_size if m.spec.model_path.exists() else 0
-            out.append(LoadedInfo(m.spec.name, m.spec, self._expiry.get(m.spec.name, math.inf), m.ctx.n_ctx, size))
+            out.append(LoadedInfo(m.spec.name, m.spec, self._expiry.get(m.spec.name, math.inf),
+                                  m.load_params.num_ctx, size))
         return out
 
     async def reap_once(self) -> None:

@@ -1,0 +1,220 @@
+"""Continuous batching on llama.cpp: one thread per loaded model runs scheduler steps over a shared context.
+
+Requests join and leave between decode steps. Each has its own C sampler chain, UTF-8 decoder and stop matcher;
+the scheduler (pure) decides what each step decodes, this class performs it. All llama.cpp calls for generation
+happen on this one thread, so ggml's worker threads stay with one caller.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
+from slmops.engine.outputs import Output, Stats, TokenLogprob
+from slmops.engine.prefix_cache import PrefixCache
+from slmops.engine.scheduler import Batch, Finished, Scheduler
+from slmops.engine.stops import StopMatcher
+from slmops.types.errors import SlmopsError
+from slmops.types.options import SamplingParams
+
+Emit = Callable[[object], None]  # receives Output pieces, then a final Output or an exception
+
+
+@dataclass
+class _Request:
+    req_id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    emit: Emit
+    load_duration: int
+    n_ctx: int | None = None
+    sampler: SamplerChain | None = None
+    stops: StopMatcher = field(init=False)
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    t_start: int = field(default_factory=time.perf_counter_ns)
+    t_first: int = 0
+    generated: list[int] = field(default_factory=list)
+    pending_lp: list[TokenLogprob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stops = StopMatcher(self.sampling.stop)
+
+
+class BatchRunner:
+    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_parallel: int, n_ctx_seq: int,
+                 cache_budget: int, logprob: Callable[[int, int, int], TokenLogprob], token_budget: int = 512,
+                 max_queue: int = 512):
+        self.model = model
+        self.ctx = ctx
+        cache = PrefixCache(list(range(n_parallel, n_parallel * 2)), cache_budget) if cache_budget > 0 else None
+        self.scheduler = Scheduler(n_parallel, n_ctx_seq, min(token_budget, ctx.n_batch), max_queue=max_queue,
+                                   cache=cache)
+        self._logprob = logprob
+        self._inbox: queue.Queue = queue.Queue()
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._closing: BaseException | None = None
+        self.cached_tokens = 0
+        self.steps = 0
+        self.max_batch = 0  # most sequences decoded in one step so far
+        self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ----------------------------------------------------------------------------
+    def submit(self, prompt: list[int], sampling: SamplingParams, emit: Emit, load_duration: int = 0,
+               n_ctx: int | None = None) -> int:
+        req_id = next(self._ids)
+        self._inbox.put(("add", _Request(req_id, prompt, sampling, emit, load_duration, n_ctx)))
+        return req_id
+
+    def cancel(self, req_id: int) -> None:
+        self._inbox.put(("cancel", req_id))
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run ``fn`` on the runner thread between steps (other llama.cpp compute for this model, such as
+        embeddings, so ggml's worker threads keep a single caller) and return its result."""
+        if self._closing is not None:
+            raise self._closing
+        done: "queue.Queue" = queue.Queue(maxsize=1)
+        self._inbox.put(("job", (fn, done)))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self, error: BaseException) -> None:
+        """Let running requests finish, refuse new ones with ``error``, then stop the loop."""
+        self._inbox.put(("close", error))
+        self._thread.join()
+
+    # -- the runner thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            block = self.scheduler.idle and self._closing is None
+            try:
+                while True:
+                    self._handle(*self._inbox.get(block=block))
+                    block = False
+            except queue.Empty:
+                pass
+            if self._closing is not None and self.scheduler.idle:
+                break
+            batch = self.scheduler.schedule()
+            if batch:
+                try:
+                    self._step(batch)
+                except Exception as err:  # a failed decode fails the requests in it, never the thread
+                    for item in batch.items:
+                        self._fail(item.req_id, err)
+
+    def _handle(self, kind: str, arg) -> None:
+        if kind == "add" and self._closing is not None:
+            arg.emit(self._closing)
+        elif kind == "add":
+            try:
+                self.scheduler.add(arg.req_id, arg.prompt, arg.sampling.num_predict
+                                   if arg.sampling.num_predict >= 0 else -1, arg.n_ctx)
+                arg.sampler = SamplerChain(self.model, arg.sampling, arg.n_ctx or self.scheduler.n_ctx_seq, arg.prompt)
+                self._requests[arg.req_id] = arg
+            except BaseException as err:
+                self.scheduler.cancel(arg.req_id)
+                arg.emit(err)
+        elif kind == "job":
+            fn, done = arg
+            try:
+                done.put((True, fn()))
+            except BaseException as err:
+                done.put((False, err))
+        elif kind == "cancel":
+            if self.scheduler.cancel(arg) is not None:
+                self._drop(arg)
+        elif kind == "close":
+            self._closing = arg  # finish what runs, refuse what comes
+
+    def _step(self, batch: Batch) -> None:
+        for op in batch.ops:
+            if op.kind == "copy":
+                self.ctx.seq_copy(op.src, op.dst, op.n)
+            else:
+                self.ctx.seq_drop(op.src)
+        if not batch.items:
+            return
+        self.steps += 1
+        self.max_batch = max(self.max_batch, len(batch.items))
+        tokens = np.fromiter((t for i in batch.items for t in i.tokens), dtype=np.int32)
+        pos = np.concatenate([np.arange(i.pos0, i.pos0 + len(i.tokens), dtype=np.int32) for i in batch.items])
+        seqs = np.concatenate([np.full(len(i.tokens), i.slot, dtype=np.int32) for i in batch.items])
+        want = np.zeros(len(tokens), dtype=np.int8)
+        ends = np.cumsum([len(i.tokens) for i in batch.items]) - 1
+        for end, item in zip(ends, batch.items):
+            want[end] = 1 if item.sample else 0
+        self.ctx.decode_batch(tokens, pos, seqs, want)
+        sampled: dict[int, int] = {}
+        finished: list[Finished] = []
+        for end, item in zip(ends, batch.items):
+            req = self._requests.get(item.req_id)
+            if not item.sample or req is None:
+                continue
+            tok = req.sampler.sample(self.ctx, int(end))
+            if self._on_token(req, tok, int(end)):
+                done = self.scheduler.finish(req.req_id, "stop")
+                if done:
+                    finished.append(done)
+            else:
+                sampled[req.req_id] = tok
+        finished += self.scheduler.update(batch, sampled)
+        for f in finished:
+            self._complete(f)
+
+    def _on_token(self, req: _Request, tok: int, idx: int) -> bool:
+        """Stream ``tok`` to its request; True when it ends the generation (end of turn or a stop string)."""
+        if not req.t_first:
+            req.t_first = time.perf_counter_ns()
+            seq = self.scheduler.running.get(req.req_id)
+            if seq is not None:
+                self.cached_tokens += seq.cached
+                req.cached = seq.cached  # type: ignore[attr-defined]
+        if self.model.is_eog(tok):
+            return True
+        req.generated.append(tok)
+        if req.sampling.logprobs is not None:
+            req.pending_lp.append(self._logprob(idx, tok, req.sampling.logprobs))
+        text, hit = req.stops.feed(req.utf8.decode(self.model.piece(tok)))
+        if text:
+            req.emit(Output(text=text, logprobs=tuple(req.pending_lp)))
+            req.pending_lp = []
+        return hit
+
+    def _complete(self, f: Finished) -> None:
+        req = self._drop(f.req_id)
+        if req is None:
+            return
+        now = time.perf_counter_ns()
+        first = req.t_first or now
+        stats = Stats(prompt_eval_count=len(req.prompt), prompt_eval_duration=first - req.t_start,
+                      eval_count=len(req.generated), eval_duration=now - first, load_duration=req.load_duration,
+                      total_duration=now - req.t_start + req.load_duration,
+                      cached_prompt_tokens=getattr(req, "cached", 0))
+        tail = req.stops.flush() + req.utf8.decode(b"", final=True)
+        req.emit(Output(text=tail, done=True, done_reason="stop" if f.reason == "stop" else "length", stats=stats,
+                        logprobs=tuple(req.pending_lp), context=tuple(req.prompt) + tuple(req.generated)))
+
+    def _fail(self, req_id: int, err: BaseException) -> None:
+        self.scheduler.cancel(req_id)
+        req = self._drop(req_id)
+        if req is not None:
+            req.emit(err if isinstance(err, (SlmopsError, Exception)) else RuntimeError(str(err)))
+
+    def _drop(self, req_id: int) -> _Request | None:
+        req = self._requests.pop(req_id, None)
+        if req is not None and req.sampler is not None:
+            req.sampler.close()
+        return req
