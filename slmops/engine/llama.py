@@ -156,26 +156,6 @@ class LlamaContext:
         if lc.llama_set_adapters_lora(self.ptr, arr, len(adapters), scales) != 0:
             raise EngineError("llama.cpp could not apply the LoRA adapters")
 
-    def decode(self, tokens: list[int], pos0: int) -> int:
-        """Feed ``tokens`` (sequence 0) at positions ``pos0...``; returns the batch index of the last logits."""
-        if pos0 + len(tokens) > self.n_ctx:
-            raise InvalidInput(f"context of {self.n_ctx} tokens is full")
-        last = -1
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            n = len(chunk)
-            self._tokens[:n] = chunk
-            self._pos[:n] = np.arange(pos0 + start, pos0 + start + n, dtype=np.int32)
-            self._seq[:n] = 0
-            self._logits[:n] = 0
-            self._logits[n - 1] = 1
-            self._batch.n_tokens = n
-            rc = lc.llama_decode(self.ptr, self._batch)
-            if rc != 0:
-                raise EngineError(f"llama_decode failed with code {rc}")
-            last = n - 1
-        return last
-
     def decode_batch(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, want: np.ndarray) -> None:
         """One ``llama_decode`` over tokens of several sequences (at most ``n_batch``)."""
         n = len(tokens)
@@ -217,10 +197,6 @@ class LlamaContext:
         if not ptr:
             raise EngineError("this model produced no pooled embedding")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
-
-    def forget_from(self, pos: int) -> None:
-        """Drop KV cells of sequence 0 at ``pos`` and after, keeping the prefix for reuse."""
-        lc.llama_memory_seq_rm(self.mem, 0, pos, -1)
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.mem, True)

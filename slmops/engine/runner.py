@@ -22,7 +22,6 @@ from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.engine.prefix_cache import PrefixCache
 from slmops.engine.scheduler import Batch, Finished, Scheduler
 from slmops.engine.stops import StopMatcher
-from slmops.types.errors import SlmopsError
 from slmops.types.options import SamplingParams
 
 Emit = Callable[[object], None]  # receives Output pieces, then a final Output or an exception
@@ -41,6 +40,7 @@ class _Request:
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     t_start: int = field(default_factory=time.perf_counter_ns)
     t_first: int = 0
+    cached: int = 0  # prompt tokens served from the prefix cache
     generated: list[int] = field(default_factory=list)
     pending_lp: list[TokenLogprob] = field(default_factory=list)
 
@@ -62,7 +62,6 @@ class BatchRunner:
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._closing: BaseException | None = None
-        self.cached_tokens = 0
         self.steps = 0
         self.max_batch = 0  # most sequences decoded in one step so far
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
@@ -180,8 +179,7 @@ class BatchRunner:
             req.t_first = time.perf_counter_ns()
             seq = self.scheduler.running.get(req.req_id)
             if seq is not None:
-                self.cached_tokens += seq.cached
-                req.cached = seq.cached  # type: ignore[attr-defined]
+                req.cached = seq.cached
         if self.model.is_eog(tok):
             return True
         req.generated.append(tok)
@@ -202,7 +200,7 @@ class BatchRunner:
         stats = Stats(prompt_eval_count=len(req.prompt), prompt_eval_duration=first - req.t_start,
                       eval_count=len(req.generated), eval_duration=now - first, load_duration=req.load_duration,
                       total_duration=now - req.t_start + req.load_duration,
-                      cached_prompt_tokens=getattr(req, "cached", 0))
+                      cached_prompt_tokens=req.cached)
         tail = req.stops.flush() + req.utf8.decode(b"", final=True)
         req.emit(Output(text=tail, done=True, done_reason="stop" if f.reason == "stop" else "length", stats=stats,
                         logprobs=tuple(req.pending_lp), context=tuple(req.prompt) + tuple(req.generated)))
@@ -211,7 +209,7 @@ class BatchRunner:
         self.scheduler.cancel(req_id)
         req = self._drop(req_id)
         if req is not None:
-            req.emit(err if isinstance(err, (SlmopsError, Exception)) else RuntimeError(str(err)))
+            req.emit(err if isinstance(err, Exception) else RuntimeError(str(err)))
 
     def _drop(self, req_id: int) -> _Request | None:
         req = self._requests.pop(req_id, None)
