@@ -1,0 +1,246 @@
+"""Serving benchmark: `slmops serve` against llama.cpp's `llama-server` (and `llama_cpp.server` for S1/S2),
+same GGUF, same threads, all on loopback, scenarios run against each server in turn. Prints ratios (ours/peer),
+writes JSON and a PNG chart.
+
+    python bench/serve_bench.py --rounds 3          # needs: bash bench/build_peer.sh, matplotlib
+
+S1 one client, sequential requests: tokens/s      S2 8 concurrent clients: aggregate tokens/s, p95 inter-token
+S3 8 clients sharing two ~1k-token system prompts, 3 turns each: mean time to first token
+S4 cold start (process start to first token)      S5 peak RSS of the server process tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+N_TOKENS = 96
+# llama-server closes idle connections after 5 s; a new connection per request keeps both peers on equal terms
+NO_KEEPALIVE = httpx.Limits(max_keepalive_connections=0)
+PROMPTS = [f"Write a story about a {w} who learns to sail." for w in
+           ("fox", "robot", "baker", "whale", "child", "painter", "pilot", "gardener")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Peer:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, model: str):
+        self.name, self.cmd, self.env, self.port, self.model = name, cmd, env, port, model
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.peak_rss = 0
+
+    def start(self) -> float:
+        """Start, then time until the first generated token arrives (S4)."""
+        t0 = time.perf_counter()
+        log = (HERE / "out" / f"{self.name}.log")
+        log.parent.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT)
+        while True:
+            try:
+                r = httpx.post(self.url + "/v1/completions", json={"model": self.model, "prompt": "Hello",
+                                                                    "max_tokens": 1}, timeout=5)
+                if r.status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start")
+            time.sleep(0.05)
+
+    def sample_rss(self) -> None:
+        try:
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+            self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs))
+        except psutil.Error:
+            pass
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def stream_completion(client: httpx.AsyncClient, peer: Peer, body: dict, chat: bool) -> dict:
+    """One streamed request: time to first token, inter-token gaps, tokens received."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    t0 = time.perf_counter()
+    times = []
+    async with client.stream("POST", peer.url + path, json={**body, "model": peer.model, "stream": True}) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                data = json.loads(line[6:])
+                choice = (data.get("choices") or [{}])[0]
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if text:
+                    times.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"ttft": (times[0] - t0) if times else None, "gaps": gaps, "tokens": len(times),
+            "elapsed": time.perf_counter() - t0}
+
+
+async def s1(peer: Peer) -> dict:
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
+        t0, toks = time.perf_counter(), 0
+        for p in PROMPTS[:4]:
+            r = await c.post(peer.url + "/v1/completions", json={"model": peer.model, "prompt": p,
+                                                                  "max_tokens": N_TOKENS, "temperature": 0})
+            toks += r.json()["usage"]["completion_tokens"]
+        return {"tokens_per_s": toks / (time.perf_counter() - t0)}
+
+
+async def s2(peer: Peer) -> dict:
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
+        t0 = time.perf_counter()
+        body = {"max_tokens": N_TOKENS, "temperature": 0}
+        runs = await asyncio.gather(*[stream_completion(c, peer, {**body, "prompt": p}, False) for p in PROMPTS])
+        elapsed = time.perf_counter() - t0
+        peer.sample_rss()
+        gaps = sorted(g for r in runs for g in r["gaps"])
+        return {"tokens_per_s": sum(r["tokens"] for r in runs) / elapsed,
+                "p95_inter_token_s": gaps[int(0.95 * (len(gaps) - 1))] if gaps else None}
+
+
+async def s3(peer: Peer) -> dict:
+    systems = [("You are a careful assistant for a shipping company. " * 70),
+               ("You are a helpful tutor who explains mathematics step by step. " * 60)]
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
+        async def client(i: int) -> list[float]:
+            history = [{"role": "system", "content": systems[i % 2]}]
+            ttfts = []
+            for turn in range(3):
+                history.append({"role": "user", "content": f"Question {turn} from client {i}: what should I do?"})
+                r = await stream_completion(c, peer, {"messages": history, "max_tokens": 24, "temperature": 0}, True)
+                ttfts.append(r["ttft"])
+                history.append({"role": "assistant", "content": "Noted."})
+            return ttfts
+        all_ttfts = await asyncio.gather(*[client(i) for i in range(8)])
+        peer.sample_rss()
+        return {"mean_ttft_s": statistics.mean(t for ts in all_ttfts for t in ts if t is not None)}
+
+
+SCENARIOS = {"S1": s1, "S2": s2, "S3": s3}
+
+
+def peers(model_path: str, threads: int, parallel: int, home: str, with_python: bool) -> list[Peer]:
+    llama_server = subprocess.run(["bash", str(HERE / "build_peer.sh")], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    out = [
+        Peer("slmops", [str(Path(sys.executable).parent / "slmops"), "serve"],
+             {"SLMOPS_HOME": home, "SLMOPS_HOST": f"127.0.0.1:{p1}", "SLMOPS_NUM_PARALLEL": str(parallel),
+              "SLMOPS_NUM_THREADS": str(threads)}, p1, "smollm2:135m"),
+        Peer("llama-server", [str(HERE / llama_server), "-m", model_path, "-t", str(threads), "-np", str(parallel),
+                              "-c", str(4096 * parallel), "--threads-http", str(4 * parallel), "--port", str(p2),
+                              "--host", "127.0.0.1"], {}, p2, "m"),
+    ]
+    if with_python:
+        out.append(Peer("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", model_path,
+                                             "--n_threads", str(threads), "--port", str(p3), "--n_ctx", "4096",
+                                             "--interrupt_requests", "False"],
+                        {}, p3, "m"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 2)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--scenarios", default="S1,S2,S3")
+    ap.add_argument("--python-server", action="store_true", help="also run llama_cpp.server for S1/S2")
+    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--report-only", action="store_true", help="redraw the table and chart from the last JSON")
+    args = ap.parse_args()
+    if args.report_only:
+        return report(json.loads((Path(args.out) / "serve_bench.json").read_text()), Path(args.out))
+    sys.path.insert(0, str(ROOT))
+    import slmops
+    home = os.environ.get("SLMOPS_HOME", str(Path.home() / ".slmops"))
+    store = slmops.open_store(home)
+    name = slmops.ModelName.parse("smollm2:135m")
+    if not store.exists(name):
+        store.pull(name)
+    model_path = str(store.model_path(name))
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(False),
+                                 "threads": args.threads, "parallel": args.parallel}, "runs": {}}
+    all_peers = peers(model_path, args.threads, args.parallel, home, args.python_server)
+    wanted = args.scenarios.split(",")
+    for rnd in range(args.rounds):  # peers alternate within each round, so drift hits both alike
+        for peer in all_peers:
+            r = results["runs"].setdefault(peer.name, {})
+            cold = peer.start()
+            r.setdefault("S4_cold_start_s", []).append(cold)
+            try:
+                for sc in wanted:
+                    if peer.name == "llama_cpp.server" and sc == "S3":
+                        continue
+                    out = asyncio.run(SCENARIOS[sc](peer))
+                    for k, v in out.items():
+                        r.setdefault(f"{sc}_{k}", []).append(v)
+                r.setdefault("S5_peak_rss_mb", []).append(peer.peak_rss / 1e6)
+            finally:
+                peer.stop()
+            print(f"round {rnd + 1} {peer.name}: done", flush=True)
+    report(results, Path(args.out))
+
+
+def report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    med = {p: {k: statistics.median(v) for k, v in r.items() if all(x is not None for x in v)}
+           for p, r in results["runs"].items()}
+    results["medians"] = med
+    ours = med["slmops"]
+    lines = [f"| metric | slmops | {' | '.join(p for p in med if p != 'slmops')} | ratio vs llama-server |",
+             "|---|---|" + "---|" * (len(med) - 1) + "---|"]
+    for key in ours:
+        peer_vals = [med[p].get(key) for p in med if p != "slmops"]
+        ls = med.get("llama-server", {}).get(key)
+        ratio = f"{ours[key] / ls:.2f}" if ls else ""
+        lines.append(f"| {key} | {ours[key]:.3f} | " + " | ".join(f"{v:.3f}" if v is not None else "-"
+                                                              for v in peer_vals) + f" | {ratio} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "serve_bench.json").write_text(json.dumps(results, indent=2))
+    (out / "serve_bench.md").write_text(table + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = [k for k in ours if med.get("llama-server", {}).get(k)]
+        ratios = [ours[k] / med["llama-server"][k] for k in keys]
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        better = [(r >= 1) if k.endswith("tokens_per_s") else (r <= 1) for k, r in zip(keys, ratios)]
+        ax.barh(keys, ratios, color=["#3a7" if b else "#c54" for b in better])
+        ax.axvline(1.0, color="black", lw=1)
+        ax.set_xlabel("slmops / llama-server (green: slmops better; tokens/s higher is better, the rest lower)")
+        fig.tight_layout()
+        fig.savefig(out / "serve_bench.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
