@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from slmops.store.catalog import Catalog
@@ -19,6 +20,8 @@ from slmops.store.store import Store
 from slmops.types.name import ModelName
 
 DEFAULT = ModelName.parse("smollm2:135m")
+# Generous timeouts: a request may have to load a model first, and CI machines are busy.
+HTTP = httpx.Client(timeout=120)
 CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmops-tests"))
 BIN = Path(sys.executable).parent / "slmops"
 

@@ -2,10 +2,9 @@
 
 import concurrent.futures as cf
 
-import httpx
 import pytest
 
-from conftest import Server, link_home
+from conftest import HTTP, Server, link_home
 from test_server_http import metric
 
 M = "smollm2:135m"
@@ -19,7 +18,7 @@ def batch_server(shared_home, tmp_path_factory):
 
 
 def generate(url: str, prompt: str, n: int = 24, **extra):
-    r = httpx.post(url + "/api/generate", json={"model": M, "prompt": prompt, "stream": False,
+    r = HTTP.post(url + "/api/generate", json={"model": M, "prompt": prompt, "stream": False,
                                                   "options": {"temperature": 0, "num_predict": n, **extra}},
                    timeout=300)
     assert r.status_code == 200, r.text
@@ -51,7 +50,7 @@ def test_shared_system_prompt_is_reused_across_requests(batch_server):
     system = "You are a meticulous assistant. " * 40  # a long shared system prompt
     before = metric(batch_server.url, "slmops_cached_prompt_tokens_total", f'{{model="{M}"}}')
     for question in ("What is 2+2?", "Name a color.", "Say hello."):
-        r = httpx.post(batch_server.url + "/api/chat", json={
+        r = HTTP.post(batch_server.url + "/api/chat", json={
             "model": M, "stream": False, "options": {"num_predict": 4},
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]})
         assert r.status_code == 200

@@ -8,7 +8,7 @@ import time
 import httpx
 import pexpect
 
-from conftest import BIN, run_cli
+from conftest import HTTP, BIN, run_cli
 
 
 def one_line_error(proc, text):
@@ -142,12 +142,12 @@ def test_serve_ps_and_busy_port(cli_home):
     try:
         for _ in range(100):
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/api/version", timeout=1)
+                r = HTTP.get(f"http://127.0.0.1:{port}/api/version", timeout=1)
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
         assert r.json()["version"]
-        tags = httpx.get(f"http://127.0.0.1:{port}/api/tags").json()
+        tags = HTTP.get(f"http://127.0.0.1:{port}/api/tags").json()
         assert [m["name"] for m in tags["models"]] == ["smollm2:135m"]
         p = run_cli("ps", home=cli_home, SLMOPS_HOST=f"127.0.0.1:{port}")
         assert p.returncode == 0 and p.stdout.split() == ["NAME", "ID", "SIZE", "CONTEXT", "UNTIL"]

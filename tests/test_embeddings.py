@@ -1,13 +1,12 @@
 """The real sentence-embedding model: all-MiniLM-L6-v2 converted to GGUF at pull time with llama.cpp's converter,
 checked against its pinned digest, served by a real server."""
 
-import httpx
 import numpy as np
 import ollama
 import openai
 import pytest
 
-from conftest import CACHE, Server, link_home
+from conftest import HTTP, CACHE, Server, link_home
 from slmops.store.store import Store
 from slmops.types.name import ModelName
 
@@ -53,7 +52,7 @@ def test_paraphrases_score_higher_than_unrelated(minilm_server):
 
 
 def test_embedding_model_refuses_generation(minilm_server):
-    r = httpx.post(minilm_server.url + "/api/generate", json={"model": "all-minilm:l6-v2", "prompt": "hi"})
+    r = HTTP.post(minilm_server.url + "/api/generate", json={"model": "all-minilm:l6-v2", "prompt": "hi"})
     assert r.status_code == 400 and "embedding model" in r.json()["error"]
     info = ollama.Client(host=minilm_server.url).show("all-minilm:l6-v2")
     assert info.capabilities == ["embedding"]
@@ -61,9 +60,9 @@ def test_embedding_model_refuses_generation(minilm_server):
 
 def test_long_input_truncates_or_errors(minilm_server):
     long = "word " * 2000
-    ok = httpx.post(minilm_server.url + "/api/embed", json={"model": "all-minilm:l6-v2", "input": long})
+    ok = HTTP.post(minilm_server.url + "/api/embed", json={"model": "all-minilm:l6-v2", "input": long})
     assert ok.status_code == 200 and ok.json()["prompt_eval_count"] == 512
-    bad = httpx.post(minilm_server.url + "/api/embed", json={"model": "all-minilm:l6-v2", "input": long,
+    bad = HTTP.post(minilm_server.url + "/api/embed", json={"model": "all-minilm:l6-v2", "input": long,
                                                               "truncate": False})
     assert bad.status_code == 400 and "shorten it or allow truncation" in bad.json()["error"]
 

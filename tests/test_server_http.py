@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import BIN, Server, link_home
+from conftest import HTTP, BIN, Server, link_home
 
 M = "smollm2:135m"
 # Greedy counting goes on until the token limit: a generation that is certain to still be running.
@@ -18,19 +18,19 @@ ENDLESS = {"model": M, "prompt": "1, 2, 3, 4, 5,", "raw": True,
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(url + "/metrics").text
+    text = HTTP.get(url + "/metrics").text
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/show"])
 def test_malformed_json_is_400_ollama_shape(server, path):
-    r = httpx.post(server.url + path, content=b'{"model": ')
+    r = HTTP.post(server.url + path, content=b'{"model": ')
     assert r.status_code == 400 and r.json() == {"error": "invalid JSON in request body"}
 
 
 def test_malformed_json_is_400_openai_shape(server):
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"[1, 2")
+    r = HTTP.post(server.url + "/v1/chat/completions", content=b"[1, 2")
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error" and "JSON" in r.json()["error"]["message"]
 
@@ -43,58 +43,58 @@ def test_malformed_json_is_400_openai_shape(server):
 ])
 def test_wrong_types_name_the_field(server, body, field):
     path = "/api/chat" if "messages" in body else "/api/generate"
-    r = httpx.post(server.url + path, json=body)
+    r = HTTP.post(server.url + path, json=body)
     assert r.status_code == 400 and field in r.json()["error"]
 
 
 def test_unknown_fields_are_ignored_and_form_content_type_accepted(server):
-    r = httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False,
+    r = HTTP.post(server.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False,
                                                         "bogus": {"x": 1}, "options": {"num_predict": 2}})
     assert r.status_code == 200 and r.json()["done"]
-    r = httpx.post(server.url + "/api/generate", content=json.dumps({"model": M, "prompt": "hi", "stream": False,
+    r = HTTP.post(server.url + "/api/generate", content=json.dumps({"model": M, "prompt": "hi", "stream": False,
                                                                       "options": {"num_predict": 1}}),
                    headers={"Content-Type": "application/x-www-form-urlencoded"})  # what `curl -d` sends
     assert r.status_code == 200
 
 
 def test_unknown_route_and_method(server):
-    r = httpx.get(server.url + "/api/nope")
+    r = HTTP.get(server.url + "/api/nope")
     assert r.status_code == 404 and r.json() == {"error": "not found"}
-    r = httpx.get(server.url + "/api/chat")
+    r = HTTP.get(server.url + "/api/chat")
     assert r.status_code == 405
-    r = httpx.get(server.url + "/v1/nope")
+    r = HTTP.get(server.url + "/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["message"] == "not found"
 
 
 def test_oversized_body_is_413(shared_home, tmp_path):
     s = Server(link_home(shared_home, tmp_path / "h"), SLMOPS_MAX_REQUEST_BYTES="1000")
     try:
-        r = httpx.post(s.url + "/api/generate", json={"model": M, "prompt": "x" * 2000})
+        r = HTTP.post(s.url + "/api/generate", json={"model": M, "prompt": "x" * 2000})
         assert r.status_code == 413 and "larger than 1000 bytes" in r.json()["error"]
 
         def chunks():
             for _ in range(5):
                 yield b" " * 400
-        r = httpx.post(s.url + "/v1/chat/completions", content=chunks())  # no Content-Length
+        r = HTTP.post(s.url + "/v1/chat/completions", content=chunks())  # no Content-Length
         assert r.status_code == 413 and "larger than 1000" in r.json()["error"]["message"]
-        ok = httpx.post(s.url + "/api/show", json={"model": M})
+        ok = HTTP.post(s.url + "/api/show", json={"model": M})
         assert ok.status_code == 200
     finally:
         s.stop()
 
 
 def test_dns_rebinding_host_is_refused(server):
-    r = httpx.get(server.url + "/api/tags", headers={"Host": "attacker.example:11434"})
+    r = HTTP.get(server.url + "/api/tags", headers={"Host": "attacker.example:11434"})
     assert r.status_code == 403 and "host not allowed" in r.json()["error"]
     for host in ("localhost:11434", "127.0.0.1", "[::1]:11434", "app.localhost"):
-        assert httpx.get(server.url + "/api/tags", headers={"Host": host}).status_code == 200
+        assert HTTP.get(server.url + "/api/tags", headers={"Host": host}).status_code == 200
 
 
 def test_cors_allows_local_origins_only(server):
-    ok = httpx.options(server.url + "/api/chat", headers={"Origin": "http://localhost:3000",
+    ok = HTTP.options(server.url + "/api/chat", headers={"Origin": "http://localhost:3000",
                                                           "Access-Control-Request-Method": "POST"})
     assert ok.headers.get("access-control-allow-origin") == "http://localhost:3000"
-    bad = httpx.options(server.url + "/api/chat", headers={"Origin": "https://evil.example",
+    bad = HTTP.options(server.url + "/api/chat", headers={"Origin": "https://evil.example",
                                                            "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in bad.headers
 
@@ -102,22 +102,22 @@ def test_cors_allows_local_origins_only(server):
 def test_cors_origins_setting(shared_home, tmp_path):
     s = Server(link_home(shared_home, tmp_path / "h"), SLMOPS_ORIGINS="https://app.example.com")
     try:
-        r = httpx.get(s.url + "/api/tags", headers={"Origin": "https://app.example.com"})
+        r = HTTP.get(s.url + "/api/tags", headers={"Origin": "https://app.example.com"})
         assert r.headers.get("access-control-allow-origin") == "https://app.example.com"
     finally:
         s.stop()
 
 
 def test_health_ready_openapi_and_metrics(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
-    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert HTTP.get(server.url + "/health").json() == {"status": "ok"}
+    assert HTTP.get(server.url + "/ready").json() == {"status": "ready"}
+    paths = HTTP.get(server.url + "/openapi.json").json()["paths"]
     for p in ("/api/generate", "/api/chat", "/api/embed", "/api/tokenize", "/v1/chat/completions", "/v1/models"):
         assert p in paths
     before = metric(server.url, "slmops_completion_tokens_total", f'{{model="{M}"}}')
-    httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False,
+    HTTP.post(server.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False,
                                                     "options": {"num_predict": 3, "temperature": 0}})
-    text = httpx.get(server.url + "/metrics").text
+    text = HTTP.get(server.url + "/metrics").text
     after = metric(server.url, "slmops_completion_tokens_total", f'{{model="{M}"}}')
     assert after - before >= 1
     for name in ("slmops_requests_total", "slmops_request_duration_seconds_bucket", "slmops_prompt_tokens_total",
@@ -138,7 +138,7 @@ def test_client_disconnect_stops_generation(server):
         time.sleep(0.2)
     assert metric(server.url, "slmops_requests_in_flight") == 0
     assert metric(server.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}') == cancelled + 1
-    r = httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False,
+    r = HTTP.post(server.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False,
                                                         "options": {"num_predict": 2}})
     assert r.status_code == 200
 
@@ -149,9 +149,9 @@ def test_full_queue_is_503(shared_home, tmp_path):
         with httpx.stream("POST", s.url + "/api/generate", json=ENDLESS, timeout=120) as r:
             lines = r.iter_lines()  # kept referenced: a collected iterator closes the connection
             assert json.loads(next(lines))["done"] is False
-            busy = httpx.post(s.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False})
+            busy = HTTP.post(s.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False})
             assert busy.status_code == 503 and "busy" in busy.json()["error"], busy.text
-            busy = httpx.post(s.url + "/v1/chat/completions",
+            busy = HTTP.post(s.url + "/v1/chat/completions",
                               json={"model": M, "messages": [{"role": "user", "content": "hi"}]})
             assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_error"
     finally:
@@ -177,14 +177,14 @@ def test_schemathesis_finds_no_server_errors(shared_home, tmp_path):
 
 def test_least_recently_used_model_is_evicted(shared_home, tmp_path):
     home = link_home(shared_home, tmp_path / "h")
-    s = Server(home, SLMOPS_MAX_LOADED_MODELS="1")
+    s = Server(home, SLMOPS_MAX_LOADED_MODELS="1", SLMOPS_NUM_PARALLEL="1")
     try:
-        assert httpx.post(s.url + "/api/copy", json={"source": M, "destination": "other"}).status_code == 200
+        assert HTTP.post(s.url + "/api/copy", json={"source": M, "destination": "other"}).status_code == 200
         for name in (M, "other:latest"):
-            r = httpx.post(s.url + "/api/generate", json={"model": name, "prompt": "hi", "stream": False,
-                                                           "options": {"num_predict": 1}})
+            r = HTTP.post(s.url + "/api/generate", json={"model": name, "prompt": "hi", "stream": False,
+                                                           "options": {"num_predict": 1}}, timeout=120)
             assert r.status_code == 200
-            assert [m["name"] for m in httpx.get(s.url + "/api/ps").json()["models"]] == [name]
+            assert [m["name"] for m in HTTP.get(s.url + "/api/ps").json()["models"]] == [name]
     finally:
         s.stop()
 
@@ -192,35 +192,35 @@ def test_least_recently_used_model_is_evicted(shared_home, tmp_path):
 def test_unsupported_inputs_are_400(server):
     for body in ({"model": M, "prompt": "x", "images": ["aGk="]}, {"model": M, "prompt": "x", "think": True},
                  {"model": M, "prompt": "x", "suffix": "y"}):
-        r = httpx.post(server.url + "/api/generate", json=body)
+        r = HTTP.post(server.url + "/api/generate", json=body)
         assert r.status_code == 400 and "does not support" in r.json()["error"]
-    r = httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "x", "keep_alive": "soon"})
+    r = HTTP.post(server.url + "/api/generate", json={"model": M, "prompt": "x", "keep_alive": "soon"})
     assert r.status_code == 400 and "invalid duration" in r.json()["error"]
 
 
 def test_request_template_overrides_the_model_template(server):
-    r = httpx.post(server.url + "/api/generate", json={
+    r = HTTP.post(server.url + "/api/generate", json={
         "model": M, "prompt": "The capital of France is", "stream": False, "template": "{{ .Prompt }}",
         "options": {"temperature": 0, "num_predict": 3}})
     assert r.status_code == 200 and r.json()["prompt_eval_count"] <= 8 and "Paris" in r.json()["response"]
-    r = httpx.post(server.url + "/api/generate", json={
+    r = HTTP.post(server.url + "/api/generate", json={
         "model": M, "prompt": "x", "template": "{{ .Prompt | bad }}"})
     assert r.status_code == 400 and "TEMPLATE" in r.json()["error"]
 
 
 def test_blob_head_and_upload(server, model_file):
     digest = "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-    assert httpx.head(server.url + f"/api/blobs/{digest}").status_code == 200
+    assert HTTP.head(server.url + f"/api/blobs/{digest}").status_code == 200
     missing = "sha256:" + "0" * 64
-    assert httpx.head(server.url + f"/api/blobs/{missing}").status_code == 404
-    r = httpx.post(server.url + f"/api/blobs/{missing}", content=b"not the right bytes")
+    assert HTTP.head(server.url + f"/api/blobs/{missing}").status_code == 404
+    r = HTTP.post(server.url + f"/api/blobs/{missing}", content=b"not the right bytes")
     assert r.status_code == 400 and "digest mismatch" in r.json()["error"]
-    assert httpx.head(server.url + f"/api/blobs/{missing}").status_code == 404
+    assert HTTP.head(server.url + f"/api/blobs/{missing}").status_code == 404
     for bad in ("sha256:../../etc/passwd", "md5:abc", "sha256-" + "A" * 64):
-        r = httpx.post(server.url + f"/api/blobs/{bad}", content=b"x")
+        r = HTTP.post(server.url + f"/api/blobs/{bad}", content=b"x")
         assert r.status_code in (400, 404) and "Traceback" not in r.text
     data = b"hello blob"
     import hashlib
     d = "sha256:" + hashlib.sha256(data).hexdigest()
-    assert httpx.post(server.url + f"/api/blobs/{d}", content=data).status_code == 201
-    assert httpx.head(server.url + f"/api/blobs/{d}").status_code == 200
+    assert HTTP.post(server.url + f"/api/blobs/{d}", content=data).status_code == 201
+    assert HTTP.head(server.url + f"/api/blobs/{d}").status_code == 200

@@ -4,7 +4,8 @@ has no call)."""
 import json
 from datetime import datetime, timedelta, timezone
 
-import httpx
+
+from conftest import HTTP
 import jsonschema
 import numpy as np
 import ollama
@@ -28,8 +29,8 @@ def test_list_show_version(client, server):
     assert info.details.parameter_size == "134.5M" and info.modelinfo["llama.context_length"] == 8192
     assert info.template.startswith("{% for message") and "stop" in info.parameters
     assert "completion" in info.capabilities and "FROM smollm2:135m" in info.modelfile
-    assert httpx.get(server.url + "/api/version").json()["version"]
-    assert httpx.get(server.url + "/").text == "slmops is running"
+    assert HTTP.get(server.url + "/api/version").json()["version"]
+    assert HTTP.get(server.url + "/").text == "slmops is running"
 
 
 def test_generate_non_stream_and_stream_match(client):
@@ -95,7 +96,7 @@ def test_chat_with_tools_returns_parseable_message(client):
 
 
 def test_logprobs(server):
-    r = httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "Hello", "stream": False,
+    r = HTTP.post(server.url + "/api/generate", json={"model": M, "prompt": "Hello", "stream": False,
                                                         "logprobs": True, "top_logprobs": 3,
                                                         "options": {"temperature": 0, "num_predict": 4, "repeat_penalty": 1.0}}).json()
     assert len(r["logprobs"]) == 4
@@ -119,11 +120,11 @@ def test_embed_and_legacy_embeddings(client):
 
 
 def test_tokenize_detokenize(server):
-    t = httpx.post(server.url + "/api/tokenize", json={"model": M, "text": "hello world"}).json()
+    t = HTTP.post(server.url + "/api/tokenize", json={"model": M, "text": "hello world"}).json()
     assert t["tokens"] and all(isinstance(x, int) for x in t["tokens"])
-    d = httpx.post(server.url + "/api/detokenize", json={"model": M, "tokens": t["tokens"]}).json()
+    d = HTTP.post(server.url + "/api/detokenize", json={"model": M, "tokens": t["tokens"]}).json()
     assert d["text"] == "hello world"
-    bad = httpx.post(server.url + "/api/detokenize", json={"model": M, "tokens": [10 ** 9]})
+    bad = HTTP.post(server.url + "/api/detokenize", json={"model": M, "tokens": [10 ** 9]})
     assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]
 
 
@@ -169,20 +170,20 @@ def test_errors_have_ollama_statuses(client, server):
     with pytest.raises(ollama.ResponseError) as err:
         client.delete("nope")
     assert err.value.status_code == 404
-    long = httpx.post(server.url + "/api/generate", json={"model": M, "prompt": "word " * 3000, "stream": False,
+    long = HTTP.post(server.url + "/api/generate", json={"model": M, "prompt": "word " * 3000, "stream": False,
                                                            "options": {"num_ctx": 512}})
     assert long.status_code == 400 and "context holds 512" in long.json()["error"]
 
 
 def test_keep_alive_load_unload_and_ps(client, server):
-    r = httpx.post(server.url + "/api/generate", json={"model": M, "keep_alive": "10m"}).json()
+    r = HTTP.post(server.url + "/api/generate", json={"model": M, "keep_alive": "10m"}).json()
     assert r["done"] and r["done_reason"] == "load"
     ps = client.ps().models
     assert [m.model for m in ps] == [M]
     delta = ps[0].expires_at - datetime.now(timezone.utc)
     assert timedelta(minutes=9) < delta <= timedelta(minutes=10, seconds=5)
     assert ps[0].context_length >= 4096  # a model loaded with a larger num_ctx serves smaller ones unchanged
-    r = httpx.post(server.url + "/api/generate", json={"model": M, "keep_alive": 0}).json()
+    r = HTTP.post(server.url + "/api/generate", json={"model": M, "keep_alive": 0}).json()
     assert r["done_reason"] == "unload"
     assert client.ps().models == []
     client.generate(model=M, prompt="hi", keep_alive=-1, options={"num_predict": 1})
