@@ -173,10 +173,12 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def usage(stats: list[Stats]) -> oai.Usage:
-    p = sum(s.prompt_eval_count for s in stats[:1])
+def usage(stats: list[Stats], choices_per_prompt: int = 0) -> oai.Usage:
+    """Prompt tokens count once per prompt (not per choice); ``stats`` is prompt-major, n choices each."""
+    per = choices_per_prompt or len(stats) or 1
+    p = sum(s.prompt_eval_count for s in stats[::per])
     c = sum(s.eval_count for s in stats)
-    cached = sum(s.cached_prompt_tokens for s in stats[:1])
+    cached = sum(s.cached_prompt_tokens for s in stats[::per])
     return oai.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
                      prompt_tokens_details={"cached_tokens": cached})
 

@@ -116,13 +116,7 @@ async def completions(body: oai.CompletionRequest, request: Request):
                 logprobs=convert.completion_logprobs(lps, len(prefix)) if body.logprobs is not None else None))
             stats.append(final.stats)
     return oai.Completion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT,
-                          choices=choices, usage=_completion_usage(stats, len(prompts)))
-
-
-def _completion_usage(stats: list[Stats], n_prompts: int) -> oai.Usage:
-    p = sum(s.prompt_eval_count for s in stats[:: max(1, len(stats) // max(1, n_prompts))])
-    c = sum(s.eval_count for s in stats)
-    return oai.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+                          choices=choices, usage=convert.usage(stats, body.n))
 
 
 async def _completion_request(rt: ModelRuntime, spec, body: oai.CompletionRequest, prompt: Any, i: int):
@@ -158,7 +152,7 @@ async def _completion_stream(outputs: AsyncIterator[Output], body: oai.Completio
             yield chunk("", convert.finish_reason(out))
     if include_usage and stats is not None:
         yield oai.Completion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT, choices=[],
-                             usage=_completion_usage([stats], 1)).model_dump(exclude_none=True)
+                             usage=convert.usage([stats])).model_dump(exclude_none=True)
 
 
 @router.post("/embeddings")
