@@ -41,7 +41,7 @@ def pull(name: str = DEFAULT_MODEL, home: str | Path | None = None, progress: Pr
 
 
 class Model:
-    """A model loaded in this process; not thread-safe across concurrent calls (one generation at a time)."""
+    """A model loaded in this process; concurrent calls from several threads are batched together."""
 
     def __init__(self, store: Store, name: ModelName, engine: Engine):
         self.name = name

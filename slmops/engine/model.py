@@ -1,8 +1,7 @@
-"""A loaded model: llama.cpp model + context + chat template, and the single-sequence generation loop.
+"""A loaded model: llama.cpp model, a multi-sequence context driven by its batching runner, and the chat template.
 
-The KV cache keeps the tokens of the previous request so a chat that grows turn by turn only evaluates what is
-new (the prefix that matches is reused). One request runs at a time per model; the lock is the seam where the
-batching scheduler will take over.
+Generation and embeddings run on the runner's thread; this class prepares prompts and turns the runner's
+callbacks into iterators. A chat that grows turn by turn reuses its earlier turns through the prefix cache.
 """
 
 from __future__ import annotations
