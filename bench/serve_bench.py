@@ -7,6 +7,7 @@ writes JSON and a PNG chart.
 S1 one client, sequential requests: tokens/s      S2 8 concurrent clients: aggregate tokens/s, p95 inter-token
 S3 8 clients sharing two ~1k-token system prompts, 3 turns each: mean time to first token
 S4 cold start (process start to first token)      S5 peak RSS of the server process tree
+S6 four streams decoding while a ~2k-token prompt arrives: their p95 and largest inter-token gap
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ async def stream_completion(client: httpx.AsyncClient, peer: Peer, body: dict, c
                     times.append(time.perf_counter())
     gaps = [b - a for a, b in zip(times, times[1:])]
     return {"ttft": (times[0] - t0) if times else None, "gaps": gaps, "tokens": len(times),
-            "elapsed": time.perf_counter() - t0}
+            "elapsed": time.perf_counter() - t0, "times": times}
 
 
 async def s1(peer: Peer) -> dict:
@@ -141,17 +142,39 @@ async def s3(peer: Peer) -> dict:
         return {"mean_ttft_s": statistics.mean(t for ts in all_ttfts for t in ts if t is not None)}
 
 
-SCENARIOS = {"S1": s1, "S2": s2, "S3": s3}
+async def s6(peer: Peer) -> dict:
+    """Four streams decode; a ~2k-token prompt arrives. Inter-token gaps of the streams while it is prefilled."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 200
+    async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
+        body = {"max_tokens": 400, "temperature": 0}
+        streams = [asyncio.create_task(stream_completion(c, peer, {**body, "prompt": p}, False))
+                   for p in PROMPTS[:4]]
+        await asyncio.sleep(1.5)
+        t_send = time.perf_counter()
+        arrival = await stream_completion(c, peer, {"prompt": long_prompt, "max_tokens": 1, "temperature": 0}, False)
+        t_end = arrival["times"][0] if arrival["times"] else time.perf_counter()
+        runs = await asyncio.gather(*streams)
+    gaps = sorted(b - a for r in runs for a, b in zip(r["times"], r["times"][1:]) if t_send <= b <= t_end + 0.2)
+    return {"p95_inter_token_s": gaps[int(0.95 * (len(gaps) - 1))] if gaps else None,
+            "max_inter_token_s": gaps[-1] if gaps else None, "prefill_2k_s": t_end - t_send}
+
+
+SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S6": s6}
+
+
+def slmops_peer(name: str, home: str, threads: int, parallel: int, runners: str) -> Peer:
+    port = free_port()
+    return Peer(name, [str(Path(sys.executable).parent / "slmops"), "serve"],
+                {"SLMOPS_HOME": home, "SLMOPS_HOST": f"127.0.0.1:{port}", "SLMOPS_NUM_PARALLEL": str(parallel),
+                 "SLMOPS_NUM_THREADS": str(threads), "SLMOPS_RUNNERS": runners}, port, "smollm2:135m")
 
 
 def peers(model_path: str, threads: int, parallel: int, home: str, with_python: bool) -> list[Peer]:
     llama_server = subprocess.run(["bash", str(HERE / "build_peer.sh")], capture_output=True, text=True,
                                   check=True).stdout.strip()
-    p1, p2, p3 = free_port(), free_port(), free_port()
+    p2, p3 = free_port(), free_port()
     out = [
-        Peer("slmops", [str(Path(sys.executable).parent / "slmops"), "serve"],
-             {"SLMOPS_HOME": home, "SLMOPS_HOST": f"127.0.0.1:{p1}", "SLMOPS_NUM_PARALLEL": str(parallel),
-              "SLMOPS_NUM_THREADS": str(threads)}, p1, "smollm2:135m"),
+        slmops_peer("slmops", home, threads, parallel, "process"),
         Peer("llama-server", [str(HERE / llama_server), "-m", model_path, "-t", str(threads), "-np", str(parallel),
                               "-c", str(4096 * parallel), "--threads-http", str(4 * parallel), "--port", str(p2),
                               "--host", "127.0.0.1"], {}, p2, "m"),
@@ -169,10 +192,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 2)
     ap.add_argument("--parallel", type=int, default=8)
-    ap.add_argument("--scenarios", default="S1,S2,S3")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S6")
     ap.add_argument("--python-server", action="store_true", help="also run llama_cpp.server for S1/S2")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--report-only", action="store_true", help="redraw the table and chart from the last JSON")
+    ap.add_argument("--runners", action="store_true",
+                    help="the cost of runner processes: slmops with SLMOPS_RUNNERS=process against =thread")
     args = ap.parse_args()
     if args.report_only:
         return report(json.loads((Path(args.out) / "serve_bench.json").read_text()), Path(args.out))
@@ -186,7 +211,12 @@ def main() -> None:
     model_path = str(store.model_path(name))
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(False),
                                  "threads": args.threads, "parallel": args.parallel}, "runs": {}}
-    all_peers = peers(model_path, args.threads, args.parallel, home, args.python_server)
+    if args.runners:
+        all_peers = [slmops_peer("slmops", home, args.threads, args.parallel, "process"),
+                     slmops_peer("slmops-thread", home, args.threads, args.parallel, "thread")]
+        args.out = str(Path(args.out) / "runners")
+    else:
+        all_peers = peers(model_path, args.threads, args.parallel, home, args.python_server)
     wanted = args.scenarios.split(",")
     for rnd in range(args.rounds):  # peers alternate within each round, so drift hits both alike
         for peer in all_peers:
@@ -195,7 +225,7 @@ def main() -> None:
             r.setdefault("S4_cold_start_s", []).append(cold)
             try:
                 for sc in wanted:
-                    if peer.name == "llama_cpp.server" and sc == "S3":
+                    if peer.name == "llama_cpp.server" and sc in ("S3", "S6"):
                         continue
                     out = asyncio.run(SCENARIOS[sc](peer))
                     for k, v in out.items():
@@ -213,11 +243,12 @@ def report(results: dict, out: Path) -> None:
            for p, r in results["runs"].items()}
     results["medians"] = med
     ours = med["slmops"]
-    lines = [f"| metric | slmops | {' | '.join(p for p in med if p != 'slmops')} | ratio vs llama-server |",
+    base = "llama-server" if "llama-server" in med else next(p for p in med if p != "slmops")
+    lines = [f"| metric | slmops | {' | '.join(p for p in med if p != 'slmops')} | ratio vs {base} |",
              "|---|---|" + "---|" * (len(med) - 1) + "---|"]
     for key in ours:
         peer_vals = [med[p].get(key) for p in med if p != "slmops"]
-        ls = med.get("llama-server", {}).get(key)
+        ls = med.get(base, {}).get(key)
         ratio = f"{ours[key] / ls:.2f}" if ls else ""
         lines.append(f"| {key} | {ours[key]:.3f} | " + " | ".join(f"{v:.3f}" if v is not None else "-"
                                                               for v in peer_vals) + f" | {ratio} |")
@@ -229,13 +260,13 @@ def report(results: dict, out: Path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        keys = [k for k in ours if med.get("llama-server", {}).get(k)]
-        ratios = [ours[k] / med["llama-server"][k] for k in keys]
+        keys = [k for k in ours if med.get(base, {}).get(k)]
+        ratios = [ours[k] / med[base][k] for k in keys]
         fig, ax = plt.subplots(figsize=(8, 3.5))
         better = [(r >= 1) if k.endswith("tokens_per_s") else (r <= 1) for k, r in zip(keys, ratios)]
         ax.barh(keys, ratios, color=["#3a7" if b else "#c54" for b in better])
         ax.axvline(1.0, color="black", lw=1)
-        ax.set_xlabel("slmops / llama-server (green: slmops better; tokens/s higher is better, the rest lower)")
+        ax.set_xlabel(f"slmops / {base} (green: slmops better; tokens/s higher is better, the rest lower)")
         fig.tight_layout()
         fig.savefig(out / "serve_bench.png", dpi=110)
     except ImportError:

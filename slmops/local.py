@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from slmops.config.settings import Settings
-from slmops.engine.engine import Engine, Request, spec_from_store
+from slmops.engine.client import Request, spec_from_store
 from slmops.engine.outputs import Output, Stats
 from slmops.store.store import ProgressFn, Store, _no_progress
 from slmops.types.errors import ModelNotFound
 from slmops.types.name import ModelName
+
+if TYPE_CHECKING:
+    from slmops.engine.engine import Engine
 
 DEFAULT_MODEL = "smollm2:135m"
 
@@ -43,11 +46,11 @@ def pull(name: str = DEFAULT_MODEL, home: str | Path | None = None, progress: Pr
 class Model:
     """A model loaded in this process; concurrent calls from several threads are batched together."""
 
-    def __init__(self, store: Store, name: ModelName, engine: Engine):
+    def __init__(self, store: Store, name: ModelName, engine: "Engine"):
         self.name = name
         self._engine = engine
         self._spec = spec_from_store(store, name)
-        self._loaded, _ = engine.load(self._spec)
+        self._loaded, _ = engine.load_model(self._spec)
 
     def generate(self, prompt: str, *, system: str | None = None, raw: bool = False,
                  options: dict[str, Any] | None = None, stream: bool = False) -> Result | Iterator[Output]:
@@ -77,6 +80,8 @@ class Model:
 
 def load(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, pull_missing: bool = True,
          num_ctx: int = 4096, num_thread: int = 0) -> Model:
+    from slmops.engine.engine import Engine  # llama.cpp loads here, not when slmops is imported
+
     store = open_store(home)
     model_name = ModelName.parse(name)
     if not store.exists(model_name):

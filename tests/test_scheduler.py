@@ -154,3 +154,43 @@ def _common(a, b):
         if x != y:
             return
         yield x
+
+
+def test_a_new_request_shares_the_prefix_a_running_sequence_holds():
+    s = Scheduler(n_slots=3, n_ctx_seq=4096, token_budget=512)
+    system = list(range(1000, 1300))
+    s.add(0, system + [1, 2])
+    while 0 not in s.running or s.running[0].state.value != "decode":
+        step(s)
+    s.add(1, system + [5, 6, 7])
+    batch, _ = step(s)
+    assert MemOp("copy", s.running[0].slot, s.running[1].slot, 300) in batch.ops
+    first = next(i for i in batch.items if i.req_id == 1)
+    assert first.tokens == (5, 6, 7) and first.pos0 == 300 and s.running[1].cached == 300
+
+
+def test_requests_arriving_together_wait_for_one_prefill_of_their_shared_prompt():
+    s = Scheduler(n_slots=4, n_ctx_seq=4096, token_budget=256)
+    system = list(range(1000, 1600))  # three steps of prefill
+    for r in range(3):
+        s.add(r, system + [r])
+    s.add(9, list(range(5000, 5100)))  # unrelated: never held back
+    evaluated = {r: 0 for r in (0, 1, 2, 9)}
+    copies = []
+    while any(r not in s.running or s.running[r].state.value != "decode" for r in evaluated):
+        batch, _ = step(s)
+        copies += [op for op in batch.ops if op.kind == "copy"]
+        for i in batch.items:
+            if i.pos0 < len(s.running[i.req_id].prompt):  # prompt tokens, not decode steps
+                evaluated[i.req_id] += len(i.tokens)
+    assert evaluated[0] == 601 and evaluated[9] == 100
+    assert evaluated[1] == evaluated[2] == 1  # each evaluated only its own last token
+    assert [op.n for op in copies] == [600, 600]
+
+
+def test_a_short_shared_prefix_does_not_hold_a_request_back():
+    s = Scheduler(n_slots=2, n_ctx_seq=4096, token_budget=256)
+    s.add(0, list(range(200)))
+    s.add(1, list(range(10)) + [9999] * 50)  # shares only 10 tokens
+    batch, _ = step(s)
+    assert {i.req_id for i in batch.items} == {0, 1}  # not held for request 0's prefill

@@ -9,7 +9,7 @@ import typer
 
 from slmops.cli.common import PullBar, console, err_console, settings, store
 from slmops.cli.models import parameter_lines
-from slmops.engine.engine import Engine, Request, spec_from_store
+from slmops.engine.client import EngineClient, Request, spec_from_store
 from slmops.engine.outputs import Output, Stats
 from slmops.modelfile import build, render
 from slmops.types import options as opts
@@ -88,6 +88,8 @@ def run(
     """Run a model: answer PROMPT, or chat interactively."""
     name = ModelName.parse(model)
     ensure_model(name)
+    from slmops.engine.engine import Engine  # llama.cpp loads only for commands that run a model
+
     cfg = settings()
     engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
                     verbose=cfg["SLMOPS_DEBUG"])
@@ -109,7 +111,7 @@ def run(
 
 
 class Chat:
-    def __init__(self, engine: Engine, spec, name: ModelName, verbose: bool):
+    def __init__(self, engine: EngineClient, spec, name: ModelName, verbose: bool):
         self.engine, self.spec, self.name, self.verbose = engine, spec, name, verbose
         self.history: list[dict[str, Any]] = []
         self.options: dict[str, Any] = {}

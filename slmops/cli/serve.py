@@ -27,20 +27,26 @@ def serve() -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
     import uvicorn
 
-    from slmops.engine.engine import Engine
+    from slmops.engine.client import EngineConfig
     from slmops.server.app import ServerConfig, create_app
     from slmops.server.runtime import ModelRuntime
 
     cfg = settings()
     host, port = cfg["SLMOPS_HOST"]
     _check_port(host, port)
-    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
-                    max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"],
-                    num_parallel=cfg["SLMOPS_NUM_PARALLEL"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
+    config = EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
+                          max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"],
+                          num_parallel=cfg["SLMOPS_NUM_PARALLEL"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
+    if cfg["SLMOPS_RUNNERS"] == "process":
+        from slmops.engine.process import ProcessEngine
+        engine = ProcessEngine(config)
+    else:
+        from slmops.engine.engine import Engine
+        engine = Engine(config)
     s = store()
     runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
-    config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"])
-    app = create_app(s, runtime, config)
+    server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"])
+    app = create_app(s, runtime, server_config)
     console.print(f"slmops listening on http://{host}:{port}", markup=False)
     uvicorn.run(app, host=host, port=port, log_level="debug" if cfg["SLMOPS_DEBUG"] else "warning",
                 timeout_graceful_shutdown=5)

@@ -79,6 +79,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _runners(text: str) -> str:
+    low = text.strip().lower()
+    if low not in ("process", "thread"):
+        raise ValueError("expected process or thread")
+    return low
+
+
 def _origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in text.split(",") if o.strip())
 
@@ -100,6 +107,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_MAX_LOADED_MODELS", _at_least_one, "3", "Models kept loaded at once; the least recently used goes."),
     Setting("SLMOPS_NUM_PARALLEL", _positive_int, "0",
             "Sequences each model decodes together (continuous batching); 0 picks from free memory, at most 8."),
+    Setting("SLMOPS_RUNNERS", _runners, "process",
+            "Where the server runs models: process (one crash-isolated runner per model) or thread (in the server)."),
     Setting("SLMOPS_MAX_QUEUE", _positive_int, "512", "Requests that may wait per model before new ones get 503."),
     Setting("SLMOPS_ORIGINS", _origins, "", "Extra CORS origins (comma-separated) besides the local ones."),
     Setting("SLMOPS_MAX_REQUEST_BYTES", _at_least_one, "16777216", "Largest JSON request body; bigger ones get 413."),

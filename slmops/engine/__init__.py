@@ -1,10 +1,20 @@
-"""Inference on llama.cpp: the adapter over llama.cpp's C API, the generation loop and the in-process Engine.
+"""Inference on llama.cpp: the adapter over llama.cpp's C API, the batching runner, the in-process Engine and the
+runner processes the server uses.
 
-Knows nothing of HTTP; the server and CLI reach it through :class:`Engine`.
+Knows nothing of HTTP; the server and CLI reach it through the ``EngineClient`` protocol (:mod:`.client`).
+Names are imported lazily so that a parent process that only talks to runners never loads llama.cpp.
 """
 
-from slmops.engine.engine import Engine, Request, spec_from_store
-from slmops.engine.model import LoadedModel, ModelSpec
-from slmops.engine.outputs import Output, Stats
+from importlib import import_module
 
-__all__ = ["Engine", "LoadedModel", "ModelSpec", "Output", "Request", "Stats", "spec_from_store"]
+_HOMES = {"Engine": "engine", "LoadedModel": "model", "ModelSpec": "client", "Request": "client",
+          "EngineConfig": "client", "EngineClient": "client", "spec_from_store": "client", "Output": "outputs",
+          "Stats": "outputs", "ProcessEngine": "process"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(name)
+    return getattr(import_module(f"slmops.engine.{_HOMES[name]}"), name)

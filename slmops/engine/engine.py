@@ -1,42 +1,25 @@
 """The in-process engine: loads models on demand, keeps them until evicted, runs chat and generate requests.
 
-This is the ``EngineClient`` the CLI and the Python API use directly; the server will reach the same interface
-across a process boundary. It takes plain values (specs, option dicts) and knows nothing of HTTP.
+This is the ``EngineClient`` the CLI and the Python API use directly, and what each runner process of the server
+runs inside. It takes plain values (specs, option dicts) and knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 from slmops.types import options as opts
 from slmops.engine.grammar import for_format as grammar_for_format
 from slmops.engine.grammar import for_schema, tool_call_schema
 from slmops.engine.llama import init_backend
-from slmops.engine.model import LoadedModel, ModelSpec, ModelUnloaded
-from slmops.types.errors import EngineError, InvalidInput
+from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, Request,  # noqa: F401
+                                  spec_from_store, stream_from, until_loaded, until_loaded_call)
+from slmops.engine.model import LoadedModel
+from slmops.types.errors import InvalidInput
 from slmops.engine.tools import prepare_messages
 from slmops.engine.outputs import Output
-from slmops.store import manifests as mt
-from slmops.store.store import Store
-from slmops.types.name import ModelName
-
-
-def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
-    manifest = store.manifest(name)
-    return ModelSpec(
-        name=name.display,
-        model_path=store.model_path(name),
-        template=store.read_text(manifest, mt.TEMPLATE),
-        system=store.read_text(manifest, mt.SYSTEM),
-        params=store.read_json(manifest, mt.PARAMS) or {},
-        messages=store.read_json(manifest, mt.MESSAGES) or [],
-        adapters=[store.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
-        gguf_cache=store.gguf_cache,
-        context_length=store.inspect(name).context_length,
-    )
 
 
 def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
@@ -45,41 +28,18 @@ def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
             and wanted.num_thread == loaded.num_thread)
 
 
-@dataclass
-class Request:
-    """One chat or generate call. ``messages`` for chat; ``prompt`` (+ ``raw``) for generate.
-
-    ``format`` is Ollama's (``"json"`` or a JSON Schema); ``tool_choice`` is ``"auto"``, ``"none"``,
-    ``"required"`` or a tool name; ``logprobs`` asks for the chosen token's log-probability plus that many
-    alternatives.
-    """
-
-    messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
-    system: str | None = None
-    template: str | None = None
-    raw: bool = False
-    options: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str = "auto"
-    format: str | dict[str, Any] | None = None
-    logprobs: int | None = None
-    prefix_tokens: list[int] | None = None  # Ollama's ``context``: tokens of an earlier exchange to continue
-
-
 class Engine:
-    def __init__(self, default_ctx: int = 4096, num_thread: int = 0, max_loaded: int = 1, verbose: bool = False,
-                 num_parallel: int = 0, max_queue: int = 512):
-        init_backend(verbose)
-        self.num_parallel = num_parallel
-        self.max_queue = max_queue
-        self.default_ctx = default_ctx
-        self.num_thread = num_thread
-        self.max_loaded = max_loaded
+    def __init__(self, config: EngineConfig | None = None, **settings: Any):
+        """``Engine(EngineConfig(...))`` or ``Engine(default_ctx=2048, ...)`` with EngineConfig's fields."""
+        self.config = config or EngineConfig(**settings)
+        init_backend(self.config.verbose)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> tuple[LoadedModel, int]:
+    def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> int:
+        return self.load_model(spec, options)[1]
+
+    def load_model(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> tuple[LoadedModel, int]:
         """Return the loaded model (loading or reloading it if its context settings changed) and load time in ns."""
         load = self._load_params(spec, options)
         with self._lock:
@@ -89,24 +49,29 @@ class Engine:
                 return current, 0
             if current:
                 self._loaded.pop(spec.name).close()
-            while len(self._loaded) >= self.max_loaded:
+            while len(self._loaded) >= self.config.max_loaded:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
-            model = LoadedModel(spec, load, self.num_parallel, self.max_queue)
+            model = LoadedModel(spec, load, self.config.num_parallel, self.config.max_queue)
             self._loaded[spec.name] = model
             return model, model.load_duration
 
     def _load_params(self, spec: ModelSpec, options: dict[str, Any] | None) -> opts.LoadParams:
         merged = opts.merge(spec.params, options)
-        if self.num_thread and "num_thread" not in merged:
-            merged["num_thread"] = self.num_thread
-        return opts.to_load(merged, self.default_ctx, spec.context_length or 1 << 20)
+        if self.config.num_thread and "num_thread" not in merged:
+            merged["num_thread"] = self.config.num_thread
+        return opts.to_load(merged, self.config.default_ctx, spec.context_length or 1 << 20)
 
     def run(self, spec: ModelSpec, req: Request) -> Iterator[Output]:
         """Stream a completion. Options, format and tools are checked now; prompt errors (a template that fails,
         a prompt over the context) surface at the first ``next()``."""
-        sampling, tools = self._sampling(spec, req)
-        return self._retrying(spec, req, sampling, tools)
+        prepared = self._sampling(spec, req)
+        return until_loaded(spec.name, lambda: stream_from(lambda emit: self._submit(spec, req, prepared, emit)))
+
+    def start(self, spec: ModelSpec, req: Request, emit: Emit) -> Cancel:
+        """Prompt work runs on the calling thread; pieces reach ``emit`` on the model's runner thread as they are
+        sampled, with no thread waiting per request."""
+        return self._submit(spec, req, self._sampling(spec, req), emit)
 
     def _sampling(self, spec: ModelSpec, req: Request) -> tuple[opts.SamplingParams, list[dict[str, Any]] | None]:
         tools = req.tools if req.tools and req.tool_choice != "none" else None
@@ -121,24 +86,9 @@ class Engine:
         merged = opts.merge(model_params, req.options)
         return opts.to_sampling(merged, grammar=grammar, logprobs=req.logprobs), tools
 
-    def _retrying(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
-                  tools: list[dict[str, Any]] | None) -> Iterator[Output]:
-        for _ in range(3):
-            started = False
-            try:
-                for out in self._run(spec, req, sampling, tools):
-                    started = True
-                    yield out
-                return
-            except ModelUnloaded:
-                if started:
-                    raise EngineError(f'model "{spec.name}" was unloaded during generation; try again') from None
-                continue  # evicted before this request began: load it again
-        raise EngineError(f'model "{spec.name}" was unloaded repeatedly while waiting; try again')
-
-    def _run(self, spec: ModelSpec, req: Request, sampling: opts.SamplingParams,
-             tools: list[dict[str, Any]] | None) -> Iterator[Output]:
-        model, load_ns = self.load(spec, req.options)
+    def _submit(self, spec: ModelSpec, req: Request, prepared: tuple, emit: Emit) -> Cancel:
+        sampling, tools = prepared
+        model, load_ns = self.load_model(spec, req.options)
         if req.messages is not None:
             messages = model.chat_messages(req.messages)
             source = req.template or model.template.source
@@ -155,22 +105,24 @@ class Engine:
             if bad:
                 raise InvalidInput(f"context holds token {bad[0]}, which is outside the vocabulary")
             tokens = list(req.prefix_tokens) + tokens
-        yield from model.generate(tokens, sampling, load_ns, self._load_params(spec, req.options).num_ctx)
+        return model.submit(tokens, sampling, emit, load_ns, self._load_params(spec, req.options).num_ctx)
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:
         """(vectors, tokens used, load time in ns)."""
-        for _ in range(3):
-            model, load_ns = self.load(spec, options)
-            try:
-                vectors, used = model.embed(inputs, truncate)
-                return vectors, used, load_ns
-            except ModelUnloaded:
-                continue
-        raise EngineError(f'model "{spec.name}" was unloaded repeatedly while waiting; try again')
+        def attempt() -> tuple[list[list[float]], int, int]:
+            model, load_ns = self.load_model(spec, options)
+            return (*model.embed(inputs, truncate), load_ns)
+        return until_loaded_call(spec.name, attempt)
 
-    def loaded(self) -> list[LoadedModel]:
-        return list(self._loaded.values())
+    def tokenize(self, spec: ModelSpec, text: str) -> list[int]:
+        return self.load_model(spec)[0].model.tokenize(text, add_special=False, parse_special=True)
+
+    def detokenize(self, spec: ModelSpec, tokens: list[int]) -> str:
+        return self.load_model(spec)[0].detokenize(tokens)
+
+    def loaded(self) -> list[ModelStatus]:
+        return [m.status() for m in list(self._loaded.values())]
 
     def unload(self, name: str) -> bool:
         with self._lock:

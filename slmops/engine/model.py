@@ -6,20 +6,18 @@ callbacks into iterators. A chat that grows turn by turn reuses its earlier turn
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 import psutil
 
 from slmops.types import options as opts
+from slmops.engine.client import Cancel, Emit, ModelSpec, ModelStatus, ModelUnloaded
 from slmops.engine.llama import LlamaContext, LlamaModel
-from slmops.engine.outputs import Output, TokenLogprob
+from slmops.engine.outputs import TokenLogprob
 from slmops.engine.runner import BatchRunner
 from slmops.modelfile.template import ChatTemplate
 from slmops.store.gguf import GGUFInfo, inspect_gguf
@@ -29,25 +27,6 @@ DEFAULT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class ModelUnloaded(Exception):
-    """The model was unloaded (evicted, expired, reloaded) while a request waited for it; load it again."""
-
-
-@dataclass
-class ModelSpec:
-    """Everything the engine needs to run a model, resolved from the store by the caller."""
-
-    name: str
-    model_path: Path
-    template: str | None = None
-    system: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    adapters: list[Path] = field(default_factory=list)
-    gguf_cache: Path | None = None
-    context_length: int | None = None  # the model's training context, the cap for num_ctx
 
 
 def kv_bytes_per_token(info: GGUFInfo) -> int:
@@ -145,9 +124,10 @@ class LoadedModel:
                 f"num_ctx (this model supports up to {self.model.n_ctx_train})"
             )
 
-    def generate(self, tokens: list[int], sampling: opts.SamplingParams, load_duration: int = 0,
-                 n_ctx: int | None = None) -> Iterator[Output]:
-        """Stream the completion of ``tokens``; closing the iterator cancels it at the next step."""
+    def submit(self, tokens: list[int], sampling: opts.SamplingParams, emit: Emit, load_duration: int = 0,
+               n_ctx: int | None = None) -> Cancel:
+        """Queue the completion of ``tokens``; ``emit`` receives its pieces on the runner thread. Returns the
+        function that cancels it."""
         if not tokens:
             raise InvalidInput("empty prompt")
         if self.info.embedding_only:
@@ -155,20 +135,8 @@ class LoadedModel:
         self.check_fits(len(tokens), n_ctx)
         if self.closed:
             raise ModelUnloaded(self.spec.name)
-        inbox: queue.Queue = queue.Queue()
-        req_id = self.runner.submit(tokens, sampling, inbox.put, load_duration, n_ctx)
-        done = False
-        try:
-            while not done:
-                item = inbox.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.done
-                yield item
-        finally:
-            if not done:
-                self.runner.cancel(req_id)
+        req_id = self.runner.submit(tokens, sampling, emit, load_duration, n_ctx)
+        return lambda: self.runner.cancel(req_id)
 
     def _logprob(self, idx: int, token: int, top: int) -> TokenLogprob:
         """Log-softmax of the raw logits: the model's own distribution, before sampling settings."""
@@ -212,6 +180,10 @@ class LoadedModel:
             out.append((vec / norm if norm > 0 else vec).tolist())
             used += len(toks)
         return out, used
+
+    def status(self) -> ModelStatus:
+        return ModelStatus(self.spec.name, self.spec, self.load_params.num_ctx, self.n_parallel,
+                           waiting=len(self.runner.scheduler.waiting), max_batch=self.runner.max_batch)
 
     def close(self) -> None:
         """Free llama.cpp memory once the requests in progress have finished."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 
 
@@ -29,7 +30,7 @@ class Stats:
 class TokenLogprob:
     token: str
     logprob: float
-    bytes: bytes = b""
+    bytes: builtins.bytes = b""  # builtins: the field name would shadow the type for typed decoders
     top: tuple["TokenLogprob", ...] = ()
 
 

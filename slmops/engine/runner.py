@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from slmops.engine.client import Emit
 from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.engine.prefix_cache import PrefixCache
@@ -24,7 +25,6 @@ from slmops.engine.scheduler import Batch, Finished, Scheduler
 from slmops.engine.stops import StopMatcher
 from slmops.types.options import SamplingParams
 
-Emit = Callable[[object], None]  # receives Output pieces, then a final Output or an exception
 
 
 @dataclass

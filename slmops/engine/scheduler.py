@@ -5,7 +5,10 @@ It never touches llama.cpp, so it is tested with made-up tokens. Each step:
 1. every running sequence decodes its last sampled token (streams stay smooth),
 2. the rest of the per-step token budget goes to prompt chunks (chunked prefill: a long prompt is spread over
    several steps instead of stalling everyone's stream),
-3. waiting requests are admitted into free sequence slots, first reusing the longest cached prefix.
+3. waiting requests are admitted into free sequence slots, first reusing the longest prefix whose KV exists:
+   in the prefix cache, or in a sequence still running (copying cells from it is metadata-only). A request whose
+   prompt shares a long prefix with one still being prefilled waits for that prefill instead of computing the
+   same tokens again beside it: eight clients sending one system prompt at once evaluate it once.
 
 Each active sequence owns one slot with ``n_ctx_seq`` KV cells reserved, so admission never over-commits the
 cache; spare slots hold cached prefixes within their own budget (:class:`PrefixCache`). Memory operations the
@@ -36,7 +39,8 @@ class Seq:
     n_ctx: int  # this request's context (its num_ctx), at most the slot's
     slot: int = -1
     state: State = State.WAITING
-    n_past: int = 0  # tokens whose KV is in the slot
+    n_past: int = 0  # tokens whose KV is in the slot, counting chunks scheduled in the current step
+    n_kv: int = 0  # tokens whose KV is in the slot for certain (decoded in an earlier step)
     cached: int = 0  # of which came from the prefix cache
     generated: list[int] = field(default_factory=list)
 
@@ -83,7 +87,24 @@ class Finished:
     reason: str  # "length" (max_new or context) | "stop" | "cancelled"
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared start; a binary search over slice comparisons, which run in C (prompts are long
+    and this runs for every waiting request at every step)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class Scheduler:
+    SHARE_WAIT = 64  # a waiting request holds back for a running prefill that will give it this many tokens more
+
     def __init__(self, n_slots: int, n_ctx_seq: int, token_budget: int = 512, max_queue: int = 512,
                  cache: PrefixCache | None = None):
         self.n_ctx_seq = n_ctx_seq
@@ -142,10 +163,15 @@ class Scheduler:
         for seq in self.running.values():
             if seq.state is State.PREFILL and budget > 0:
                 budget -= self._prefill_chunk(seq, budget, batch)
+        held: list[Seq] = []
         while self.waiting and self.free_slots and budget > 0:
             seq = self.waiting.popleft()
+            if self._worth_waiting(seq):
+                held.append(seq)
+                continue
             self._admit(seq, batch)
             budget -= self._prefill_chunk(seq, budget, batch)
+        self.waiting.extendleft(reversed(held))
         return batch
 
     def update(self, batch: Batch, sampled: dict[int, int]) -> list[Finished]:
@@ -155,7 +181,7 @@ class Scheduler:
             seq = self.running.get(item.req_id)
             if seq is None:
                 continue
-            seq.n_past = item.pos0 + len(item.tokens)
+            seq.n_past = seq.n_kv = item.pos0 + len(item.tokens)
             if not item.sample:
                 continue
             seq.state = State.DECODE
@@ -173,12 +199,25 @@ class Scheduler:
         seq.slot = self.free_slots.pop(0)
         seq.state = State.PREFILL
         self.running[seq.req_id] = seq
-        if self.cache is not None:
-            slot, n = self.cache.match(seq.prompt)
-            n = min(n, len(seq.prompt) - 1)  # at least one token is evaluated, for its logits
-            if slot is not None and n > 0:
-                batch.ops.append(MemOp("copy", slot, seq.slot, n))
-                seq.n_past = seq.cached = n
+        slot, n = self.cache.match(seq.prompt) if self.cache is not None else (None, 0)
+        for other in self.running.values():
+            shared = common_prefix(seq.prompt, other.tokens[: other.n_kv])
+            if shared > n:
+                slot, n = other.slot, shared
+        n = min(n, len(seq.prompt) - 1)  # at least one token is evaluated, for its logits
+        if slot is not None and n > 0:
+            batch.ops.append(MemOp("copy", slot, seq.slot, n))
+            seq.n_past = seq.cached = n
+
+    def _worth_waiting(self, seq: Seq) -> bool:
+        """A running prefill will soon hold a long prefix of this prompt that no KV holds yet."""
+        have = self.cache.match(seq.prompt)[1] if self.cache is not None else 0
+        for other in self.running.values():
+            have = max(have, common_prefix(seq.prompt, other.tokens[: other.n_kv]))
+        usable = len(seq.prompt) - 1
+        return any(other.state is State.PREFILL
+                   and min(common_prefix(seq.prompt, other.prompt), usable) - have >= self.SHARE_WAIT
+                   for other in self.running.values())
 
     def _prefill_chunk(self, seq: Seq, budget: int, batch: Batch) -> int:
         rest = seq.prompt[seq.n_past:]

@@ -6,6 +6,8 @@ layer, is mapped once here into Ollama's or OpenAI's error shape by path.
 
 from __future__ import annotations
 
+import asyncio
+
 import ipaddress
 import logging
 import socket
@@ -187,12 +189,13 @@ def _add_ops_routes(app: FastAPI) -> None:
     async def metrics_endpoint(request: Request) -> Response:
         m: Metrics = request.app.state.metrics
         rt: ModelRuntime = request.app.state.runtime
-        m.loaded_models.set(len(rt.loaded()))
-        m.queue_depth.set(rt.queue_depth())
+        models = await asyncio.get_running_loop().run_in_executor(None, rt.engine.loaded)
+        m.loaded_models.set(len(rt.loaded(models)))
+        m.queue_depth.set(rt.queue_depth(models))
         m.in_flight.set(rt.in_flight())
-        for model in rt.engine.loaded():
-            m.batch_max.labels(model.spec.name).set(model.runner.max_batch)
-            m.parallel.labels(model.spec.name).set(model.n_parallel)
+        for model in models:
+            m.batch_max.labels(model.name).set(model.max_batch)
+            m.parallel.labels(model.name).set(model.n_parallel)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from slmops.api import ollama as oa
 from slmops.api import openai as oai
-from slmops.engine.engine import Request
+from slmops.engine.client import Request
 from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.types.errors import InvalidInput
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
+from starlette.concurrency import run_in_threadpool
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -52,7 +53,7 @@ async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) 
         await rt.unload(spec.name)
         reason = "unload"
     else:
-        await rt.call(spec, lambda m: None, keep)
+        await rt.call(spec, rt.engine.load, keep)
         reason = "load"
     out: dict[str, Any] = {"model": model, "created_at": convert.now_iso(), "done": True, "done_reason": reason}
     out[key] = {"role": "assistant", "content": ""} if key == "message" else ""
@@ -112,7 +113,7 @@ async def embed(body: oa.EmbedRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
-        await rt.call(spec, lambda m: None, keep)
+        await rt.call(spec, rt.engine.load, keep)
         return oa.EmbedResponse(model=body.model, embeddings=[], total_duration=0, load_duration=0,
                                 prompt_eval_count=0)
     t0 = time.perf_counter_ns()
@@ -126,7 +127,7 @@ async def embed(body: oa.EmbedRequest, request: Request):
 async def embeddings(body: oa.EmbeddingsRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.prompt:
-        await rt.call(spec, lambda m: None, keep)
+        await rt.call(spec, rt.engine.load, keep)
         return oa.EmbeddingsResponse(embedding=[])
     vectors, _, _ = await rt.embed(spec, [body.prompt], body.options, True, keep)
     return oa.EmbeddingsResponse(embedding=vectors[0])
@@ -135,15 +136,14 @@ async def embeddings(body: oa.EmbeddingsRequest, request: Request):
 @router.post("/api/tokenize")
 async def tokenize(body: oa.TokenizeRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
-    tokens = await rt.call(spec, lambda m, t: m.model.tokenize(t, add_special=False, parse_special=True), keep,
-                           body.text)
+    tokens = await rt.call(spec, rt.engine.tokenize, keep, body.text)
     return oa.TokenizeResponse(model=body.model, tokens=tokens)
 
 
 @router.post("/api/detokenize")
 async def detokenize(body: oa.DetokenizeRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
-    text = await rt.call(spec, lambda m, t: m.detokenize(t), keep, body.tokens)
+    text = await rt.call(spec, rt.engine.detokenize, keep, body.tokens)
     return oa.DetokenizeResponse(model=body.model, text=text)
 
 
@@ -172,7 +172,7 @@ async def tags(request: Request) -> oa.ListResponse:
 async def ps(request: Request) -> oa.ProcessResponse:
     rt, store = _rt(request), _store(request)
     models = []
-    for info in rt.loaded():
+    for info in await run_in_threadpool(rt.loaded):
         name = ModelName.parse(info.name)
         try:
             digest, det = store.record(name).digest.hex, details(store, name)

@@ -121,7 +121,7 @@ async def completions(body: oai.CompletionRequest, request: Request):
 
 async def _completion_request(rt: ModelRuntime, spec, body: oai.CompletionRequest, prompt: Any, i: int):
     if isinstance(prompt, list):
-        prompt = await rt.call(spec, lambda m, t: m.detokenize(t), rt.default_keep_alive, prompt)
+        prompt = await rt.call(spec, rt.engine.detokenize, rt.default_keep_alive, prompt)
     if not prompt:
         raise InvalidInput("prompt is empty")
     return convert.from_completion(body, prompt, seed_offset=i)
@@ -166,7 +166,7 @@ async def embeddings(body: oai.EmbeddingRequest, request: Request) -> oai.Embedd
     texts = []
     for item in items:
         texts.append(item if isinstance(item, str) else
-                     await rt.call(spec, lambda m, t: m.detokenize(t), rt.default_keep_alive, item))
+                     await rt.call(spec, rt.engine.detokenize, rt.default_keep_alive, item))
     vectors, used, _ = await rt.embed(spec, texts, None, True, rt.default_keep_alive)
     vectors = convert.truncate_dimensions(vectors, body.dimensions)
     data = [oai.EmbeddingData(index=i, embedding=convert.encode_embedding(v, body.encoding_format))

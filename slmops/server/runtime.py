@@ -1,33 +1,31 @@
 """Model lifecycle for the server: load on first use, keep-alive expiry, queue bounds, and the bridge from the
 engine's blocking iterators to asyncio.
 
-Generation runs on each model's batching runner thread; other llama.cpp work (loading, embeddings, tokenizing)
-runs on one engine thread. ggml's CPU threads belong to the thread that calls it, and a new calling thread per
-request left the previous team spinning on the same cores (measured: a 31-token prompt took 3 s instead of
-30 ms). Each request's pieces cross to the event loop through a queue. A client that goes away sets a cancel
-flag the worker checks between tokens, so its sequence is freed at once. Handlers depend
-on this class only through its methods; the batching runner of a later release plugs in behind the same ones.
+The engine is any ``EngineClient``: runner processes in the server, the in-process engine where crash isolation
+is not wanted. Loading, unloading and embedding go through one engine thread, so loads never race. A generation
+is started on a starter thread (starting may load the model); from then on the engine calls back with each
+piece from its own thread (the runner's, or the pipe reader's) straight onto the event loop: no thread waits
+per request, and each piece crosses one thread boundary. A client that goes away cancels its generation at
+once, which frees its sequence. Handlers depend on this class only through its methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from slmops.config.settings import parse_duration
-from slmops.engine.engine import Engine, Request, spec_from_store
-from slmops.engine.model import ModelSpec
+from slmops.engine.client import (Cancel, Emit, EngineClient, ModelSpec, ModelStatus, ModelUnloaded, Request,
+                                  gave_up, spec_from_store, unloaded)
 from slmops.engine.outputs import Output
 from slmops.store.store import Store
 from slmops.types.errors import InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
 
-_END = object()
 
 
 def keep_alive_seconds(value: Any, default: float) -> float:
@@ -54,7 +52,7 @@ class LoadedInfo:
 
 
 class ModelRuntime:
-    def __init__(self, store: Store, engine: Engine, keep_alive: float,
+    def __init__(self, store: Store, engine: EngineClient, keep_alive: float,
                  clock: Callable[[], float] = time.time, on_generation: Callable[..., None] | None = None):
         self.on_generation = on_generation
         self.on_cancel: Callable[[str], None] | None = None
@@ -66,6 +64,7 @@ class ModelRuntime:
         self._in_flight: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._starters = ThreadPoolExecutor(max_workers=8, thread_name_prefix="start")
         self._unloading: set[str] = set()
 
     async def _on_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -81,8 +80,8 @@ class ModelRuntime:
         return model, spec_from_store(self.store, model)
 
     # -- requests ------------------------------------------------------------------------------------------
-    def queue_depth(self) -> int:
-        return sum(len(m.runner.scheduler.waiting) for m in self.engine.loaded())
+    def queue_depth(self, models: list[ModelStatus] | None = None) -> int:
+        return sum(m.waiting for m in (self.engine.loaded() if models is None else models))
 
     def in_flight(self) -> int:
         return sum(self._in_flight.values())
@@ -112,46 +111,53 @@ class ModelRuntime:
     async def stream(self, spec: ModelSpec, req: Request, keep_alive: float) -> AsyncIterator[Output]:
         """The engine's outputs, as they come. Raises request errors before the first piece."""
         self._enter(spec.name)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def worker() -> None:
-            try:
-                if cancel.is_set():
-                    return
-                it = self.engine.run(spec, req)
-                for out in it:
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
-                    if cancel.is_set():
-                        it.close()
-                        break
-            except BaseException as err:  # handed to the event loop, which re-raises it there
-                loop.call_soon_threadsafe(queue.put_nowait, err)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-        threading.Thread(target=worker, name="request", daemon=True).start()
         item: Any = None
         t0, ttft = time.perf_counter(), None
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in self._pieces(spec, req):
                 if ttft is None and (item.text or item.done):
                     ttft = time.perf_counter() - t0
                 if item.done and item.stats is not None and self.on_generation:
                     self.on_generation(spec.name, item.stats, ttft)
                 yield item
         finally:
-            cancel.set()
-            cut_short = item is None or (isinstance(item, Output) and not item.done)
+            cut_short = item is None or not item.done
             if cut_short and self.on_cancel:
                 self.on_cancel(spec.name)
             self._leave(spec.name, keep_alive)
+
+    async def _pieces(self, spec: ModelSpec, req: Request) -> AsyncIterator[Output]:
+        """Start the generation on a starter thread (it may load the model), then await pieces the engine hands
+        to the event loop from its own thread. Leaving early (a client gone) cancels it."""
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            pieces: asyncio.Queue = asyncio.Queue()
+            started = done = False
+            cancel: Cancel | None = None
+            try:
+                cancel = await self._start(spec, req, lambda x: loop.call_soon_threadsafe(pieces.put_nowait, x))
+                while not done:
+                    item = await pieces.get()
+                    if isinstance(item, BaseException):
+                        done = True
+                        raise item
+                    done, started = item.done, True
+                    yield item
+                return
+            except ModelUnloaded:
+                unloaded(spec.name, started)
+            finally:
+                if not done and cancel is not None:
+                    cancel()
+        raise gave_up(spec.name)
+
+    async def _start(self, spec: ModelSpec, req: Request, emit: Emit) -> Cancel:
+        future = self._starters.submit(self.engine.start, spec, req, emit)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the client left while the model loaded: cancel once it has started
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()())
+            raise
 
     async def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None, truncate: bool,
                     keep_alive: float) -> tuple[list[list[float]], int, int]:
@@ -162,13 +168,10 @@ class ModelRuntime:
             self._leave(spec.name, keep_alive)
 
     async def call(self, spec: ModelSpec, fn: Callable[..., Any], keep_alive: float, *args: Any) -> Any:
-        """Run ``fn(loaded_model, *args)`` on the loaded model (tokenize, detokenize, load-only)."""
+        """Run ``fn(spec, *args)`` (the engine's load, tokenize or detokenize) counting as a use of the model."""
         self._enter(spec.name)
         try:
-            def work() -> Any:
-                model, _ = self.engine.load(spec)
-                return fn(model, *args)
-            return await self._on_engine(work)
+            return await self._on_engine(fn, spec, *args)
         finally:
             self._leave(spec.name, keep_alive)
 
@@ -177,14 +180,13 @@ class ModelRuntime:
         return await self._on_engine(self.engine.unload, name)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def loaded(self) -> list[LoadedInfo]:
+    def loaded(self, models: list[ModelStatus] | None = None) -> list[LoadedInfo]:
         out = []
-        for m in self.engine.loaded():
-            if m.spec.name in self._unloading:
+        for m in self.engine.loaded() if models is None else models:
+            if m.name in self._unloading:
                 continue
             size = m.spec.model_path.stat().st_size if m.spec.model_path.exists() else 0
-            out.append(LoadedInfo(m.spec.name, m.spec, self._expiry.get(m.spec.name, math.inf),
-                                  m.load_params.num_ctx, size))
+            out.append(LoadedInfo(m.name, m.spec, self._expiry.get(m.name, math.inf), m.num_ctx, size))
         return out
 
     async def reap_once(self) -> None:
@@ -206,3 +208,4 @@ class ModelRuntime:
             self._reaper.cancel()
         await self._on_engine(self.engine.close)
         self._engine_thread.shutdown(wait=False)
+        self._starters.shutdown(wait=False)

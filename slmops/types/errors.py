@@ -20,6 +20,7 @@ each through one table keyed by class, never by message text.
     ├── ConfigError             a bad SLMOPS_* value or settings file
     ├── Busy                    the engine cannot take more work now (HTTP 503)
     └── EngineError             llama.cpp failed (HTTP 500)
+        └── RunnerCrashed       a model's runner process died; its requests failed, the next one restarts it
 """
 
 from __future__ import annotations
@@ -90,4 +91,8 @@ class Busy(SlmopsError):
 
 
 class EngineError(SlmopsError):
+    pass
+
+
+class RunnerCrashed(EngineError):
     pass

@@ -1,0 +1,136 @@
+"""Runner processes: each loaded model runs in its own process, and a native crash there fails only that model's
+requests. A real server, two models, real signals."""
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import ollama
+import openai
+import psutil
+import pytest
+
+from conftest import Server, link_home
+
+M = "smollm2:135m"
+VICTIM = "victim:latest"
+# Greedy counting runs to the token limit: a generation certain to be running when the signal lands.
+COUNTING = {"prompt": "1, 2, 3, 4, 5,", "raw": True,
+            "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 100000, "num_ctx": 2048}}
+
+
+@pytest.fixture(scope="module")
+def srv(shared_home, tmp_path_factory):
+    s = Server(link_home(shared_home, tmp_path_factory.mktemp("runners")), SLMOPS_NUM_PARALLEL="2")
+    ollama.Client(host=s.url).copy(M, VICTIM)
+    yield s
+    s.stop()
+
+
+def runners(srv) -> dict[str, int]:
+    """Runner pids by model name: the server's children started as ``slmops.engine.worker FD CONFIG NAME``."""
+    out = {}
+    for child in psutil.Process(srv.proc.pid).children():
+        cmd = child.cmdline()
+        if "slmops.engine.worker" in cmd:
+            out[cmd[-1]] = child.pid
+    return out
+
+
+def stream_until_first_piece(url: str, body: dict, started: threading.Event, result: dict) -> None:
+    """Stream a generation; record every line, and signal once the first piece has arrived."""
+    lines = []
+    with httpx.stream("POST", url + "/api/generate", json=body, timeout=120) as r:
+        result["status"] = r.status_code
+        for line in r.iter_lines():
+            lines.append(json.loads(line))
+            started.set()
+    result["lines"] = lines
+
+
+def test_each_model_runs_in_its_own_process(srv):
+    c = ollama.Client(host=srv.url)
+    c.generate(model=M, prompt="hi", options={"num_predict": 2})
+    c.generate(model=VICTIM, prompt="hi", options={"num_predict": 2})
+    pids = runners(srv)
+    assert set(pids) >= {M, VICTIM} and pids[M] != pids[VICTIM] != srv.proc.pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
+def test_killed_runner_fails_only_its_requests_and_restarts(srv, sig):
+    for model in (M, VICTIM):  # both loaded, each in its runner
+        ollama.Client(host=srv.url).generate(model=model, prompt="hi", options={"num_predict": 1})
+    before = runners(srv)
+    survivor, victim = {}, {}
+    started = {M: threading.Event(), VICTIM: threading.Event()}
+    bodies = {M: {"model": M, **COUNTING, "options": {**COUNTING["options"], "num_predict": 300}},
+              VICTIM: {"model": VICTIM, **COUNTING}}
+    threads = [threading.Thread(target=stream_until_first_piece, args=(srv.url, bodies[m], started[m], r))
+               for m, r in ((M, survivor), (VICTIM, victim))]
+    for t in threads:
+        t.start()
+    assert started[VICTIM].wait(60) and started[M].wait(60)
+    psutil.Process(before[VICTIM]).send_signal(sig)
+    for t in threads:
+        t.join(120)
+
+    last = victim["lines"][-1]
+    assert victim["status"] == 200 and len(victim["lines"]) >= 2  # it was streaming, then its runner died
+    assert "error" in last and f'runner for model "{VICTIM}" stopped (killed by {sig.name})' in last["error"]
+    assert "again" in last["error"]
+    # The other model's stream went on to its full length.
+    end = survivor["lines"][-1]
+    assert end["done"] and end["done_reason"] == "length" and end["eval_count"] == 300
+    assert "".join(x.get("response", "") for x in survivor["lines"]).startswith(" 6, 7, 8")
+
+    # The next request for the crashed model starts a fresh runner and succeeds.
+    r = ollama.Client(host=srv.url).generate(model=VICTIM, prompt="Say hi", options={"num_predict": 5})
+    assert r.done and r.eval_count >= 1
+    after = runners(srv)
+    assert after[VICTIM] != before[VICTIM] and after[M] == before[M]
+
+
+def test_non_streaming_request_gets_a_500_with_the_reason(srv):
+    ollama.Client(host=srv.url).generate(model=VICTIM, prompt="hi", options={"num_predict": 1})
+    runner = psutil.Process(runners(srv)[VICTIM])
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model=VICTIM, prompt="1, 2, 3, 4, 5,", max_tokens=100000, temperature=0)
+        except openai.APIStatusError as err:
+            out["err"] = err
+
+    t = threading.Thread(target=call)
+    t.start()
+    # Signal once the runner is decoding this request: it has used CPU time since the request was sent.
+    base = sum(runner.cpu_times()[:2])
+    while sum(runner.cpu_times()[:2]) - base < 0.5 and t.is_alive():
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGSEGV)
+    t.join(60)
+    err = out["err"]
+    assert err.status_code == 500 and "killed by SIGSEGV" in str(err)
+    assert ollama.Client(host=srv.url).generate(model=VICTIM, prompt="hi", options={"num_predict": 2}).done
+
+
+def test_ps_does_not_list_a_crashed_runner(srv):
+    ollama.Client(host=srv.url).generate(model=VICTIM, prompt="hi", options={"num_predict": 1})
+    assert VICTIM in {m.model for m in ollama.Client(host=srv.url).ps().models}
+    runner = psutil.Process(runners(srv)[VICTIM])
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(10)
+    deadline = time.monotonic() + 10  # the server notices within moments; not a timing assertion
+    while VICTIM in {m.model for m in ollama.Client(host=srv.url).ps().models} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert VICTIM not in {m.model for m in ollama.Client(host=srv.url).ps().models}
+
+
+def test_integers_too_large_for_the_pipe_are_a_400(srv):
+    r = httpx.post(srv.url + "/api/detokenize", json={"model": M, "tokens": [2 ** 70]}, timeout=60)
+    assert r.status_code == 400 and "too large" in r.json()["error"]
+    r = httpx.post(srv.url + "/api/generate", json={"model": M, "prompt": "hi", "context": [-(2 ** 70)]}, timeout=60)
+    assert r.status_code == 400 and "too large" in r.json()["error"]
