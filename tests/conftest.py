@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -99,17 +100,19 @@ def link_home(src_home: Path, dst_home: Path) -> Path:
 class Server:
     """A real `slmops serve` process on a free loopback port."""
 
-    def __init__(self, home: Path, **env: str):
+    def __init__(self, home: Path, args: tuple[str, ...] = (), verify: Any = True, **env: str):
         import httpx
         import time
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if env.get("SLMOPS_TLS_CERT") or "--tls-cert" in args else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.home = home
         e = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_HOST": f"127.0.0.1:{self.port}", **env}
         self.log = open(home / "server.log", "w")
-        self.proc = subprocess.Popen([str(BIN), "serve"], env=e, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([str(BIN), "serve", *args], env=e, stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(300):
             try:
-                httpx.get(self.url + "/health", timeout=1)
+                httpx.get(self.url + "/health", timeout=1, verify=verify)
                 return
             except httpx.HTTPError:
                 if self.proc.poll() is not None:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from conftest import HTTP, BIN, Server, link_home
+from slmops.security.keys import KeyStore
 
 M = "smollm2:135m"
 # Greedy counting goes on until the token limit: a generation that is certain to still be running.
@@ -159,10 +160,15 @@ def test_full_queue_is_503(shared_home, tmp_path):
 
 
 def test_schemathesis_finds_no_server_errors(shared_home, tmp_path):
-    """Property-based requests from the OpenAPI document; no response may be a 5xx."""
-    s = Server(link_home(shared_home, tmp_path / "h"), SLMOPS_CONTEXT_LENGTH="256")
+    """Property-based requests from the OpenAPI document, with auth on (an admin key reaches every route; which
+    role reaches which route is walked in test_security_server); no response may be a 5xx."""
+    home = link_home(shared_home, tmp_path / "h")
+    key = KeyStore(home / "keys.json").create("fuzzer", "admin")
+    s = Server(home, SLMOPS_CONTEXT_LENGTH="256")
     try:
+        assert HTTP.get(s.url + "/api/tags").status_code == 401  # auth is on
         cmd = [str(BIN.parent / "schemathesis"), "run", s.url + "/openapi.json", "--checks", "not_a_server_error",
+               "-H", f"Authorization: Bearer {key}",
                "--max-examples", "4", "--phases", "coverage,fuzzing", "--exclude-path-regex", "/api/pull",
                "--max-time", "150", "--request-timeout", "120", "--suppress-health-check", "all",
                "--seed", "20261122"]

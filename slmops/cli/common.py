@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import getpass
 import sys
 from datetime import datetime, timezone
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from slmops.config.settings import Settings
 from slmops.store.store import Store
+from slmops.types.errors import ConfigError
+
+if TYPE_CHECKING:
+    from slmops.security.audit import AuditLog
+    from slmops.security.keys import KeyStore
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -22,7 +30,49 @@ def settings() -> Settings:
 
 
 def store() -> Store:
-    return Store(settings().models_dir)
+    cfg = settings()
+    return Store(cfg.models_dir, allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"])
+
+
+def key_store() -> "KeyStore":
+    from slmops.security.keys import KeyStore
+    return KeyStore(settings().home / "keys.json")
+
+
+def audit_log() -> "AuditLog | None":
+    """The audit log as configured, or None with SLMOPS_AUDIT=false."""
+    from slmops.security.audit import AuditLog
+    cfg = settings()
+    if not cfg["SLMOPS_AUDIT"]:
+        return None
+    key = None
+    if cfg["SLMOPS_AUDIT_KEY"] is not None:
+        try:
+            key = cfg["SLMOPS_AUDIT_KEY"].read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(f"SLMOPS_AUDIT_KEY: cannot read the key file ({err.strerror}); fix the path") from None
+        if len(key) < 16:
+            raise ConfigError("SLMOPS_AUDIT_KEY: the key file must hold at least 16 bytes of secret")
+    return AuditLog(cfg.home / "audit" / "audit.log", key, cfg["SLMOPS_AUDIT_MAX_BYTES"])
+
+
+def audit(action: str, **fields: object) -> None:
+    """Record a management action taken from the command line (pull, create, rm, cp, key changes)."""
+    log = audit_log()
+    if log is not None:
+        log.append(key="cli", role="local", client=f"local:{getpass.getuser()}", method="CLI", route=action,
+                   **fields)
+
+
+@contextmanager
+def audited(action: str, model: str | None = None, **fields: object) -> Iterator[None]:
+    """Audit an action whether it succeeds (status 0) or fails (status 1 and the error)."""
+    try:
+        yield
+    except BaseException as err:
+        audit(action, model=model, status=1, error=str(err) or type(err).__name__, **fields)
+        raise
+    audit(action, model=model, status=0, **fields)
 
 
 def human_size(n: int) -> str:

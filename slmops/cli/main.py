@@ -11,7 +11,7 @@ import sys
 import typer
 
 import slmops
-from slmops.cli import models, run, serve
+from slmops.cli import models, run, security, serve
 from slmops.cli.common import console, err_console, settings
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -29,6 +29,8 @@ app.command("prune")(models.prune)
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.command("ps")(serve.ps)
+app.add_typer(security.keys, name="keys")
+app.add_typer(security.audit_app, name="audit")
 
 
 @app.command("version")
@@ -50,7 +52,9 @@ def env() -> None:
 def main() -> None:
     debug = os.environ.get("SLMOPS_DEBUG", "").lower() in ("1", "true", "yes", "on")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns an Exit's code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SlmopsError as err:
         err_console.print(f"Error: {err}", markup=False, soft_wrap=True)
         sys.exit(1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from slmops.cli.common import PullBar, console, human_ago, human_size, store
+from slmops.cli.common import PullBar, audited, console, human_ago, human_size, store
 from slmops.modelfile import build, parse, render
 from slmops.store import manifests as mt
 from slmops.types.errors import SlmopsError
@@ -18,7 +18,8 @@ def pull(model: str = typer.Argument(..., help="Model name, e.g. smollm2:135m"))
     """Fetch a model from its source (the built-in catalog) into the local store."""
     bar = PullBar()
     try:
-        store().pull(ModelName.parse(model), bar)
+        with audited("pull", model):
+            store().pull(ModelName.parse(model), bar)
     finally:
         bar.close()
 
@@ -99,13 +100,15 @@ def rm(models: list[str] = typer.Argument(..., help="One or more model names."))
     """Remove models; blobs no other model uses are deleted."""
     s = store()
     for m in models:
-        s.remove(ModelName.parse(m))
+        with audited("rm", m):
+            s.remove(ModelName.parse(m))
         console.print(f"deleted '{m}'", markup=False)
 
 
 def cp(source: str, destination: str) -> None:
     """Copy a model under a new name (no data is duplicated)."""
-    store().copy(ModelName.parse(source), ModelName.parse(destination))
+    with audited("cp", f"{source} -> {destination}"):
+        store().copy(ModelName.parse(source), ModelName.parse(destination))
     console.print(f"copied '{source}' to '{destination}'", markup=False)
 
 
@@ -122,7 +125,8 @@ def create(
     mf = parse(text)
     bar = PullBar()
     try:
-        build.create(store(), name, mf, file.resolve().parent, bar)
+        with audited("create", model):
+            build.create(store(), name, mf, file.resolve().parent, bar)
     finally:
         bar.close()
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import Optional
 
 import httpx
+import typer
 
-from slmops.cli.common import console, settings, store
+from slmops.cli.common import audit_log, console, err_console, key_store, settings, store
 from slmops.types.errors import ConfigError, SlmopsError
 
 
@@ -23,17 +26,38 @@ def _check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; check SLMOPS_HOST") from None
 
 
-def serve() -> None:
+def serve(
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS "
+                                            "(or SLMOPS_TLS_CERT)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key (or SLMOPS_TLS_KEY)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without API keys."),
+) -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
     import uvicorn
 
     from slmops.engine.client import EngineConfig
-    from slmops.server.app import ServerConfig, create_app
+    from slmops.security.limits import RateLimiter
+    from slmops.server.access import AccessPolicy
+    from slmops.server.app import ServerConfig, create_app, is_loopback
     from slmops.server.runtime import ModelRuntime
 
     cfg = settings()
     host, port = cfg["SLMOPS_HOST"]
+    keys = key_store()
+    if not is_loopback(host) and not keys and not insecure:
+        raise ConfigError(f"refusing to serve on {host} without API keys: anyone who can reach it could use and "
+                          "change your models. Create one with `slmops keys create --name NAME --role user`, or "
+                          "pass --insecure")
+    tls_cert, tls_key = tls_cert or cfg["SLMOPS_TLS_CERT"], tls_key or cfg["SLMOPS_TLS_KEY"]
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key (or SLMOPS_TLS_CERT and SLMOPS_TLS_KEY)")
+    for p in (tls_cert, tls_key):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"TLS file {p} does not exist or is not a file")
     _check_port(host, port)
+    access = AccessPolicy(keys, required=cfg["SLMOPS_AUTH"] == "required",
+                          limiter=RateLimiter(cfg["SLMOPS_RATE_LIMIT"], cfg["SLMOPS_TOKEN_LIMIT"]),
+                          audit=audit_log(), audit_content=cfg["SLMOPS_AUDIT_CONTENT"])
     config = EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
                           max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"],
                           num_parallel=cfg["SLMOPS_NUM_PARALLEL"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
@@ -46,10 +70,16 @@ def serve() -> None:
     s = store()
     runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
     server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"])
-    app = create_app(s, runtime, server_config)
-    console.print(f"slmops listening on http://{host}:{port}", markup=False)
+    app = create_app(s, runtime, server_config, access=access)
+    if not is_loopback(host) and not keys:
+        err_console.print(f"WARNING: serving on {host} without API keys (--insecure): anyone who can reach this "
+                          "address can use and change your models", markup=False)
+    scheme = "https" if tls_cert else "http"
+    auth = "API keys required" if access.auth_on() else "no API keys (loopback)"
+    console.print(f"slmops listening on {scheme}://{host}:{port} ({auth})", markup=False)
     uvicorn.run(app, host=host, port=port, log_level="debug" if cfg["SLMOPS_DEBUG"] else "warning",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)
 
 
 def base_url() -> str:
@@ -62,7 +92,12 @@ def ps() -> None:
     """List the models a running server has loaded."""
     url = base_url()
     try:
-        models = httpx.get(f"{url}/api/ps", timeout=5).json()["models"]
+        key = settings()["SLMOPS_API_KEY"]
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.get(f"{url}/api/ps", timeout=5, headers=headers, verify=False)
+        if r.status_code in (401, 403):
+            raise SlmopsError(f"the server at {url} refused: {r.json().get('error')}; set SLMOPS_API_KEY")
+        models = r.json()["models"]
     except httpx.HTTPError:
         raise SlmopsError(
             f"could not connect to a running slmops server at {url}; start one with `slmops serve`") from None

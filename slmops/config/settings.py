@@ -86,6 +86,17 @@ def _runners(text: str) -> str:
     return low
 
 
+def _auth(text: str) -> str:
+    low = text.strip().lower()
+    if low not in ("auto", "required"):
+        raise ValueError("expected auto or required")
+    return low
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text.strip() else None
+
+
 def _origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in text.split(",") if o.strip())
 
@@ -113,6 +124,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_ORIGINS", _origins, "", "Extra CORS origins (comma-separated) besides the local ones."),
     Setting("SLMOPS_MAX_REQUEST_BYTES", _at_least_one, "16777216", "Largest JSON request body; bigger ones get 413."),
     Setting("SLMOPS_DEBUG", _bool, "false", "Show llama.cpp logs and tracebacks."),
+    Setting("SLMOPS_AUTH", _auth, "auto",
+            "API keys: auto (required once a key exists, or off loopback) or required (always, even on loopback)."),
+    Setting("SLMOPS_RATE_LIMIT", _positive_int, "0", "Requests per minute per API key; 0: no limit."),
+    Setting("SLMOPS_TOKEN_LIMIT", _positive_int, "0", "Prompt+completion tokens per minute per API key; 0: no limit."),
+    Setting("SLMOPS_AUDIT", _bool, "true", "Write the audit log (SLMOPS_HOME/audit/audit.log)."),
+    Setting("SLMOPS_AUDIT_KEY", _optional_path, "", "File holding a secret; audit records then carry an HMAC."),
+    Setting("SLMOPS_AUDIT_CONTENT", _bool, "false", "Also log prompts and completions in the audit log."),
+    Setting("SLMOPS_AUDIT_MAX_BYTES", _at_least_one, "67108864", "Audit file size at which it rotates."),
+    Setting("SLMOPS_ALLOW_PRIVATE_REGISTRIES", _bool, "false",
+            "Allow pulls from registry hosts on private, loopback or link-local addresses."),
+    Setting("SLMOPS_API_KEY", str, "", "The key the CLI sends to a server that requires one (slmops ps)."),
+    Setting("SLMOPS_TLS_CERT", _optional_path, "", "PEM certificate: serve HTTPS (with SLMOPS_TLS_KEY)."),
+    Setting("SLMOPS_TLS_KEY", _optional_path, "", "PEM private key of SLMOPS_TLS_CERT."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -42,6 +42,8 @@ class ModelSpec:
 
 
 def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
+    """What the engine needs to run ``name``, after checking every blob against its digest."""
+    store.verify(name)
     manifest = store.manifest(name)
     return ModelSpec(
         name=name.display,

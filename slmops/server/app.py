@@ -1,6 +1,7 @@
 """The HTTP server's application factory. State lives on ``app.state``; nothing here is a module global.
 
-Middlewares, outermost first: Host check (DNS rebinding), body size limit, metrics, CORS. Every error, from any
+Middlewares, outermost first: Host check (DNS rebinding), CORS, access (keys, roles, rate limits, audit), body
+size limit, metrics. Every error, from any
 layer, is mapped once here into Ollama's or OpenAI's error shape by path.
 """
 
@@ -14,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import slmops
 from slmops.server import errors, ollama, openai
+from slmops.server.access import Access, AccessPolicy, authorize
 from slmops.server.metrics import Metrics
 from slmops.server.runtime import ModelRuntime
 from slmops.store.store import Store
@@ -73,8 +75,8 @@ def _one_line_validation(err: RequestValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-class Guard:
-    """Host-header check and request-size limit, as raw ASGI so oversized bodies are refused before buffering."""
+class HostCheck:
+    """Bound to loopback, answer only loopback names: a page on another site cannot rebind its name to us."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app = app
@@ -82,13 +84,26 @@ class Guard:
         self.check_host = is_loopback(config.host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.check_host:
+            host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+            if not _host_allowed(host, self.config.extra_hosts):
+                return await _reject(scope, receive, send, 403, "host not allowed: this server answers only "
+                                     "loopback names (DNS rebinding protection)")
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Request-size limit, as raw ASGI so oversized bodies are refused before buffering."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig):
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        if self.check_host and not _host_allowed(headers.get("host", ""), self.config.extra_hosts):
-            return await self._reject(scope, receive, send, 403, "host not allowed: this server answers only "
-                                      "loopback names (DNS rebinding protection)")
         if path.startswith("/api/blobs/"):
             return await self.app(scope, receive, send)
         if headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -99,7 +114,7 @@ class Guard:
         limit = self.config.max_request_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
+            return await _reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
         body = bytearray()
         while True:  # JSON bodies are read whole anyway; reading them here lets a chunked one be cut off at the limit
             message = await receive()
@@ -107,7 +122,7 @@ class Guard:
                 return
             body += message.get("body", b"")
             if len(body) > limit:
-                return await self._reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
+                return await _reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
             if not message.get("more_body", False):
                 break
         sent = False
@@ -121,14 +136,14 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-        await JSONResponse(errors.body(scope.get("path", ""), status, message), status_code=status)(scope, receive,
-                                                                                                    send)
+
+async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    await JSONResponse(errors.body(scope.get("path", ""), status, message), status_code=status)(scope, receive, send)
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
-               metrics: Metrics | None = None) -> FastAPI:
+               metrics: Metrics | None = None, access: AccessPolicy | None = None) -> FastAPI:
+    """``access``: keys, rate limits and audit; without one, no auth (in-process tests of other layers)."""
     config = config or ServerConfig()
     metrics = metrics or Metrics()
     runtime.on_generation = metrics.generation
@@ -139,7 +154,7 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
         yield
         await runtime.stop()
 
-    app = FastAPI(title="slmops", version=slmops.__version__, lifespan=lifespan,
+    app = FastAPI(title="slmops", version=slmops.__version__, lifespan=lifespan, dependencies=[Depends(authorize)],
                   description="Ollama-compatible /api and OpenAI-compatible /v1 API for local small language models.")
     app.state.store = store
     app.state.runtime = runtime
@@ -159,9 +174,13 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
         metrics.latency.labels(label).observe(time.perf_counter() - t0)
         return response
 
+    # Outermost last: Host check, CORS (answers preflights, decorates refusals), access, body limit, metrics.
+    app.add_middleware(BodyLimit, config=config)
+    if access is not None:
+        app.add_middleware(Access, policy=access)
     app.add_middleware(CORSMiddleware, allow_origins=list(config.origins), allow_origin_regex=LOCAL_ORIGINS,
-                       allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(Guard, config=config)
+                       allow_methods=["*"], allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"])
+    app.add_middleware(HostCheck, config=config)
     return app
 
 

@@ -20,7 +20,8 @@ from slmops.api import ollama as oa
 from slmops.engine.tools import parse_calls
 from slmops.modelfile import build, render
 from slmops.modelfile.parser import Modelfile, parse
-from slmops.server import convert, streaming
+from slmops.security import roles
+from slmops.server import access, convert, streaming
 from slmops.server.runtime import ModelRuntime, keep_alive_seconds
 from slmops.store.store import Store
 from slmops.types import options as opts
@@ -45,10 +46,14 @@ def _target(request: Request, model: str, keep_alive: Any):
     """The runtime, the named model's spec (404 if absent) and the request's keep-alive in seconds."""
     rt = _rt(request)
     _, spec = rt.resolve(model)
-    return rt, spec, keep_alive_seconds(keep_alive, rt.default_keep_alive)
+    keep = keep_alive_seconds(keep_alive, rt.default_keep_alive)
+    if keep == 0:
+        access.require(roles.MANAGE, "unload models (keep_alive 0)")
+    return rt, spec, keep
 
 
 async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
+    access.require(roles.MANAGE, "load or unload models explicitly")
     if keep == 0:
         await rt.unload(spec.name)
         reason = "unload"

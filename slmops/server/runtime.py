@@ -22,6 +22,7 @@ from slmops.config.settings import parse_duration
 from slmops.engine.client import (Cancel, Emit, EngineClient, ModelSpec, ModelStatus, ModelUnloaded, Request,
                                   gave_up, spec_from_store, unloaded)
 from slmops.engine.outputs import Output
+from slmops.server import access
 from slmops.store.store import Store
 from slmops.types.errors import InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
@@ -75,6 +76,9 @@ class ModelRuntime:
         if not name:
             raise InvalidInput("model is required")
         model = ModelName.parse(name)
+        ctx = access.current()
+        if ctx is not None:
+            ctx.model = model.display
         if not self.store.exists(model):
             raise ModelNotFound(name)
         return model, spec_from_store(self.store, model)
@@ -113,17 +117,27 @@ class ModelRuntime:
         self._enter(spec.name)
         item: Any = None
         t0, ttft = time.perf_counter(), None
+        ctx = access.current()
+        text: list[str] | None = [] if ctx is not None and ctx.content is not None else None
         try:
             async for item in self._pieces(spec, req):
                 if ttft is None and (item.text or item.done):
                     ttft = time.perf_counter() - t0
-                if item.done and item.stats is not None and self.on_generation:
-                    self.on_generation(spec.name, item.stats, ttft)
+                if text is not None:
+                    text.append(item.text)
+                if item.done and item.stats is not None:
+                    if self.on_generation:
+                        self.on_generation(spec.name, item.stats, ttft)
+                    if ctx is not None:
+                        ctx.prompt_tokens += item.stats.prompt_eval_count
+                        ctx.completion_tokens += item.stats.eval_count
                 yield item
         finally:
             cut_short = item is None or not item.done
             if cut_short and self.on_cancel:
                 self.on_cancel(spec.name)
+            if text is not None and ctx is not None and ctx.content is not None:
+                ctx.content.setdefault("completions", []).append("".join(text))
             self._leave(spec.name, keep_alive)
 
     async def _pieces(self, spec: ModelSpec, req: Request) -> AsyncIterator[Output]:
@@ -163,7 +177,11 @@ class ModelRuntime:
                     keep_alive: float) -> tuple[list[list[float]], int, int]:
         self._enter(spec.name)
         try:
-            return await self._on_engine(self.engine.embed, spec, inputs, options, truncate)
+            vectors, used, load_ns = await self._on_engine(self.engine.embed, spec, inputs, options, truncate)
+            ctx = access.current()
+            if ctx is not None:
+                ctx.prompt_tokens += used
+            return vectors, used, load_ns
         finally:
             self._leave(spec.name, keep_alive)
 

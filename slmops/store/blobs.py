@@ -65,6 +65,31 @@ class BlobStore:
             raise
         return digest, size
 
+    def verify(self, digest: Digest, cache: Path, what: str = "blob") -> None:
+        """Check a stored blob still hashes to its name. The result is remembered by file identity (inode, size,
+        mtime), so a model loads fast until its file changes; then it is hashed again."""
+        path = self.path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise IntegrityError(f"{what} {str(digest)[:19]} is missing from the store; pull or create the model "
+                                 "again") from None
+        identity = f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+        marker = cache / digest.hex
+        try:
+            if marker.read_text() == identity:
+                return
+        except (FileNotFoundError, OSError):
+            pass
+        with open(path, "rb") as f:
+            actual = Digest.of_file(f)
+        if actual != digest:
+            raise IntegrityError(f"{what} {str(digest)[:19]} is corrupt: its content no longer matches its digest; "
+                                 "remove the model and pull or create it again")
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(marker) as out:
+            out.write(identity.encode())
+
     def digests(self) -> set[Digest]:
         out = set()
         if self.root.is_dir():

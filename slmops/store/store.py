@@ -25,10 +25,11 @@ from slmops.store.blobs import BlobStore
 from slmops.store.catalog import Catalog, CatalogEntry
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.manifests import Layer, Manifest, ManifestStore
+from slmops.store.network import check_registry_host
 from slmops.store.sources import Source, default_sources
 from slmops.types.digest import Digest
 from slmops.types.errors import InvalidInput, ModelNotFound, SourceError
-from slmops.types.name import ModelName
+from slmops.types.name import DEFAULT_HOST, ModelName
 
 ProgressFn = Callable[[str, int, int | None], None]
 """``progress(status, completed_bytes, total_bytes)``; ``total`` is None for phases without a size."""
@@ -48,7 +49,9 @@ class ModelRecord:
 
 
 class Store:
-    def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None):
+    def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None,
+                 allow_internal_registries: bool = False):
+        self.allow_internal_registries = allow_internal_registries
         self.root = Path(root)
         self.blobs = BlobStore(self.root / "blobs")
         self.manifests = ManifestStore(self.root / "manifests")
@@ -110,6 +113,12 @@ class Store:
     def inspect(self, name: ModelName) -> GGUFInfo:
         return inspect_gguf(self.model_path(name), self.gguf_cache)
 
+    def verify(self, name: ModelName) -> None:
+        """Every blob of the model still matches its digest (hashing only files that changed since last time):
+        a corrupted or swapped file must not reach llama.cpp."""
+        for layer in self.manifest(name).all_layers():
+            self.blobs.verify(layer.blob, self.root / "cache" / "verified", f"blob of {name.display}")
+
     def model_path(self, name: ModelName) -> Path:
         layer = self.manifest(name).layer(mt.MODEL)
         if layer is None:
@@ -166,6 +175,8 @@ class Store:
         return Layer(mediaType=mt.MODEL, digest=str(digest), size=size), info
 
     def pull(self, name: ModelName, progress: ProgressFn = _no_progress) -> Manifest:
+        if name.host != DEFAULT_HOST:
+            check_registry_host(name.host, self.allow_internal_registries)
         entry = self.catalog.lookup(name)
         if entry is None:
             raise ModelNotFound(name.display)

@@ -13,6 +13,7 @@ each through one table keyed by class, never by message text.
     │   ├── InvalidOption       an unknown or ill-typed option
     │   ├── InvalidModelFile    a GGUF that fails validation (truncated, crafted)
     │   └── ContextOverflow     a prompt longer than the context window
+    ├── Forbidden               the caller's role does not allow it (HTTP 403)
     ├── NotFound                (HTTP 404)
     │   └── ModelNotFound
     ├── IntegrityError          content whose digest differs from the pinned one
@@ -61,6 +62,10 @@ class InvalidModelFile(InvalidInput):
 
 
 class ContextOverflow(InvalidInput):
+    pass
+
+
+class Forbidden(SlmopsError):
     pass
 
 

@@ -1,0 +1,65 @@
+"""``slmops keys`` and ``slmops audit``: API keys for the server, and checking the audit log's chain."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+
+import typer
+
+from slmops.cli.common import audit_log, audited, console, key_store
+from slmops.security.audit import verify
+from slmops.security.roles import ROLES
+from slmops.types.errors import ConfigError
+
+keys = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+
+
+@keys.command("create")
+def create(name: str = typer.Option(..., "--name", help="A label for the key (who or what uses it)."),
+           role: str = typer.Option("user", "--role", help=f"One of: {', '.join(ROLES)}."),
+           rpm: int = typer.Option(0, "--rpm", help="Requests per minute for this key (0: SLMOPS_RATE_LIMIT)."),
+           tpm: int = typer.Option(0, "--tpm", help="Tokens per minute for this key (0: SLMOPS_TOKEN_LIMIT).")) -> None:
+    """Create a key and print it. It is shown this once; only a salted hash is kept."""
+    with audited("keys create", name=name, role_granted=role):
+        secret = key_store().create(name, role, rpm, tpm)
+    if sys.stdout.isatty():
+        console.print(f"Created key [bold]{name}[/bold] with role {role}. Copy it now; it is not shown again:")
+    print(secret)
+
+
+@keys.command("list")
+def list_keys() -> None:
+    """List keys: name, role, id and limits (never the secret)."""
+    rows = [("NAME", "ROLE", "ID", "CREATED", "RPM", "TPM")]
+    for k in key_store().keys():
+        created = datetime.fromtimestamp(k.created, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        rows.append((k.name, k.role, k.id, created, str(k.requests_per_minute or "-"),
+                     str(k.tokens_per_minute or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        console.print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)
+
+
+@keys.command("revoke")
+def revoke(name: str = typer.Argument(..., help="Key name or id.")) -> None:
+    """Revoke a key; a running server refuses it from its next request."""
+    with audited("keys revoke", name=name):
+        gone = key_store().revoke(name)
+    console.print(f"revoked {gone.name}", markup=False)
+
+
+@audit_app.command("verify")
+def verify_cmd() -> None:
+    """Check the hash chain (and HMACs, with SLMOPS_AUDIT_KEY) across rotated files; names the first bad line."""
+    log = audit_log()
+    if log is None:
+        raise ConfigError("the audit log is off (SLMOPS_AUDIT=false)")
+    verdict = verify(log)
+    if not verdict.ok:
+        console.print(f"audit log TAMPERED: {verdict.problem}", markup=False)
+        raise typer.Exit(1)
+    signed = " and HMACs" if log.key else ""
+    console.print(f"audit log intact: {verdict.records} records in {verdict.files} file(s), hash chain{signed} "
+                  "verified", markup=False)
