@@ -33,10 +33,16 @@ class Result:
     stats: Stats
 
 
-def open_store(home: str | Path | None = None) -> Store:
-    """The store under ``home`` (default: ``SLMOPS_HOME``, else ``~/.slmops``)."""
-    root = Path(home).expanduser() if home else Settings.from_env().home
-    return Store(root / "models")
+def open_store(home: str | Path | None = None, settings: Settings | None = None) -> Store:
+    """The store under ``home`` (default: ``SLMOPS_HOME``, else ``~/.slmops``), with the registry and signature
+    policies of the settings (``SLMOPS_ALLOW_PRIVATE_REGISTRIES``, ``SLMOPS_TRUSTED_KEYS``)."""
+    cfg = settings or Settings.from_env()
+    root = Path(home).expanduser() if home else cfg.home
+    trust = None
+    if cfg["SLMOPS_TRUSTED_KEYS"]:
+        from slmops.security.signing import TrustPolicy
+        trust = TrustPolicy(list(cfg["SLMOPS_TRUSTED_KEYS"]))
+    return Store(root / "models", allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"], trust=trust)
 
 
 def pull(name: str = DEFAULT_MODEL, home: str | Path | None = None, progress: ProgressFn = _no_progress) -> None:

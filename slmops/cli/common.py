@@ -30,8 +30,8 @@ def settings() -> Settings:
 
 
 def store() -> Store:
-    cfg = settings()
-    return Store(cfg.models_dir, allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"])
+    from slmops.local import open_store
+    return open_store(settings=settings())
 
 
 def key_store() -> "KeyStore":

@@ -31,6 +31,8 @@ app.command("serve")(serve.serve)
 app.command("ps")(serve.ps)
 app.add_typer(security.keys, name="keys")
 app.add_typer(security.audit_app, name="audit")
+app.command("sign")(security.sign_cmd)
+app.command("verify")(security.verify_cmd_model)
 
 
 @app.command("version")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from slmops.cli.common import audit_log, audited, console, key_store
+from slmops.cli.common import audit_log, audited, console, key_store, store
 from slmops.security.audit import verify
 from slmops.security.roles import ROLES
-from slmops.types.errors import ConfigError
+from slmops.types.errors import ConfigError, ModelNotFound
+from slmops.types.name import ModelName
 
 keys = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
@@ -63,3 +66,33 @@ def verify_cmd() -> None:
     signed = " and HMACs" if log.key else ""
     console.print(f"audit log intact: {verdict.records} records in {verdict.files} file(s), hash chain{signed} "
                   "verified", markup=False)
+
+
+def sign_cmd(model: str = typer.Argument(..., help="Model to sign."),
+             key: Path = typer.Option(..., "--key", help="EC private key (PEM, P-256 or P-384)."),
+             password: Optional[str] = typer.Option(None, "--password", envvar="SLMOPS_SIGNING_PASSWORD",
+                                                    help="The key's password, if it has one.")) -> None:
+    """Sign a model's manifest and every blob (OpenSSF model-signing format); the signature is kept beside it."""
+    from slmops.security.signing import sign
+
+    name = ModelName.parse(model)
+    s = store()
+    if not s.exists(name):
+        raise ModelNotFound(name.display)
+    with audited("sign", model):
+        sign(s, name, key, password)
+    console.print(f"signed {name.display}", markup=False)
+
+
+def verify_cmd_model(model: str = typer.Argument(..., help="Model to check."),
+                     keys_: list[Path] = typer.Option(..., "--key", help="Trusted public key (PEM); repeatable.")
+                     ) -> None:
+    """Check a model's signature against public keys and its blobs against their digests."""
+    from slmops.security.signing import verify
+
+    name = ModelName.parse(model)
+    s = store()
+    for layer in s.manifest(name).all_layers():
+        s.blobs.verify(layer.blob, s.root / "cache" / "verified", f"blob of {name.display}")
+    key = verify(s, name, list(keys_))
+    console.print(f"{name.display}: signature verified with {key.name}", markup=False)

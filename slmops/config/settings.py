@@ -97,6 +97,10 @@ def _optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
 
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(Path(p.strip()).expanduser() for p in text.split(",") if p.strip())
+
+
 def _origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in text.split(",") if o.strip())
 
@@ -134,6 +138,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_AUDIT_MAX_BYTES", _at_least_one, "67108864", "Audit file size at which it rotates."),
     Setting("SLMOPS_ALLOW_PRIVATE_REGISTRIES", _bool, "false",
             "Allow pulls from registry hosts on private, loopback or link-local addresses."),
+    Setting("SLMOPS_TRUSTED_KEYS", _paths, "",
+            "Public keys (PEM, comma-separated): models must be signed by one to be pulled, created from or loaded."),
     Setting("SLMOPS_API_KEY", str, "", "The key the CLI sends to a server that requires one (slmops ps)."),
     Setting("SLMOPS_TLS_CERT", _optional_path, "", "PEM certificate: serve HTTPS (with SLMOPS_TLS_KEY)."),
     Setting("SLMOPS_TLS_KEY", _optional_path, "", "PEM private key of SLMOPS_TLS_CERT."),

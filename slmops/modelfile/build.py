@@ -17,7 +17,7 @@ from slmops.store.gguf import GGUFInfo
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.store import ProgressFn, Store, _no_progress
 from slmops.types.digest import Digest
-from slmops.types.errors import InvalidInput, ModelfileError, ModelNotFound, NotFound, SlmopsError
+from slmops.types.errors import InvalidInput, ModelfileError, ModelNotFound, NotFound, SlmopsError, UntrustedModel
 from slmops.types.name import ModelName
 
 
@@ -56,6 +56,7 @@ def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
         layers = [l for l in base_layers if l.media_type in (mt.MODEL, mt.ADAPTER, mt.LICENSE)]
         kept = {l.media_type: l for l in base_layers}
         for path in mf.adapters:
+            _refuse_unverifiable(store, "ADAPTER")
             file, digest = _file(store, path, base_dir, "ADAPTER")
             layer, _ = store.import_gguf(lambda f=file: f.open("rb"), path, digest, progress, file.stat().st_size)
             layers.append(Layer(mediaType=mt.ADAPTER, digest=layer.digest, size=layer.size))
@@ -82,6 +83,12 @@ def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
     return manifest
 
 
+def _refuse_unverifiable(store: Store, what: str) -> None:
+    if store.trust is not None:
+        raise UntrustedModel(f"{what} from a file or blob carries no signature, and SLMOPS_TRUSTED_KEYS requires "
+                             "one; create from a signed model instead")
+
+
 def _text(store: Store, layer: Layer | None) -> str | None:
     return store.blobs.path(layer.blob).read_text() if layer else None
 
@@ -89,6 +96,7 @@ def _text(store: Store, layer: Layer | None) -> str | None:
 def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
           pull_missing: bool) -> tuple[list[Layer], GGUFInfo]:
     if _is_path(mf.from_) or _digest(mf.from_):
+        _refuse_unverifiable(store, "FROM")
         file, digest = _file(store, mf.from_, base_dir, "FROM")
         layer, info = store.import_gguf(lambda: file.open("rb"), mf.from_, digest, progress, file.stat().st_size)
         return [layer], info
@@ -100,6 +108,8 @@ def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
         if not (pull_missing and store.catalog.lookup(base)):
             raise ModelNotFound(base.display)
         store.pull(base, progress)
+    if store.trust is not None:
+        store.trust(store, base)
     manifest = store.manifest(base)
     model = manifest.layer(mt.MODEL)
     if model is None:

@@ -14,6 +14,7 @@ STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
     (e.ModelNotFound, 404),
     (e.NotFound, 404),
     (e.Forbidden, 403),
+    (e.UntrustedModel, 403),
     (e.InvalidInput, 400),
     (e.IntegrityError, 400),
     (e.Busy, 503),

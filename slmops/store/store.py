@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from slmops.store import manifests as mt
-from slmops.store.atomic import remove_abandoned_temps
+from slmops.store.atomic import atomic_writer, remove_abandoned_temps
 from slmops.store.blobs import BlobStore
 from slmops.store.catalog import Catalog, CatalogEntry
 from slmops.store.gguf import GGUFInfo, inspect_gguf
@@ -28,7 +28,7 @@ from slmops.store.manifests import Layer, Manifest, ManifestStore
 from slmops.store.network import check_registry_host
 from slmops.store.sources import Source, default_sources
 from slmops.types.digest import Digest
-from slmops.types.errors import InvalidInput, ModelNotFound, SourceError
+from slmops.types.errors import InvalidInput, ModelNotFound, SlmopsError, SourceError
 from slmops.types.name import DEFAULT_HOST, ModelName
 
 ProgressFn = Callable[[str, int, int | None], None]
@@ -50,8 +50,10 @@ class ModelRecord:
 
 class Store:
     def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None,
-                 allow_internal_registries: bool = False):
+                 allow_internal_registries: bool = False, trust: Callable[["Store", ModelName], None] | None = None):
+        """``trust``: a signature policy (raises for a model it does not trust), checked on load, pull and create."""
         self.allow_internal_registries = allow_internal_registries
+        self.trust = trust
         self.root = Path(root)
         self.blobs = BlobStore(self.root / "blobs")
         self.manifests = ManifestStore(self.root / "manifests")
@@ -114,10 +116,23 @@ class Store:
         return inspect_gguf(self.model_path(name), self.gguf_cache)
 
     def verify(self, name: ModelName) -> None:
-        """Every blob of the model still matches its digest (hashing only files that changed since last time):
-        a corrupted or swapped file must not reach llama.cpp."""
+        """Every blob of the model still matches its digest (hashing only files that changed since last time), and
+        the trust policy accepts it: a corrupted, swapped or unsigned file must not reach llama.cpp."""
         for layer in self.manifest(name).all_layers():
             self.blobs.verify(layer.blob, self.root / "cache" / "verified", f"blob of {name.display}")
+        if self.trust is not None:
+            self.trust(self, name)
+
+    def manifest_bytes(self, name: ModelName) -> bytes:
+        try:
+            return self.manifests.path(name).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ModelNotFound(name.display) from None
+
+    def signature_path(self, name: ModelName) -> Path:
+        """Beside the model, never inside what is signed."""
+        *folders, tag = name.path_parts
+        return self.root.joinpath("signatures", *folders, tag + ".sig")
 
     def model_path(self, name: ModelName) -> Path:
         layer = self.manifest(name).layer(mt.MODEL)
@@ -193,6 +208,12 @@ class Store:
             config = self.config_layer(info, layers, {"source": entry.source.get("type")})
             progress("writing manifest", 0, None)
             manifest = self.write_manifest(name, layers, config)
+        if self.trust is not None:
+            try:
+                self.trust(self, name)
+            except SlmopsError:
+                self.remove(name)  # an untrusted model is not kept
+                raise
         progress("success", 0, None)
         return manifest
 
@@ -212,11 +233,17 @@ class Store:
     def copy(self, src: ModelName, dst: ModelName) -> None:
         with self.writing():
             self.manifests.put(dst, self.manifest(src))
+            sig = self.signature_path(src)
+            if sig.is_file():  # the signature covers content, not names: it holds for the copy
+                self.signature_path(dst).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_writer(self.signature_path(dst)) as f:
+                    f.write(sig.read_bytes())
 
     def remove(self, name: ModelName) -> list[Digest]:
         """Delete a model and every blob no other manifest references; returns the blobs removed."""
         with self._lock(exclusive=True):
             self.manifests.delete(name)
+            self.signature_path(name).unlink(missing_ok=True)
             return self._collect_garbage()
 
     def prune(self) -> list[Digest]:

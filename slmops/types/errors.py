@@ -16,7 +16,8 @@ each through one table keyed by class, never by message text.
     ├── Forbidden               the caller's role does not allow it (HTTP 403)
     ├── NotFound                (HTTP 404)
     │   └── ModelNotFound
-    ├── IntegrityError          content whose digest differs from the pinned one
+    ├── IntegrityError          content whose digest differs from the pinned one (HTTP 400)
+    │   └── UntrustedModel      unsigned, or not signed by a trusted key (HTTP 403)
     ├── SourceError             a model source failed (download, missing file)
     ├── ConfigError             a bad SLMOPS_* value or settings file
     ├── Busy                    the engine cannot take more work now (HTTP 503)
@@ -80,6 +81,10 @@ class ModelNotFound(NotFound):
 
 
 class IntegrityError(SlmopsError):
+    pass
+
+
+class UntrustedModel(IntegrityError):
     pass
 
 
