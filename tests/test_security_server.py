@@ -112,7 +112,7 @@ def test_a_revoked_key_is_refused_without_a_restart(secured):
 
 def test_audit_records_who_did_what_without_content(secured):
     c = ollama.Client(host=secured.url, headers=auth(secured.keys["user"]))
-    secret_prompt = "the launch code is 4471"
+    secret_prompt = "the launch code is zebra-quartz"  # not hexadecimal: no request id or hash can hold it
     r = c.generate(model=M, prompt=secret_prompt, options={"num_predict": 4})
     httpx.post(secured.url + "/api/pull", json={"model": M}, headers=auth(secured.keys["user"]))
     log = AuditLog(secured.home / "audit" / "audit.log")
@@ -122,7 +122,7 @@ def test_audit_records_who_did_what_without_content(secured):
            and x["key"] == "user-key"][-1]
     assert gen["role"] == "user" and gen["model"] == M and gen["status"] == 200 and gen["client"] == "127.0.0.1"
     assert gen["completion_tokens"] == r.eval_count and len(gen["request_id"]) == 16
-    assert secret_prompt not in text and "4471" not in text
+    assert secret_prompt not in text and "zebra-quartz" not in text
     denied = [x for x in records if x["route"] == "/api/pull" and x["status"] == 403]
     assert denied and denied[-1]["key"] == "user-key"
     assert not any(x["route"] in ("/health", "/api/version") for x in records)  # public probes are not audited

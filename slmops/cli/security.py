@@ -92,7 +92,6 @@ def verify_cmd_model(model: str = typer.Argument(..., help="Model to check."),
 
     name = ModelName.parse(model)
     s = store()
-    for layer in s.manifest(name).all_layers():
-        s.blobs.verify(layer.blob, s.root / "cache" / "verified", f"blob of {name.display}")
+    s.verify_blobs(name)
     key = verify(s, name, list(keys_))
     console.print(f"{name.display}: signature verified with {key.name}", markup=False)

@@ -43,8 +43,8 @@ class ModelSpec:
 
 def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
     """What the engine needs to run ``name``, after checking every blob against its digest."""
-    store.verify(name)
     manifest = store.manifest(name)
+    store.verify(name, manifest)
     return ModelSpec(
         name=name.display,
         model_path=store.model_path(name),

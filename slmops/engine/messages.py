@@ -1,8 +1,8 @@
 """What the server and a runner process say to each other: tagged msgpack structs, one per message kind.
 
 Frames travel over a socket pair with ``multiprocessing.connection`` framing. Requests carry an ``id`` that the
-replies name; generation replies come as ``Outputs`` batches, so a runner decoding eight sequences sends one
-frame per step rather than eight. Errors cross as the class name from :mod:`slmops.types.errors` and the
+replies name; a generation answers with one ``Piece`` per output, sent by the runner thread as it is sampled
+(batching pieces per step through a writer thread cost more in hand-offs than it saved in writes). Errors cross as the class name from :mod:`slmops.types.errors` and the
 one-line message, and are raised again on the server side as the same class.
 """
 
@@ -64,8 +64,9 @@ class Shutdown(msgspec.Struct, tag=True):
     id: int
 
 
-class Outputs(msgspec.Struct, tag=True):
-    items: list[tuple[int, Output]]
+class Piece(msgspec.Struct, tag=True):
+    id: int
+    out: Output
 
 
 class Reply(msgspec.Struct, tag=True):
@@ -85,7 +86,7 @@ class Failure(msgspec.Struct, tag=True):
 
 
 ToRunner = Load | Run | Cancel | Embed | Tokenize | Detokenize | Status | Shutdown
-FromRunner = Outputs | Reply | Statuses | Failure
+FromRunner = Piece | Reply | Statuses | Failure
 
 
 def _enc_hook(obj: Any) -> Any:

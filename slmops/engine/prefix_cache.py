@@ -38,8 +38,9 @@ class PrefixCache:
     def used_tokens(self) -> int:
         return sum(len(e.tokens) for e in self.entries.values())
 
-    def match(self, tokens: list[int]) -> tuple[int | None, int]:
-        """(cache slot, number of leading tokens it holds) for the longest cached prefix of ``tokens``."""
+    def match(self, tokens: list[int], touch: bool = True) -> tuple[int | None, int]:
+        """(cache slot, number of leading tokens it holds) for the longest cached prefix of ``tokens``; with
+        ``touch`` the entry counts as used (LRU), without it this is only a look."""
         node, depth, best = self.root, 0, (None, 0)
         while True:
             child = node.children.get(tokens[depth]) if depth < len(tokens) else None
@@ -54,7 +55,7 @@ class PrefixCache:
             if n < len(child.edge):
                 break
             node = child
-        if best[0] is not None:
+        if touch and best[0] is not None:
             self.entries[best[0]].last_used = next(self._clock)
         return best
 

@@ -144,9 +144,8 @@ class RunnerProcess:
         try:
             while True:
                 reply = msg.decode_from_runner(self.conn.recv_bytes())
-                if isinstance(reply, msg.Outputs):
-                    for req_id, out in reply.items:
-                        self._deliver(req_id, out)
+                if isinstance(reply, msg.Piece):
+                    self._deliver(reply.id, reply.out)
                 elif isinstance(reply, msg.Failure):
                     self._deliver(reply.id, msg.from_failure(reply))
                 else:
@@ -206,9 +205,8 @@ class ProcessEngine:
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:
-        vectors, used, load_ns = self._retrying(
-            spec.name, lambda r: r.call(lambda i: msg.Embed(i, spec, inputs, options, truncate)))
-        return vectors, used, load_ns
+        return tuple(self._retrying(  # msgpack hands back the tuple as a list
+            spec.name, lambda r: r.call(lambda i: msg.Embed(i, spec, inputs, options, truncate))))
 
     def tokenize(self, spec: ModelSpec, text: str) -> list[int]:
         return self._retrying(spec.name, lambda r: r.call(lambda i: msg.Tokenize(i, spec, text)))
@@ -220,11 +218,6 @@ class ProcessEngine:
         with self._lock:
             runners = [r for r in self._runners.values() if r.alive and not r.shutting_down]
         return [m for r in runners for m in r.status()]
-
-    def pids(self) -> dict[str, int]:
-        """Runner process ids by model name, for operators and tests."""
-        with self._lock:
-            return {n: r.proc.pid for n, r in self._runners.items() if r.alive}
 
     def unload(self, name: str) -> bool:
         with self._lock:

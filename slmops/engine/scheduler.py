@@ -211,7 +211,7 @@ class Scheduler:
 
     def _worth_waiting(self, seq: Seq) -> bool:
         """A running prefill will soon hold a long prefix of this prompt that no KV holds yet."""
-        have = self.cache.match(seq.prompt)[1] if self.cache is not None else 0
+        have = self.cache.match(seq.prompt, touch=False)[1] if self.cache is not None else 0
         for other in self.running.values():
             have = max(have, common_prefix(seq.prompt, other.tokens[: other.n_kv]))
         usable = len(seq.prompt) - 1

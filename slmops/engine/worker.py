@@ -50,7 +50,8 @@ class Worker:
             self._closing = True
             self._spawn(self._shutdown, m.id)
         elif isinstance(m, msg.Run):
-            self._cancels[m.id] = None
+            with self._lock:
+                self._cancels[m.id] = None
             self._spawn(self._run, m)
         else:
             self._spawn(self._call, m.id, self._handler(m))
@@ -94,7 +95,7 @@ class Worker:
             else:
                 if item.done:
                     self._forget(m.id)
-                self._send(msg.Outputs([(m.id, item)]))
+                self._send(msg.Piece(m.id, item))
         try:
             cancel = self.engine.start(m.spec, m.req, emit)
         except BaseException as err:

@@ -53,7 +53,9 @@ class KeyStore:
         return sorted(self._keys.values(), key=lambda k: k.created)
 
     def __bool__(self) -> bool:
-        return bool(self.keys())
+        """Any key at all (asked on every request: whether auth is on)."""
+        self._refresh()
+        return bool(self._keys)
 
     def authenticate(self, presented: str) -> ApiKey | None:
         """The key record for a presented key, or None. Constant-time on the secret."""

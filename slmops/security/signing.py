@@ -93,11 +93,14 @@ def verify(store: Store, name: ModelName, public_keys: list[Path]) -> Path:
     if not sig.is_file():
         raise UntrustedModel(f'model "{name.display}" is not signed; sign it with `slmops sign {name.display} '
                              "--key KEY` using a trusted key")
+    missing = next((k for k in public_keys if not k.is_file()), None)
+    if missing is not None:
+        raise InvalidInput(f"public key {missing.name} does not exist or is not a file")
+    memo = _memo_path(store, name, sig, public_keys)
+    if memo.is_file():  # checked before with these very keys: no need to parse them on every load
+        return Path(memo.read_text())
     for key in public_keys:
         _check_key_file(key, "public key")
-    memo = _memo_path(store, name, sig, public_keys)
-    if memo.is_file():
-        return Path(memo.read_text())
     errors = []
     with signed_view(store, name) as view:
         for key in public_keys:

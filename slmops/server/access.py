@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slmops.security import roles
@@ -110,9 +109,9 @@ class Access:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", ctx.request_id.encode()))
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._finish(ctx, status["code"], t0, needed)
+                self._finish(ctx, status["code"], t0, needed)  # before the last byte: a finished reply is audited
+            await send(message)
 
         try:
             refusal = self._check(scope, ctx, needed)
@@ -131,9 +130,9 @@ class Access:
             scheme, _, presented = auth.partition(" ")
             key = self.policy.keys.authenticate(presented) if scheme.lower() == "bearer" else None
             if key is None:
-                return _error(path, 401, "a valid API key is required: send Authorization: Bearer <key> "
+                return errors.response(path, 401, "a valid API key is required: send Authorization: Bearer <key> "
                                          "(create one with `slmops keys create`)",
-                              [(b"www-authenticate", b'Bearer realm="slmops"')])
+                                       headers=[(b"www-authenticate", b'Bearer realm="slmops"')])
             ctx.key, ctx.role = key.name, key.role
             ctx.limit_id, ctx.tokens_per_minute = key.id, key.tokens_per_minute
             wait = self.policy.limiter.admit(key.id, key.requests_per_minute, key.tokens_per_minute)
@@ -143,8 +142,8 @@ class Access:
             ctx.limit_id = f"client:{ctx.client}"
             wait = self.policy.limiter.admit(ctx.limit_id)
         if wait:
-            return _error(path, 429, f"rate limit reached for this key; retry in {retry_after(wait)} s",
-                          [(b"retry-after", retry_after(wait).encode())])
+            return errors.response(path, 429, f"rate limit reached for this key; retry in {retry_after(wait)} s",
+                                   headers=[(b"retry-after", retry_after(wait).encode())])
         return None
 
     def _capturing(self, receive: Receive, ctx: RequestContext) -> Receive:
@@ -176,9 +175,3 @@ class Access:
             self.policy.audit.append(**record)
         except OSError as err:  # the request is done; losing its record must be loud, not fatal
             log.error("could not write the audit log: %s", err)
-
-
-def _error(path: str, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
-    response = JSONResponse(errors.body(path, status, message), status_code=status)
-    response.raw_headers.extend(headers or [])
-    return response

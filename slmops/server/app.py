@@ -138,7 +138,7 @@ class BodyLimit:
 
 
 async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-    await JSONResponse(errors.body(scope.get("path", ""), status, message), status_code=status)(scope, receive, send)
+    await errors.response(scope.get("path", ""), status, message)(scope, receive, send)
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
@@ -220,7 +220,7 @@ def _add_ops_routes(app: FastAPI) -> None:
 
 def _add_error_handlers(app: FastAPI) -> None:
     def reply(request: Request, status: int, message: str, code: str | None = None) -> JSONResponse:
-        return JSONResponse(errors.body(request.url.path, status, message, code), status_code=status)
+        return errors.response(request.url.path, status, message, code)
 
     @app.exception_handler(SlmopsError)
     async def slmops_error(request: Request, err: SlmopsError):

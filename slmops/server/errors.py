@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from slmops.types import errors as e
 
 STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
@@ -45,3 +47,11 @@ def body(path: str, status: int, message: str, code: str | None = None) -> dict[
 
 def openai_code(err: Exception) -> str | None:
     return "model_not_found" if isinstance(err, e.ModelNotFound) else None
+
+
+def response(path: str, status: int, message: str, code: str | None = None,
+             headers: list[tuple[bytes, bytes]] | None = None) -> JSONResponse:
+    """The error response for ``path``, in its API's shape; the one place error responses are built."""
+    out = JSONResponse(body(path, status, message, code), status_code=status)
+    out.raw_headers.extend(headers or [])
+    return out

@@ -115,13 +115,17 @@ class Store:
     def inspect(self, name: ModelName) -> GGUFInfo:
         return inspect_gguf(self.model_path(name), self.gguf_cache)
 
-    def verify(self, name: ModelName) -> None:
-        """Every blob of the model still matches its digest (hashing only files that changed since last time), and
-        the trust policy accepts it: a corrupted, swapped or unsigned file must not reach llama.cpp."""
-        for layer in self.manifest(name).all_layers():
-            self.blobs.verify(layer.blob, self.root / "cache" / "verified", f"blob of {name.display}")
+    def verify(self, name: ModelName, manifest: Manifest | None = None) -> None:
+        """Every blob of the model still matches its digest, and the trust policy accepts it: a corrupted, swapped
+        or unsigned file must not reach llama.cpp."""
+        self.verify_blobs(name, manifest)
         if self.trust is not None:
             self.trust(self, name)
+
+    def verify_blobs(self, name: ModelName, manifest: Manifest | None = None) -> None:
+        """Hashing only files that changed since they were last checked (remembered by file identity)."""
+        for layer in (manifest or self.manifest(name)).all_layers():
+            self.blobs.verify(layer.blob, self.root / "cache" / "verified", f"blob of {name.display}")
 
     def manifest_bytes(self, name: ModelName) -> bytes:
         try:
