@@ -17,7 +17,7 @@ from slmops.config.settings import Settings
 from slmops.engine.client import Request, spec_from_store
 from slmops.engine.outputs import Output, Stats
 from slmops.store.store import ProgressFn, Store, _no_progress
-from slmops.types.errors import ModelNotFound
+from slmops.types.errors import ConfigError, ModelNotFound
 from slmops.types.name import ModelName
 
 if TYPE_CHECKING:
@@ -34,15 +34,34 @@ class Result:
 
 
 def open_store(home: str | Path | None = None, settings: Settings | None = None) -> Store:
-    """The store under ``home`` (default: ``SLMOPS_HOME``, else ``~/.slmops``), with the registry and signature
-    policies of the settings (``SLMOPS_ALLOW_PRIVATE_REGISTRIES``, ``SLMOPS_TRUSTED_KEYS``)."""
+    """The store under ``home`` (default: ``SLMOPS_HOME``, else ``~/.slmops``), with the registry, signature and
+    encryption policies of the settings (``SLMOPS_ALLOW_PRIVATE_REGISTRIES``, ``SLMOPS_TRUSTED_KEYS``,
+    ``SLMOPS_STORE_KEY``)."""
     cfg = settings or Settings.from_env()
     root = Path(home).expanduser() if home else cfg.home
     trust = None
     if cfg["SLMOPS_TRUSTED_KEYS"]:
         from slmops.security.signing import TrustPolicy
         trust = TrustPolicy(list(cfg["SLMOPS_TRUSTED_KEYS"]))
-    return Store(root / "models", allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"], trust=trust)
+    return Store(root / "models", allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"], trust=trust,
+                 key=store_key(cfg))
+
+
+def store_key(cfg: Settings) -> bytes | None:
+    """``SLMOPS_STORE_KEY``, or the key in ``SLMOPS_STORE_KEY_FILE``; both set is a mistake worth stopping on."""
+    from slmops.store.sealed import parse_key
+
+    key, file = cfg["SLMOPS_STORE_KEY"], cfg["SLMOPS_STORE_KEY_FILE"]
+    if file is None:
+        return key
+    if key is not None:
+        raise ConfigError("SLMOPS_STORE_KEY and SLMOPS_STORE_KEY_FILE are both set; keep one")
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"SLMOPS_STORE_KEY_FILE: cannot read the key file ({getattr(err, 'strerror', err)}); "
+                          "fix the path") from None
+    return parse_key(text, "SLMOPS_STORE_KEY_FILE")
 
 
 def pull(name: str = DEFAULT_MODEL, home: str | Path | None = None, progress: ProgressFn = _no_progress) -> None:

@@ -31,6 +31,7 @@ app.command("serve")(serve.serve)
 app.command("ps")(serve.ps)
 app.add_typer(security.keys, name="keys")
 app.add_typer(security.audit_app, name="audit")
+app.add_typer(security.store_app, name="store")
 app.command("sign")(security.sign_cmd)
 app.command("verify")(security.verify_cmd_model)
 
@@ -48,6 +49,8 @@ def env() -> None:
     for s in SETTINGS:
         value = cfg[s.name]
         shown = f"{value[0]}:{value[1]}" if s.name == "SLMOPS_HOST" else str(value)
+        if s.secret:
+            shown = "(set, hidden)" if value is not None else "None"
         console.print(f"{s.name}={shown}  ({cfg.origins[s.name]})  # {s.help}", markup=False, soft_wrap=True)
 
 

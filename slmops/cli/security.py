@@ -17,6 +17,7 @@ from slmops.types.name import ModelName
 
 keys = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+store_app = typer.Typer(help="Encryption at rest of the model store (SLMOPS_STORE_KEY).", no_args_is_help=True)
 
 
 @keys.command("create")
@@ -95,3 +96,27 @@ def verify_cmd_model(model: str = typer.Argument(..., help="Model to check."),
     s.verify_blobs(name)
     key = verify(s, name, list(keys_))
     console.print(f"{name.display}: signature verified with {key.name}", markup=False)
+
+
+def _reseal(seal: bool) -> None:
+    s = store()
+    if s.blobs.key is None:
+        raise ConfigError("no store key is set; set SLMOPS_STORE_KEY (64 hex digits, `openssl rand -hex 32`) or "
+                          "SLMOPS_STORE_KEY_FILE first")
+    action = "store seal" if seal else "store unseal"
+    with audited(action):
+        changed, total = s.reseal(seal)
+    state = "sealed" if seal else "plain"
+    console.print(f"{changed} blob(s) rewritten {state}; all {total} blob(s) are now {state}", markup=False)
+
+
+@store_app.command("seal")
+def seal_cmd() -> None:
+    """Encrypt every plain blob already in the store with the store key (new blobs are sealed as they arrive)."""
+    _reseal(True)
+
+
+@store_app.command("unseal")
+def unseal_cmd() -> None:
+    """Decrypt every sealed blob back to a plain file (the store key is needed to read them)."""
+    _reseal(False)

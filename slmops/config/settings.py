@@ -101,6 +101,11 @@ def _paths(text: str) -> tuple[Path, ...]:
     return tuple(Path(p.strip()).expanduser() for p in text.split(",") if p.strip())
 
 
+def _store_key(text: str) -> bytes | None:
+    from slmops.store.sealed import parse_key
+    return parse_key(text) if text.strip() else None
+
+
 def _origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in text.split(",") if o.strip())
 
@@ -111,6 +116,7 @@ class Setting:
     parse: Callable[[str], Any]
     default: str
     help: str
+    secret: bool = False  # never shown, only whether it is set
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -143,6 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_API_KEY", str, "", "The key the CLI sends to a server that requires one (slmops ps)."),
     Setting("SLMOPS_TLS_CERT", _optional_path, "", "PEM certificate: serve HTTPS (with SLMOPS_TLS_KEY)."),
     Setting("SLMOPS_TLS_KEY", _optional_path, "", "PEM private key of SLMOPS_TLS_CERT."),
+    Setting("SLMOPS_STORE_KEY", _store_key, "",
+            "256-bit key (64 hex digits, `openssl rand -hex 32`): new blobs are stored encrypted (AES-256-GCM).",
+            secret=True),
+    Setting("SLMOPS_STORE_KEY_FILE", _optional_path, "", "File holding SLMOPS_STORE_KEY, instead of the variable."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

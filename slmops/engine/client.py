@@ -39,6 +39,7 @@ class ModelSpec:
     adapters: list[Path] = field(default_factory=list)
     gguf_cache: Path | None = None
     context_length: int | None = None  # the model's training context, the cap for num_ctx
+    unseal_key: bytes | None = field(default=None, repr=False)  # opens sealed blobs (encryption at rest)
 
 
 def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
@@ -55,6 +56,7 @@ def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
         adapters=[store.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
         gguf_cache=store.gguf_cache,
         context_length=store.inspect(name).context_length,
+        unseal_key=store.blobs.key,
     )
 
 

@@ -21,6 +21,7 @@ from slmops.engine.outputs import TokenLogprob
 from slmops.engine.runner import BatchRunner
 from slmops.modelfile.template import ChatTemplate
 from slmops.store.gguf import GGUFInfo, inspect_gguf
+from slmops.store.sealed import plain_file
 from slmops.types.errors import ContextOverflow, InvalidInput
 
 DEFAULT_TEMPLATE = (
@@ -53,11 +54,12 @@ class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512):
         """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free."""
         t0 = time.perf_counter_ns()
-        self.info = inspect_gguf(spec.model_path, spec.gguf_cache)
+        self.info = inspect_gguf(spec.model_path, spec.gguf_cache, spec.unseal_key)
         self.spec = spec
         if n_parallel <= 0:
             n_parallel = auto_parallel(self.info, load.num_ctx, psutil.virtual_memory().available)
-        self.model = LlamaModel(spec.model_path)
+        with plain_file(spec.model_path, spec.unseal_key, "model") as path:  # llama.cpp maps it; the map outlives it
+            self.model = LlamaModel(path)
         self.load_params = load
         self.n_parallel = n_parallel
         cache_budget = load.num_ctx * 2  # cached prefixes: a couple of contexts' worth
@@ -66,10 +68,13 @@ class LoadedModel:
         self.ctx: LlamaContext | None = None
         try:
             self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=2 * n_parallel)
-            for path in spec.adapters:
-                inspect_gguf(path, spec.gguf_cache)
-            if spec.adapters:
-                self.ctx.set_loras([self.model.load_lora(p) for p in spec.adapters])
+            adapters = []
+            for adapter in spec.adapters:
+                inspect_gguf(adapter, spec.gguf_cache, spec.unseal_key)
+                with plain_file(adapter, spec.unseal_key, "adapter") as path:  # read whole into the adapter
+                    adapters.append(self.model.load_lora(path))
+            if adapters:
+                self.ctx.set_loras(adapters)
         except BaseException:
             if self.ctx is not None:
                 self.ctx.close()

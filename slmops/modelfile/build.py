@@ -90,7 +90,7 @@ def _refuse_unverifiable(store: Store, what: str) -> None:
 
 
 def _text(store: Store, layer: Layer | None) -> str | None:
-    return store.blobs.path(layer.blob).read_text() if layer else None
+    return store.blobs.read_bytes(layer.blob).decode() if layer else None
 
 
 def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
@@ -125,5 +125,5 @@ def to_modelfile(store: Store, name: ModelName) -> Modelfile:
     mf.parameters = store.read_json(m, mt.PARAMS) or {}
     mf.messages = store.read_json(m, mt.MESSAGES) or []
     mf.adapters = [str(store.blob_path(l.blob)) for l in m.layers if l.media_type == mt.ADAPTER]
-    mf.licenses = [store.blobs.path(l.blob).read_text() for l in m.layers if l.media_type == mt.LICENSE]
+    mf.licenses = [store.blobs.read_bytes(l.blob).decode() for l in m.layers if l.media_type == mt.LICENSE]
     return mf

@@ -4,7 +4,9 @@ in-toto statement), made and checked offline with local EC keys (P-256/P-384) by
 What is signed: a folder holding ``manifest.json`` (the model's manifest as stored) and ``blobs/sha256-<hex>`` for
 every layer it names; the statement lists each file with its sha256, so the signature covers the manifest and
 every blob digest, and ``model_signing verify`` can check the same folder by hand. The folder is assembled from
-hard links for the moment of signing or checking and removed after. Signatures live beside the model, in
+hard links for the moment of signing or checking and removed after. A sealed blob (encryption at rest) enters it as
+a symbolic link to its plaintext in memory, so what is signed is always the plaintext: a signature made on a plain
+store verifies on a sealed one and back. Signatures live beside the model, in
 ``signatures/`` of the store, never inside the signed folder.
 
 A successful check is remembered by (manifest digest, signature digest, key fingerprints); blob contents are
@@ -34,15 +36,26 @@ def signed_view(store: Store, name: ModelName) -> Iterator[Path]:
     manifest = store.manifest(name)
     tmp = Path(tempfile.mkdtemp(prefix=".sign-view-", dir=store.root))
     try:
-        (tmp / "manifest.json").write_bytes(store.manifest_bytes(name))
-        (tmp / "blobs").mkdir()
-        for layer in manifest.all_layers():
-            target = tmp / "blobs" / layer.blob.filename
-            if not target.exists():
-                os.link(store.blob_path(layer.blob), target)
-        yield tmp
+        with contextlib.ExitStack() as plain:
+            (tmp / "manifest.json").write_bytes(store.manifest_bytes(name))
+            (tmp / "blobs").mkdir()
+            for layer in manifest.all_layers():
+                target = tmp / "blobs" / layer.blob.filename
+                if target.is_symlink() or target.exists():
+                    continue
+                if store.blobs.is_sealed(layer.blob):
+                    target.symlink_to(plain.enter_context(store.blobs.plain(layer.blob, f"blob of {name.display}")))
+                else:
+                    os.link(store.blob_path(layer.blob), target)
+            yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hashing():  # type: ignore[no-untyped-def]
+    """Files hashed with sha256, following the view's links to sealed blobs' plaintext."""
+    from model_signing import hashing
+    return hashing.Config().set_allow_symlinks(True)
 
 
 def _check_key_file(path: Path, what: str, password: str | None = None) -> None:
@@ -75,7 +88,8 @@ def sign(store: Store, name: ModelName, private_key: Path, password: str | None 
     target.parent.mkdir(parents=True, exist_ok=True)
     with signed_view(store, name) as view, tempfile.TemporaryDirectory(dir=target.parent) as out:
         try:
-            signing.Config().use_elliptic_key_signer(private_key=private_key, password=password).sign(
+            signing.Config().use_elliptic_key_signer(private_key=private_key, password=password).set_hashing_config(
+                _hashing()).sign(
                 view, Path(out) / "model.sig")
         except (ValueError, TypeError) as err:
             raise InvalidInput(f"cannot sign with {private_key.name}: {_short(err)} (an EC P-256 or P-384 "
@@ -105,7 +119,8 @@ def verify(store: Store, name: ModelName, public_keys: list[Path]) -> Path:
     with signed_view(store, name) as view:
         for key in public_keys:
             try:
-                verifying.Config().use_elliptic_key_verifier(public_key=key).verify(view, sig)
+                verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing()).verify(
+                    view, sig)
             except Exception as err:  # model-signing raises ValueError and library-specific errors alike
                 errors.append(f"{key.name}: {_short(err)}")
                 continue

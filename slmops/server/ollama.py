@@ -26,7 +26,7 @@ from slmops.server.runtime import ModelRuntime, keep_alive_seconds
 from slmops.store.store import Store
 from slmops.types import options as opts
 from slmops.types.digest import Digest
-from slmops.types.errors import InvalidInput, NotFound, SlmopsError
+from slmops.types.errors import IntegrityError, InvalidInput, NotFound, SlmopsError
 from slmops.types.name import ModelName
 
 router = APIRouter()
@@ -156,8 +156,8 @@ async def detokenize(body: oa.DetokenizeRequest, request: Request):
 def details(store: Store, name: ModelName) -> oa.ModelDetails:
     m = store.manifest(name)
     try:
-        cfg = json.loads(store.blobs.path(m.config.blob).read_text())
-    except (OSError, ValueError):
+        cfg = json.loads(store.blobs.read_bytes(m.config.blob))
+    except (OSError, ValueError, IntegrityError):
         cfg = {}
     return oa.ModelDetails(format=cfg.get("model_format", "gguf"), family=cfg.get("model_family", ""),
                            families=cfg.get("model_families"), parameter_size=cfg.get("model_type", ""),

@@ -1,26 +1,32 @@
 """Content-addressed blob store: ``blobs/sha256-<hex>``, written only after the content hashes right.
 
 Blobs are shared between models; a blob is complete the moment it has its final name, because it gets that name
-by an atomic rename after its digest was checked.
+by an atomic rename after its digest was checked. With a store key, new blobs are sealed (:mod:`sealed`) and still
+named by the digest of their plaintext; every reader goes through :meth:`BlobStore.chunks` or
+:meth:`BlobStore.plain`, which open sealed and plain blobs alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
+from slmops.store import sealed
 from slmops.store.atomic import StagedFile, atomic_writer
 from slmops.types.digest import Digest
-from slmops.types.errors import IntegrityError
+from slmops.types.errors import ConfigError, IntegrityError
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
 
 
 class BlobStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, key: bytes | None = None):
+        """``key``: seal new blobs with AES-256-GCM (encryption at rest); ``None`` writes them plain."""
         self.root = root
+        self.key = key
 
     def path(self, digest: Digest) -> Path:
         return self.root / digest.filename
@@ -28,11 +34,40 @@ class BlobStore:
     def has(self, digest: Digest) -> bool:
         return self.path(digest).is_file()
 
+    def is_sealed(self, digest: Digest) -> bool:
+        with open(self.path(digest), "rb") as f:
+            return sealed.is_sealed(f)
+
+    def size(self, digest: Digest) -> int:
+        """The plaintext size, which a manifest records."""
+        stored = self.path(digest).stat().st_size
+        return sealed.plain_size(stored) if self.is_sealed(digest) else stored
+
+    def chunks(self, digest: Digest, what: str = "blob") -> Iterator[bytes]:
+        return sealed.chunks(self.path(digest), self.key, what)
+
+    def read_bytes(self, digest: Digest, what: str = "blob") -> bytes:
+        return b"".join(self.chunks(digest, what))
+
+    def plain(self, digest: Digest, what: str = "blob") -> contextlib.AbstractContextManager[Path]:
+        """A path to the plaintext for readers that need a file; see :func:`sealed.plain_file`."""
+        return sealed.plain_file(self.path(digest), self.key, what)
+
+    def _sink(self, out: BinaryIO, seal: bool | None = None) -> sealed.Sealer | sealed.Passthrough:
+        """Sealed with the store key when there is one (or when ``seal`` says so), else plain."""
+        if seal is None:
+            seal = self.key is not None
+        if seal and self.key is None:
+            raise ConfigError(f"sealing needs a store key; {sealed.KEY_HELP}")
+        return sealed.Sealer(self.key, out) if seal else sealed.Passthrough(out)
+
     def put_bytes(self, data: bytes) -> tuple[Digest, int]:
         digest = Digest.of_bytes(data)
         if not self.has(digest):
             with atomic_writer(self.path(digest)) as f:
-                f.write(data)
+                sink = self._sink(f)
+                sink.write(data)
+                sink.finish()
         return digest, len(data)
 
     def put_stream(
@@ -40,7 +75,7 @@ class BlobStore:
     ) -> tuple[Digest, int]:
         """Copy ``src`` in, hashing as it goes; a digest other than ``expected`` stores nothing."""
         if expected is not None and self.has(expected):
-            size = self.path(expected).stat().st_size
+            size = self.size(expected)
             if progress:
                 progress(size)
             return expected, size
@@ -48,12 +83,14 @@ class BlobStore:
         size = 0
         staged = StagedFile(self.root)
         try:
+            sink = self._sink(staged.file)
             while chunk := src.read(CHUNK):
                 h.update(chunk)
-                staged.file.write(chunk)
+                sink.write(chunk)
                 size += len(chunk)
                 if progress:
                     progress(len(chunk))
+            sink.finish()
             digest = Digest(h.hexdigest())
             if expected is not None and digest != expected:
                 raise IntegrityError(
@@ -81,14 +118,32 @@ class BlobStore:
                 return
         except (FileNotFoundError, OSError):
             pass
-        with open(path, "rb") as f:
-            actual = Digest.of_file(f)
-        if actual != digest:
+        h = hashlib.sha256()
+        for piece in self.chunks(digest, f"{what} {str(digest)[:19]}"):
+            h.update(piece)
+        if Digest(h.hexdigest()) != digest:
             raise IntegrityError(f"{what} {str(digest)[:19]} is corrupt: its content no longer matches its digest; "
                                  "remove the model and pull or create it again")
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_writer(marker) as out:
             out.write(identity.encode())
+
+    def reseal(self, digest: Digest, seal: bool) -> bool:
+        """Rewrite one blob sealed with the store key (``seal``) or plain; False when it already was so.
+        The plaintext is checked against the digest on the way, so a damaged blob is never sealed in."""
+        if self.is_sealed(digest) == seal:
+            return False
+        h = hashlib.sha256()
+        with atomic_writer(self.path(digest)) as f:
+            sink = self._sink(f, seal)
+            for piece in self.chunks(digest):
+                h.update(piece)
+                sink.write(piece)
+            if Digest(h.hexdigest()) != digest:
+                raise IntegrityError(f"blob {str(digest)[:19]} is corrupt and was left as it was; remove the models "
+                                     "that use it and pull or create them again")
+            sink.finish()
+        return True
 
     def digests(self) -> set[Digest]:
         out = set()

@@ -19,7 +19,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
 from slmops.store.atomic import write_bytes
-from slmops.types.errors import InvalidModelFile
+from slmops.store.sealed import plain_file, seal_bytes, unseal_bytes
+from slmops.types.errors import IntegrityError, InvalidModelFile
 
 GGUF_MAGIC = b"GGUF"
 _MIN_KV_BYTES = 8 + 1 + 4  # key length, one-char key, value type
@@ -90,11 +91,12 @@ def _identity(path: Path, st: os.stat_result) -> str:
     return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def inspect_gguf(path: Path, cache_dir: Path | None = None) -> GGUFInfo:
+def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = None) -> GGUFInfo:
     """Validate ``path`` fully (header, metadata, every tensor inside the file) and return its metadata.
 
     Parsing a GGUF's metadata takes seconds (the tokenizer arrays), so with ``cache_dir`` the result is kept under
     the file's identity (device, inode, size, mtime): a changed file is validated again, an unchanged one loads fast.
+    A sealed file (``key`` opens it) is keyed by the sealed file's identity, so a hit decrypts nothing.
     """
     try:
         st = path.stat()
@@ -104,15 +106,18 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> GGUFInfo:
     entry = cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json") if cache_dir else None
     if entry is not None:
         try:
-            cached = json.loads(entry.read_text())
+            raw = entry.read_bytes()
+            cached = json.loads(unseal_bytes(key, raw) if key is not None else raw)
             if cached.get("identity") == ident:
                 return GGUFInfo(**cached["info"])
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, IntegrityError):
             pass
-    info = _inspect(path, st.st_size)
+    with plain_file(path, key, "model") as plain:
+        info = _inspect(plain, plain.stat().st_size)
     if entry is not None:
         with contextlib.suppress(OSError, TypeError, ValueError):
-            write_bytes(entry, json.dumps({"identity": ident, "info": asdict(info)}, default=str).encode())
+            data = json.dumps({"identity": ident, "info": asdict(info)}, default=str).encode()
+            write_bytes(entry, seal_bytes(key, data) if key is not None else data)  # metadata is content too
     return info
 
 

@@ -50,12 +50,14 @@ class ModelRecord:
 
 class Store:
     def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None,
-                 allow_internal_registries: bool = False, trust: Callable[["Store", ModelName], None] | None = None):
-        """``trust``: a signature policy (raises for a model it does not trust), checked on load, pull and create."""
+                 allow_internal_registries: bool = False, trust: Callable[["Store", ModelName], None] | None = None,
+                 key: bytes | None = None):
+        """``trust``: a signature policy (raises for a model it does not trust), checked on load, pull and create.
+        ``key``: seal new blobs with it (encryption at rest), and open sealed ones."""
         self.allow_internal_registries = allow_internal_registries
         self.trust = trust
         self.root = Path(root)
-        self.blobs = BlobStore(self.root / "blobs")
+        self.blobs = BlobStore(self.root / "blobs", key)
         self.manifests = ManifestStore(self.root / "manifests")
         self.catalog = catalog or Catalog.builtin()
         self.sources = sources or default_sources()
@@ -106,14 +108,14 @@ class Store:
 
     def read_text(self, manifest: Manifest, media_type: str) -> str | None:
         layer = manifest.layer(media_type)
-        return self.blobs.path(layer.blob).read_text() if layer else None
+        return self.blobs.read_bytes(layer.blob).decode() if layer else None
 
     def read_json(self, manifest: Manifest, media_type: str) -> Any:
         text = self.read_text(manifest, media_type)
         return json.loads(text) if text is not None else None
 
     def inspect(self, name: ModelName) -> GGUFInfo:
-        return inspect_gguf(self.model_path(name), self.gguf_cache)
+        return inspect_gguf(self.model_path(name), self.gguf_cache, self.blobs.key)
 
     def verify(self, name: ModelName, manifest: Manifest | None = None) -> None:
         """Every blob of the model still matches its digest, and the trust policy accepts it: a corrupted, swapped
@@ -186,7 +188,7 @@ class Store:
         with open_stream() as src:
             digest, size = self.blobs.put_stream(src, expected, tick, what=what)
         try:
-            info = inspect_gguf(self.blobs.path(digest), self.gguf_cache)
+            info = inspect_gguf(self.blobs.path(digest), self.gguf_cache, self.blobs.key)
         except Exception:
             if not existed and digest not in self._referenced():
                 self.blobs.remove(digest)
@@ -249,6 +251,18 @@ class Store:
             self.manifests.delete(name)
             self.signature_path(name).unlink(missing_ok=True)
             return self._collect_garbage()
+
+    def reseal(self, seal: bool, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+        """Rewrite every blob sealed with the store key (``seal``) or plain; returns (rewritten, total). Holds the
+        store exclusively, so no blob is removed or added while it is rewritten."""
+        with self._lock(exclusive=True):
+            digests = sorted(self.blobs.digests(), key=str)
+            changed = 0
+            for i, digest in enumerate(digests, 1):
+                changed += self.blobs.reseal(digest, seal)
+                if progress:
+                    progress(i, len(digests))
+        return changed, len(digests)
 
     def prune(self) -> list[Digest]:
         with self._lock(exclusive=True):
