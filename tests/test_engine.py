@@ -93,8 +93,11 @@ def test_unknown_and_ill_typed_options_are_reported(engine, spec):
         engine.run(spec, Request(messages=Q, options={"temprature": 0}))
     with pytest.raises(InvalidOption, match='option "top_k" must be an integer'):
         engine.run(spec, Request(messages=Q, options={"top_k": "many"}))
-    typed, ignored = opts.validate({"num_gpu": 0, "mirostat": 0, "temperature": "0.5"})
-    assert ignored == ["num_gpu", "mirostat"] and typed["temperature"] == 0.5
+    typed, ignored = opts.validate({"main_gpu": 0, "mirostat": 0, "temperature": "0.5", "num_gpu": 0})
+    assert ignored == ["main_gpu", "mirostat"] and typed["temperature"] == 0.5 and typed["num_gpu"] == 0
+    with pytest.raises(InvalidOption, match="num_gpu must be -1"):
+        opts.to_load({"num_gpu": -5}, opts.LoadParams(num_ctx=512), 4096)
+    assert opts.to_load({"num_gpu": 999}, opts.LoadParams(num_ctx=512, kv_type="q8_0"), 4096).num_gpu == 999
 
 
 def test_threads_default_to_physical_cores():

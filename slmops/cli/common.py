@@ -17,6 +17,8 @@ from slmops.store.store import Store
 from slmops.types.errors import ConfigError
 
 if TYPE_CHECKING:
+    from slmops.engine.client import EngineConfig
+    from slmops.engine.engine import Engine
     from slmops.security.audit import AuditLog
     from slmops.security.keys import KeyStore
 
@@ -122,3 +124,18 @@ class PullBar:
 
     def close(self) -> None:
         self._stop()
+
+
+def engine_config() -> "EngineConfig":
+    """Engine settings from ``SLMOPS_*``, for the server's runners and the CLI's in-process engine alike."""
+    from slmops.engine.client import EngineConfig
+    cfg = settings()
+    return EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
+                        max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"],
+                        num_parallel=cfg["SLMOPS_NUM_PARALLEL"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
+
+
+def local_engine() -> "Engine":
+    """An engine in this process (llama.cpp loads now), for commands that run a model themselves."""
+    from slmops.engine.engine import Engine
+    return Engine(engine_config())

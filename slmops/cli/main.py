@@ -11,7 +11,7 @@ import sys
 import typer
 
 import slmops
-from slmops.cli import models, run, security, serve
+from slmops.cli import hw, models, ops, run, security, serve
 from slmops.cli.common import console, err_console, settings
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -34,6 +34,11 @@ app.add_typer(security.audit_app, name="audit")
 app.add_typer(security.store_app, name="store")
 app.command("sign")(security.sign_cmd)
 app.command("verify")(security.verify_cmd_model)
+app.command("quantize")(ops.quantize_cmd)
+app.command("eval")(ops.eval_cmd)
+app.command("bench")(ops.bench_cmd)
+app.command("optimize")(ops.optimize_cmd)
+app.command("hw")(hw.hw_cmd)
 
 
 @app.command("version")

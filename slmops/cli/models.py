@@ -7,21 +7,29 @@ from pathlib import Path
 
 import typer
 
-from slmops.cli.common import PullBar, audited, console, human_ago, human_size, store
+from slmops.cli.common import PullBar, audited, console, err_console, human_ago, human_size, store
 from slmops.modelfile import build, parse, render
 from slmops.store import manifests as mt
 from slmops.types.errors import SlmopsError
 from slmops.types.name import ModelName
 
 
-def pull(model: str = typer.Argument(..., help="Model name, e.g. smollm2:135m")) -> None:
+def pull(model: str = typer.Argument(..., help="Model name, e.g. smollm2:135m"),
+         variant: str = typer.Option(None, "--variant",
+                                     help="Pin a catalog variant (e.g. cpu-q8_0) instead of the one chosen for "
+                                          "this machine.")) -> None:
     """Fetch a model from its source (the built-in catalog) into the local store."""
     bar = PullBar()
+    s = store()
+    name = ModelName.parse(model)
     try:
-        with audited("pull", model):
-            store().pull(ModelName.parse(model), bar)
+        with audited("pull", model, variant=variant):
+            s.pull(name, bar, variant=variant)
     finally:
         bar.close()
+    chosen = s.variant(name)
+    if chosen:
+        err_console.print(f"variant {chosen[0]}: {chosen[1]}", markup=False, soft_wrap=True)
 
 
 def list_models() -> None:
@@ -78,9 +86,14 @@ def _show_info(s, name: ModelName, mf) -> None:
     rows = [("architecture", arch), ("parameters", info.parameter_size),
             ("context length", str(info.context_length or "")),
             ("embedding length", str(meta.get(f"{arch}.embedding_length", ""))), ("quantization", info.file_type)]
+    chosen = s.variant(name)
+    if chosen:
+        rows.append(("variant", chosen[0]))
     console.print("  Model")
     for k, v in rows:
         console.print(f"    {k:<20}{v}", markup=False)
+    if chosen:
+        console.print(f"    {'':<20}({chosen[1]})", markup=False, soft_wrap=True)
     if mf.parameters:
         console.print("\n  Parameters")
         for line in parameter_lines(mf.parameters, "    "):
@@ -115,6 +128,9 @@ def cp(source: str, destination: str) -> None:
 def create(
     model: str = typer.Argument(..., help="Name of the new model."),
     file: Path = typer.Option(Path("Modelfile"), "--file", "-f", help="Path to the Modelfile."),
+    quantize: str = typer.Option(None, "--quantize", "-q", help="Quantize the FROM model to this type (q8_0, q4_k_m ...)."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize",
+                                          help="With --quantize, allow an already-quantized FROM model."),
 ) -> None:
     """Create a model from a Modelfile."""
     name = ModelName.parse(model)
@@ -124,11 +140,20 @@ def create(
         raise SlmopsError(f"cannot read Modelfile {file}; pass its path with -f") from None
     mf = parse(text)
     bar = PullBar()
+    s = store()
     try:
         with audited("create", model):
-            build.create(store(), name, mf, file.resolve().parent, bar)
+            build.create(s, name, mf, file.resolve().parent, bar, quantize=_quantizer(s, name, quantize, allow_requantize))
     finally:
         bar.close()
+
+
+def _quantizer(s, name: ModelName, qtype: str | None, allow: bool):  # type: ignore[no-untyped-def]
+    if qtype is None:
+        return None
+    from slmops.cli.ops import warn
+    from slmops.ops.quantize import quantize_layer
+    return lambda layer, info: quantize_layer(s, layer, info, qtype, allow, name.display, warn=warn)
 
 
 def prune() -> None:

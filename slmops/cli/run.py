@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import typer
 
-from slmops.cli.common import PullBar, console, err_console, settings, store
+from slmops.cli.common import PullBar, console, err_console, local_engine, store
 from slmops.cli.models import parameter_lines
 from slmops.engine.client import EngineClient, Request, spec_from_store
 from slmops.engine.outputs import Output, Stats
@@ -88,11 +88,7 @@ def run(
     """Run a model: answer PROMPT, or chat interactively."""
     name = ModelName.parse(model)
     ensure_model(name)
-    from slmops.engine.engine import Engine  # llama.cpp loads only for commands that run a model
-
-    cfg = settings()
-    engine = Engine(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
-                    verbose=cfg["SLMOPS_DEBUG"])
+    engine = local_engine()  # llama.cpp loads only for commands that run a model
     spec = spec_from_store(store(), name)
     text = " ".join(prompt or [])
     if not sys.stdin.isatty():

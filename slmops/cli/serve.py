@@ -9,7 +9,7 @@ from typing import Optional
 import httpx
 import typer
 
-from slmops.cli.common import audit_log, console, err_console, key_store, settings, store
+from slmops.cli.common import audit_log, console, engine_config, err_console, key_store, settings, store
 from slmops.types.errors import ConfigError, SlmopsError
 
 
@@ -35,7 +35,6 @@ def serve(
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
     import uvicorn
 
-    from slmops.engine.client import EngineConfig
     from slmops.security.limits import RateLimiter
     from slmops.server.access import AccessPolicy
     from slmops.server.app import ServerConfig, create_app, is_loopback
@@ -58,9 +57,7 @@ def serve(
     access = AccessPolicy(keys, required=cfg["SLMOPS_AUTH"] == "required",
                           limiter=RateLimiter(cfg["SLMOPS_RATE_LIMIT"], cfg["SLMOPS_TOKEN_LIMIT"]),
                           audit=audit_log(), audit_content=cfg["SLMOPS_AUDIT_CONTENT"])
-    config = EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
-                          max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"],
-                          num_parallel=cfg["SLMOPS_NUM_PARALLEL"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
+    config = engine_config()
     if cfg["SLMOPS_RUNNERS"] == "process":
         from slmops.engine.process import ProcessEngine
         engine = ProcessEngine(config)

@@ -17,6 +17,7 @@ from slmops.engine.outputs import Output
 from slmops.store import manifests as mt
 from slmops.store.store import Store
 from slmops.types.errors import EngineError
+from slmops.types.options import LoadParams
 from slmops.types.name import ModelName
 
 T = TypeVar("T")
@@ -92,6 +93,13 @@ class EngineConfig:
     verbose: bool = False
     num_parallel: int = 0  # 0: chosen from the memory this machine has free
     max_queue: int = 512
+    num_batch: int = 512
+    num_gpu: int = 0  # layers to offload to a GPU (placement: all of them when one fits)
+    kv_type: str = "f16"
+
+    def load_defaults(self) -> LoadParams:
+        return LoadParams(num_ctx=self.default_ctx, num_batch=self.num_batch, num_thread=self.num_thread,
+                          num_gpu=self.num_gpu, kv_type=self.kv_type)
 
 
 @dataclass

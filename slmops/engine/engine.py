@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Iterator
 
 from slmops.types import options as opts
@@ -24,8 +25,7 @@ from slmops.engine.outputs import Output
 
 def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
     """A loaded model serves any smaller num_ctx per request, without reloading."""
-    return (wanted.num_ctx <= loaded.num_ctx and wanted.num_batch == loaded.num_batch
-            and wanted.num_thread == loaded.num_thread)
+    return wanted.num_ctx <= loaded.num_ctx and replace(wanted, num_ctx=loaded.num_ctx) == loaded
 
 
 class Engine:
@@ -58,9 +58,7 @@ class Engine:
 
     def _load_params(self, spec: ModelSpec, options: dict[str, Any] | None) -> opts.LoadParams:
         merged = opts.merge(spec.params, options)
-        if self.config.num_thread and "num_thread" not in merged:
-            merged["num_thread"] = self.config.num_thread
-        return opts.to_load(merged, self.config.default_ctx, spec.context_length or 1 << 20)
+        return opts.to_load(merged, self.config.load_defaults(), spec.context_length or 1 << 20)
 
     def run(self, spec: ModelSpec, req: Request) -> Iterator[Output]:
         """Stream a completion. Options, format and tools are checked now; prompt errors (a template that fails,

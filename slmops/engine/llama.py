@@ -7,9 +7,11 @@ batch fills go through numpy views of the ctypes arrays instead of Python loops 
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import llama_cpp as lc
 import numpy as np
@@ -20,14 +22,20 @@ from slmops.types.errors import EngineError, InvalidInput
 _init_lock = threading.Lock()
 _initialized = False
 _verbose = False
+_listener: Callable[[str], None] | None = None  # sees llama.cpp's log while a quantize runs (its progress)
+_KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
+_TENSOR_DONE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
 @lc.llama_log_callback
 def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     """llama.cpp's own log reaches stderr only with SLMOPS_DEBUG: it logs benign conditions at error level
     (BERT vocabularies, for one), and every failure that matters surfaces as an slmops error anyway."""
+    line = text.decode("utf-8", "replace")
+    if _listener is not None:
+        _listener(line)
     if _verbose:
-        sys.stderr.write(text.decode("utf-8", "replace"))
+        sys.stderr.write(line)
 
 
 def init_backend(verbose: bool | None = None) -> None:
@@ -55,6 +63,8 @@ class LlamaModel:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         self.n_embd = lc.llama_model_n_embd(self.ptr)
+        self.bos = lc.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
         self._piece = ctypes.create_string_buffer(256)
         self._adapters: list[LoraAdapter] = []
 
@@ -128,6 +138,9 @@ class LlamaContext:
         cp.embeddings = embeddings
         cp.no_perf = True
         cp.kv_unified = True  # sequences share one cell pool, so a prefix copy between them shares cells
+        if params.kv_type not in _KV_TYPES:
+            raise InvalidInput(f"KV cache type {params.kv_type!r} is not one of {', '.join(_KV_TYPES)}")
+        cp.type_k = cp.type_v = _KV_TYPES[params.kv_type]  # a quantized V cache needs flash attention: auto
         self.model = model
         self.params = params
         self.ptr = lc.llama_init_from_model(model.ptr, cp)
@@ -174,6 +187,10 @@ class LlamaContext:
 
     def seq_drop(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def all_logits(self, n: int) -> np.ndarray:
+        """Logits of the last decode's ``n`` outputs, one row each (every token asked for them)."""
+        return np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(n, self.model.n_vocab))
 
     def logits(self, idx: int) -> np.ndarray:
         """The raw logits at batch index ``idx`` as a numpy view (valid until the next decode)."""
@@ -248,3 +265,33 @@ class SamplerChain:
         if self.ptr:
             lc.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+def quantize_file(src: Path, dst: Path, ftype: int, allow_requantize: bool,
+                  progress: Callable[[int, int], None] | None = None, threads: int = 0) -> None:
+    """llama.cpp's quantizer from ``src`` to ``dst``; ``progress(done, total)`` per tensor, read from the log
+    lines it writes for each (it has no progress callback). One quantize at a time per process."""
+    global _listener
+    init_backend()
+    params = lc.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    params.allow_requantize = allow_requantize
+
+    def listen(line: str) -> None:
+        m = _TENSOR_DONE.search(line)
+        if m and progress is not None:
+            progress(int(m.group(1)), int(m.group(2)))
+
+    with _quantize_lock:
+        _listener = listen
+        try:
+            rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            _listener = None
+    if rc != 0:
+        raise EngineError("llama.cpp could not quantize this model (an unsupported tensor type or layout); "
+                          "try another type, or SLMOPS_DEBUG=1 for its log")
+
+
+_quantize_lock = threading.Lock()

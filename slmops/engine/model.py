@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import llama_cpp as lc
@@ -59,12 +60,12 @@ class LoadedModel:
         if n_parallel <= 0:
             n_parallel = auto_parallel(self.info, load.num_ctx, psutil.virtual_memory().available)
         with plain_file(spec.model_path, spec.unseal_key, "model") as path:  # llama.cpp maps it; the map outlives it
-            self.model = LlamaModel(path)
+            self.model = LlamaModel(path, n_gpu_layers=load.num_gpu)
         self.load_params = load
         self.n_parallel = n_parallel
         cache_budget = load.num_ctx * 2  # cached prefixes: a couple of contexts' worth
         total = load.num_ctx * n_parallel + cache_budget
-        ctx_params = opts.LoadParams(num_ctx=total, num_batch=load.num_batch, num_thread=load.num_thread)
+        ctx_params = replace(load, num_ctx=total)
         self.ctx: LlamaContext | None = None
         try:
             self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=2 * n_parallel)
@@ -168,7 +169,7 @@ class LoadedModel:
     def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         if self._embed_ctx is None:
             n = min(self.load_params.num_ctx, self.model.n_ctx_train or self.load_params.num_ctx)
-            params = opts.LoadParams(num_ctx=n, num_batch=n, num_thread=self.load_params.num_thread)
+            params = replace(self.load_params, num_ctx=n, num_batch=n)
             self._embed_ctx = LlamaContext(self.model, params, embeddings=True, pooling=self.info.pooling)
         out, used = [], 0
         for text in texts:

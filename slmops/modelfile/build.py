@@ -8,6 +8,7 @@ The manifest is written last, so an interrupted create leaves no model behind.
 from __future__ import annotations
 
 import json
+from typing import Callable
 from pathlib import Path
 
 from slmops.modelfile.template import ChatTemplate
@@ -45,14 +46,25 @@ def _file(store: Store, value: str, base_dir: Path | None, what: str) -> tuple[P
     return file, None
 
 
+Requantize = Callable[[Layer, GGUFInfo], "tuple[Layer, GGUFInfo]"]
+
+
 def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
-           progress: ProgressFn = _no_progress, pull_missing: bool = True) -> Manifest:
-    """``base_dir`` resolves relative paths; ``None`` (the HTTP API) allows model names and blob digests only."""
+           progress: ProgressFn = _no_progress, pull_missing: bool = True,
+           quantize: Requantize | None = None) -> Manifest:
+    """``base_dir`` resolves relative paths; ``None`` (the HTTP API) allows model names and blob digests only.
+    ``quantize`` turns the base model layer into a quantized one (``create --quantize``), before anything else is
+    written, so a refused quantization leaves no model behind."""
     if mf.template is not None:
         ChatTemplate.compile(mf.template)  # reject an unusable template before anything is written
     with store.writing():
         progress("reading model metadata", 0, None)
         base_layers, info = _base(store, mf, base_dir, progress, pull_missing)
+        if quantize is not None:
+            model = next(l for l in base_layers if l.media_type == mt.MODEL)
+            progress("quantizing model", 0, None)
+            new, info = quantize(model, info)
+            base_layers = [new if l is model else l for l in base_layers]
         layers = [l for l in base_layers if l.media_type in (mt.MODEL, mt.ADAPTER, mt.LICENSE)]
         kept = {l.media_type: l for l in base_layers}
         for path in mf.adapters:

@@ -154,10 +154,9 @@ async def detokenize(body: oa.DetokenizeRequest, request: Request):
 
 # -- models ---------------------------------------------------------------------------------------------------
 def details(store: Store, name: ModelName) -> oa.ModelDetails:
-    m = store.manifest(name)
     try:
-        cfg = json.loads(store.blobs.read_bytes(m.config.blob))
-    except (OSError, ValueError, IntegrityError):
+        cfg = store.config(name)
+    except IntegrityError:
         cfg = {}
     return oa.ModelDetails(format=cfg.get("model_format", "gguf"), family=cfg.get("model_family", ""),
                            families=cfg.get("model_families"), parameter_size=cfg.get("model_type", ""),
@@ -292,7 +291,11 @@ async def create(body: oa.CreateRequest, request: Request):
     name = ModelName.parse(body.ref)
     mf = _create_modelfile(body)
     opts.validate(mf.parameters)
-    return await _progress_response(body.stream, lambda p: build.create(store, name, mf, None, p))
+    quantize = None
+    if body.quantize:
+        from slmops.ops.quantize import quantize_layer
+        quantize = lambda layer, info: quantize_layer(store, layer, info, body.quantize, False, name.display)  # noqa: E731
+    return await _progress_response(body.stream, lambda p: build.create(store, name, mf, None, p, quantize=quantize))
 
 
 @router.head("/api/blobs/{digest}")

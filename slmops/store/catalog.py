@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from slmops.store.variants import Variant
 from slmops.types.digest import Digest
 from slmops.types.name import ModelName
 
@@ -24,6 +25,7 @@ class CatalogEntry:
     params: dict[str, Any] = field(default_factory=dict)
     template: str | None = None
     system: str | None = None
+    variants: list[Variant] = field(default_factory=list)  # best first per accelerator; empty: the file only
 
 
 class Catalog:
@@ -40,6 +42,7 @@ class Catalog:
                 params=dict(e.get("params", {})),
                 template=e.get("template"),
                 system=e.get("system"),
+                variants=[Variant.parse(n, v) for n, v in e.get("variants", {}).items()],
             )
         self._aliases = {ModelName.parse(a): ModelName.parse(t) for a, t in data.get("aliases", {}).items()}
 

@@ -18,12 +18,14 @@ import contextlib
 import io
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from slmops.store.atomic import TMP_PREFIX
 from slmops.types.errors import ConfigError, IntegrityError
 
 MAGIC = b"SLMSEAL1"
@@ -165,3 +167,25 @@ def plain_file(path: Path, key: bytes | None, what: str = "blob") -> Iterator[Pa
         yield Path(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def scratch(folder: Path, private: bool) -> Iterator[Path]:
+    """A file for a tool to write a derived model into (llama.cpp's quantizer wants a path). ``private`` (a sealed
+    store): a memfd, so the plaintext never reaches the disk; else a temp file in ``folder`` that a later run
+    removes if this process dies first. Gone when the block ends."""
+    if private:
+        fd = os.memfd_create("slmops-scratch", os.MFD_CLOEXEC)
+        try:
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".gguf", dir=folder)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)

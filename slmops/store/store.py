@@ -26,6 +26,8 @@ from slmops.store.catalog import Catalog, CatalogEntry
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.manifests import Layer, Manifest, ManifestStore
 from slmops.store.network import check_registry_host
+from slmops.store.sealed import scratch
+from slmops.store.variants import Derivation, VariantPolicy
 from slmops.store.sources import Source, default_sources
 from slmops.types.digest import Digest
 from slmops.types.errors import InvalidInput, ModelNotFound, SlmopsError, SourceError
@@ -51,9 +53,11 @@ class ModelRecord:
 class Store:
     def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None,
                  allow_internal_registries: bool = False, trust: Callable[["Store", ModelName], None] | None = None,
-                 key: bytes | None = None):
+                 key: bytes | None = None, variants: VariantPolicy | None = None):
         """``trust``: a signature policy (raises for a model it does not trust), checked on load, pull and create.
-        ``key``: seal new blobs with it (encryption at rest), and open sealed ones."""
+        ``key``: seal new blobs with it (encryption at rest), and open sealed ones.
+        ``variants``: chooses which variant of a catalog model a pull stores; without one, the shipped file."""
+        self.variants = variants
         self.allow_internal_registries = allow_internal_registries
         self.trust = trust
         self.root = Path(root)
@@ -113,6 +117,18 @@ class Store:
     def read_json(self, manifest: Manifest, media_type: str) -> Any:
         text = self.read_text(manifest, media_type)
         return json.loads(text) if text is not None else None
+
+    def config(self, name: ModelName) -> dict[str, Any]:
+        """The model's config blob (format, family, and for catalog pulls the source and variant)."""
+        try:
+            return json.loads(self.blobs.read_bytes(self.manifest(name).config.blob))
+        except (OSError, ValueError):
+            return {}
+
+    def variant(self, name: ModelName) -> tuple[str, str] | None:
+        """Which catalog variant a pull stored, and why."""
+        cfg = self.config(name)
+        return (cfg["variant"], cfg.get("variant_reason", "")) if cfg.get("variant") else None
 
     def inspect(self, name: ModelName) -> GGUFInfo:
         return inspect_gguf(self.model_path(name), self.gguf_cache, self.blobs.key)
@@ -195,7 +211,27 @@ class Store:
             raise
         return Layer(mediaType=mt.MODEL, digest=str(digest), size=size), info
 
-    def pull(self, name: ModelName, progress: ProgressFn = _no_progress) -> Manifest:
+    def import_derived(self, produce: Callable[[Path], None], what: str,
+                       progress: ProgressFn = _no_progress) -> tuple[Layer, GGUFInfo]:
+        """Store a GGUF that ``produce`` writes to the path it is given (a quantized model). In a sealed store it is
+        written to memory, so no plaintext reaches the disk; else to a temp file in the store."""
+        with scratch(self.root, private=self.blobs.key is not None) as out:
+            produce(out)
+            size = out.stat().st_size
+            return self.import_gguf(lambda: open(out, "rb"), what, None, progress, size)
+
+    def _plan(self, entry: CatalogEntry, variant: str | None) -> Derivation | None:
+        if self.variants is not None and entry.variants:
+            return self.variants.plan(entry.name.display, entry.variants, variant)
+        if variant is not None:
+            known = ", ".join(v.name for v in entry.variants)
+            raise InvalidInput(f"{entry.name.display} has no variant {variant!r}" +
+                               (f"; choose one of {known}" if known else "; it has no variants"))
+        return None
+
+    def pull(self, name: ModelName, progress: ProgressFn = _no_progress, variant: str | None = None) -> Manifest:
+        """Fetch a catalog model; with variants, the one the variant policy picks for this machine (or ``variant``)
+        is stored under ``name`` and its config records which one and why."""
         if name.host != DEFAULT_HOST:
             check_registry_host(name.host, self.allow_internal_registries)
         entry = self.catalog.lookup(name)
@@ -204,16 +240,24 @@ class Store:
         source = self.sources.get(entry.source.get("type", ""))
         if source is None:
             raise SourceError(f"unknown source type {entry.source.get('type')!r} for {name.display}")
+        plan = self._plan(entry, variant)
         with self.writing(), tempfile.TemporaryDirectory(prefix="slmops-pull-") as tmp:
             remove_abandoned_temps(self.root)
             progress("pulling manifest", 0, None)
             fetched = source.fetch(entry.source, Path(tmp), lambda s: progress(s, 0, None))
             model, info = self.import_gguf(fetched.open, name.display, entry.digest, progress,
                                            entry.size or fetched.size)
+            extra: dict[str, Any] = {"source": entry.source.get("type")}
+            if plan is not None:
+                if plan.produce is not None:
+                    model, info = self._derive(model, plan, name.display, progress)
+                extra.update(variant=plan.choice.variant.name, variant_reason=plan.choice.why)
             layers = [model, *self._catalog_layers(entry, info, fetched.license)]
-            config = self.config_layer(info, layers, {"source": entry.source.get("type")})
+            config = self.config_layer(info, layers, extra)
             progress("writing manifest", 0, None)
             manifest = self.write_manifest(name, layers, config)
+        if plan is not None and plan.produce is not None:
+            self._drop_unreferenced(entry.digest)
         if self.trust is not None:
             try:
                 self.trust(self, name)
@@ -222,6 +266,19 @@ class Store:
                 raise
         progress("success", 0, None)
         return manifest
+
+    def _derive(self, base: Layer, plan: Derivation, what: str, progress: ProgressFn) -> tuple[Layer, GGUFInfo]:
+        assert plan.produce is not None
+        progress(f"making variant {plan.choice.variant.name}", 0, None)
+        with self.blobs.plain(base.blob, f"model of {what}") as src:
+            return self.import_derived(lambda out: plan.produce(src, out), f"{what} ({plan.choice.variant.name})",
+                                       progress)
+
+    def _drop_unreferenced(self, digest: Digest) -> None:
+        """The shipped file a variant was made from goes, unless a model still uses it."""
+        with self._lock(exclusive=True):
+            if digest not in self._referenced():
+                self.blobs.remove(digest)
 
     def _catalog_layers(self, entry: CatalogEntry, info: GGUFInfo, license_text: str | None) -> list[Layer]:
         layers = []

@@ -3,13 +3,13 @@
 Options arrive from Modelfile PARAMETERs, request ``options`` and ``/set parameter``; they are layered
 (model params, then request) and split into what needs a context (:class:`LoadParams`) and what only the sampler
 needs (:class:`SamplingParams`). Unknown names are an error naming the valid ones; Ollama options that llama.cpp on
-this build does not use (``num_gpu``, ``mirostat`` ...) are accepted and reported back as ignored.
+this build does not use (``main_gpu``, ``mirostat`` ...) are accepted and reported back as ignored.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import psutil
@@ -36,9 +36,10 @@ LOAD: dict[str, tuple[type, Any]] = {
     "num_ctx": (_INT, 0),  # 0: the server's SLMOPS_CONTEXT_LENGTH
     "num_batch": (_INT, 512),
     "num_thread": (_INT, 0),  # 0: physical cores
+    "num_gpu": (_INT, -1),  # layers offloaded to the GPU; -1: what the server's placement chose
 }
 ACCEPTED_IGNORED: dict[str, type] = {
-    "num_keep": _INT, "num_gpu": _INT, "main_gpu": _INT, "use_mmap": _BOOL, "use_mlock": _BOOL, "numa": _BOOL,
+    "num_keep": _INT, "main_gpu": _INT, "use_mmap": _BOOL, "use_mlock": _BOOL, "numa": _BOOL,
     "low_vram": _BOOL, "vocab_only": _BOOL, "f16_kv": _BOOL, "logits_all": _BOOL, "penalize_newline": _BOOL,
     "tfs_z": _FLOAT, "mirostat": _INT, "mirostat_tau": _FLOAT, "mirostat_eta": _FLOAT,
 }
@@ -114,11 +115,19 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the k most likely
 
 
+KV_TYPES = ("f16", "q8_0")
+
+
 @dataclass(frozen=True)
 class LoadParams:
+    """What a llama.cpp context is built with; the server's placement gives the defaults, a request may override
+    the first four."""
+
     num_ctx: int
     num_batch: int = 512
     num_thread: int = 0
+    num_gpu: int = 0  # layers offloaded to the GPU (a number past the layer count offloads all)
+    kv_type: str = "f16"  # KV cache element type: f16, or q8_0 to halve its memory
 
     @property
     def threads(self) -> int:
@@ -143,18 +152,23 @@ def to_sampling(options: Mapping[str, Any], grammar: str | None = None, logprobs
     return params
 
 
-def to_load(options: Mapping[str, Any], default_ctx: int, max_ctx: int) -> LoadParams:
-    num_ctx = options.get("num_ctx") or default_ctx
+def to_load(options: Mapping[str, Any], base: LoadParams, max_ctx: int) -> LoadParams:
+    """``base``: the engine's defaults (placement and settings); request or Modelfile options override them."""
+    num_ctx = options.get("num_ctx") or base.num_ctx
     if num_ctx < 16:
         raise InvalidOption(f"num_ctx must be at least 16, got {num_ctx}")
     num_ctx = min(num_ctx, max_ctx)
-    batch = options.get("num_batch", LOAD["num_batch"][1])
+    batch = options.get("num_batch", base.num_batch)
     if batch < 1:
         raise InvalidOption(f"num_batch must be at least 1, got {batch}")
-    threads = options.get("num_thread", 0)
+    threads = options.get("num_thread", base.num_thread)
     if not 0 <= threads <= 1024:
         raise InvalidOption(f"num_thread must be between 0 and 1024, got {threads}")
-    return LoadParams(num_ctx=num_ctx, num_batch=min(batch, num_ctx), num_thread=threads)
+    gpu = options.get("num_gpu", -1)
+    if gpu < -1:
+        raise InvalidOption(f"num_gpu must be -1 (the server's choice), 0 or a number of layers, got {gpu}")
+    return replace(base, num_ctx=num_ctx, num_batch=min(batch, num_ctx), num_thread=threads,
+                   num_gpu=base.num_gpu if gpu == -1 else gpu)
 
 
 def _check_ranges(p: SamplingParams) -> None:

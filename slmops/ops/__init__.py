@@ -1,0 +1,1 @@
+"""SLMOps on one machine: hardware and placement, variants, quantize, bench, eval, optimize."""

@@ -1,0 +1,38 @@
+"""The variant policy of this machine: hardware detection feeds :func:`slmops.store.variants.choose`, and derived
+variants are made with llama.cpp's quantizer. Injected into :class:`Store` by :func:`slmops.local.open_store`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from slmops.store.variants import Derivation, Offer, Variant, choose, order
+from slmops.types import quant
+
+
+class MachinePolicy:
+    """``preferred``/``fallback``: the deployment config's hardware order (``SLMOPS_HARDWARE_*``); ``probe``:
+    hardware detection, called only when a pull has variants to choose from."""
+
+    def __init__(self, preferred: str | None = None, fallback: tuple[str, ...] = (),
+                 probe: Callable[[], Offer] | None = None):
+        self.accelerators = order(preferred, fallback)
+        self._probe = probe or _detect_offer
+
+    def plan(self, model: str, variants: list[Variant], pinned: str | None) -> Derivation:
+        choice = choose(model, variants, self._probe(), self.accelerators, pinned)
+        qtype = choice.variant.quantize
+        return Derivation(choice, _quantizer(quant.parse(qtype)) if qtype else None)
+
+
+def _detect_offer() -> Offer:
+    from slmops.ops.hw import detect, offer
+    return offer(detect())
+
+
+def _quantizer(qtype: str) -> Callable[[Path, Path], None]:
+    """The catalog vouches for its derived variants, so requantizing the shipped file is allowed here."""
+    def produce(src: Path, out: Path) -> None:
+        from slmops.engine.llama import quantize_file
+        quantize_file(src, out, quant.FTYPES[qtype], allow_requantize=True)
+    return produce

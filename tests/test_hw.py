@@ -1,0 +1,86 @@
+"""Hardware detection on this machine and, from the text such machines print, on GPU and ARM ones; the placement
+and variant offer chosen from each."""
+
+import json
+from pathlib import Path
+
+from conftest import run_cli
+from slmops.ops.hw import CPU, GPU, Hardware, detect, offer, parse_cpuinfo, parse_nvidia_smi
+from slmops.ops.placement import ALL_LAYERS, place
+
+X86_AVX512 = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 avx512f avx512bw avx512_vnni amx_int8 avx_vnni
+"""
+ARM_PI5 = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0b
+"""
+SMI = """0, NVIDIA L4, 23034, 22500, 550.54.15, 8.9
+1, NVIDIA A100-SXM4-40GB, 40960, 1024, 550.54.15, [N/A]
+"""
+GIB = 1 << 30
+
+
+def box(gpus=(), offload=False, available=16 * GIB, providers=()):
+    return Hardware(cpu=CPU("x", "x86_64", 8, 16, ("avx2",)), ram_total_bytes=32 * GIB,
+                    ram_available_bytes=available, gpus=tuple(gpus), onnx_providers=tuple(providers),
+                    llama_gpu_offload=offload)
+
+
+def test_this_machine(cli_home):
+    r = run_cli("hw", "--json", home=cli_home)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    cpu = data["hardware"]["cpu"]
+    assert cpu["physical_cores"] >= 1 and cpu["logical_cores"] >= cpu["physical_cores"]
+    assert data["hardware"]["ram_total_bytes"] > data["hardware"]["ram_available_bytes"] > 0
+    assert all(f == f.lower() for f in cpu["features"])
+    flags = Path("/proc/cpuinfo").read_text()
+    if " avx2" in flags:
+        assert "avx2" in cpu["features"]
+    assert data["placement"]["num_thread"] == cpu["physical_cores"] and data["placement"]["reasons"]
+    table = run_cli("hw", home=cli_home).stdout
+    assert f"{cpu['physical_cores']} physical, {cpu['logical_cores']} logical" in table
+    assert "placement: " in table
+
+
+def test_x86_and_arm_cpuinfo_are_read_into_one_vocabulary():
+    model, feats = parse_cpuinfo(X86_AVX512, "x86_64")
+    assert model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c"} <= set(feats)
+    model, feats = parse_cpuinfo(ARM_PI5, "aarch64")
+    assert model == "ARM CPU part 0xd0b" and {"neon", "dotprod", "fp16"} <= set(feats) and "avx2" not in feats
+
+
+def test_nvidia_smi_output_and_its_absence():
+    l4, a100 = parse_nvidia_smi(SMI)
+    assert (l4.name, l4.memory_total_bytes, l4.compute_capability) == ("NVIDIA L4", 23034 << 20, "8.9")
+    assert a100.index == 1 and a100.compute_capability is None and a100.memory_free_bytes == 1024 << 20
+    hw = detect(read_cpuinfo=lambda: ARM_PI5, run_nvidia_smi=lambda: "", machine="aarch64",
+                onnx_providers=lambda: (), llama_offload=lambda: False)
+    assert hw.gpus == () and hw.cpu.architecture == "aarch64" and "neon" in hw.cpu.features
+    assert offer(hw).unavailable["gpu"] == "no NVIDIA GPU found"
+
+
+def test_placement_follows_the_hardware():
+    l4 = parse_nvidia_smi(SMI)[:1]
+    on_gpu = place(box(l4, offload=True))
+    assert (on_gpu.device, on_gpu.num_gpu, on_gpu.num_batch, on_gpu.num_parallel) == ("gpu", ALL_LAYERS, 2048, 8)
+    assert offer(box(l4, offload=True)).unavailable["gpu"] is None
+    cpu_build = place(box(l4, offload=False))
+    assert cpu_build.num_gpu == 0 and cpu_build.num_batch == 512
+    assert any("NVIDIA L4 found, but this llama.cpp build cannot offload" in r for r in cpu_build.reasons)
+    tight = place(box(available=1 * GIB))
+    assert tight.kv_type == "q8_0" and any("halves KV memory" in r for r in tight.reasons)
+    assert place(box()).kv_type == "f16" and place(box()).num_thread == 8
+    assert offer(box(providers=("QNNExecutionProvider", "CPUExecutionProvider"))).unavailable["npu"] is None
+    assert "not installed" in offer(box()).unavailable["npu"]
+
+
+def test_gpu_type_is_what_offer_and_placement_share():
+    g = GPU(0, "NVIDIA T4", "nvidia", 15 << 30, 14 << 30, "535", "7.5")
+    assert "T4" in place(box([g], offload=True)).reasons[1]
