@@ -44,8 +44,8 @@ def open_store(home: str | Path | None = None, settings: Settings | None = None)
         from slmops.security.signing import TrustPolicy
         trust = TrustPolicy(list(cfg["SLMOPS_TRUSTED_KEYS"]))
     from slmops.ops.variants import MachinePolicy
-    variants = MachinePolicy(cfg.values.get("SLMOPS_HARDWARE_PREFERRED") or None,
-                             tuple(cfg.values.get("SLMOPS_HARDWARE_FALLBACK") or ()))
+    variants = MachinePolicy(cfg["SLMOPS_HARDWARE_PREFERRED"] or None, cfg["SLMOPS_HARDWARE_FALLBACK"],
+                             quantization=cfg["SLMOPS_QUANTIZATION"])
     return Store(root / "models", allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"], trust=trust,
                  key=store_key(cfg), variants=variants)
 

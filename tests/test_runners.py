@@ -34,7 +34,7 @@ def runners(srv) -> dict[str, int]:
     out = {}
     for child in psutil.Process(srv.proc.pid).children():
         cmd = child.cmdline()
-        if "slmops.engine.worker" in cmd:
+        if any("slmops.engine.worker" in part for part in cmd):
             out[cmd[-1]] = child.pid
     return out
 

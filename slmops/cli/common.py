@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import getpass
+import os
 import sys
+from pathlib import Path
 from datetime import datetime, timezone
 from contextlib import contextmanager
 from functools import lru_cache
@@ -19,6 +21,7 @@ from slmops.types.errors import ConfigError
 if TYPE_CHECKING:
     from slmops.engine.client import EngineConfig
     from slmops.engine.engine import Engine
+    from slmops.ops.placement import Placement
     from slmops.security.audit import AuditLog
     from slmops.security.keys import KeyStore
 
@@ -28,7 +31,20 @@ err_console = Console(stderr=True, highlight=False)
 
 @lru_cache(maxsize=1)
 def settings() -> Settings:
-    return Settings.from_env()
+    """``SLMOPS_*`` from the environment over the deployment config named by ``SLMOPS_CONFIG`` (or --config)."""
+    base = Settings.from_env()
+    path = base["SLMOPS_CONFIG"]
+    if path is None:
+        return base
+    from slmops.config.deploy import load_deploy, to_settings
+    return Settings.from_env(config=to_settings(load_deploy(path)), config_name=path.name)
+
+
+def use_config(path: "Path | None") -> None:
+    """``--config FILE``: the same as ``SLMOPS_CONFIG=FILE`` (runner processes inherit it too)."""
+    if path is not None:
+        os.environ["SLMOPS_CONFIG"] = str(path)
+        settings.cache_clear()
 
 
 def store() -> Store:
@@ -126,13 +142,30 @@ class PullBar:
         self._stop()
 
 
-def engine_config() -> "EngineConfig":
-    """Engine settings from ``SLMOPS_*``, for the server's runners and the CLI's in-process engine alike."""
+def placement() -> "Placement":
+    from slmops.ops.hw import detect
+    from slmops.ops.placement import place
+    return place(detect())
+
+
+# Settings that, when given (env or config), win over what placement chose for this machine.
+_PLACED = {"num_thread": ("SLMOPS_NUM_THREADS", 0), "num_parallel": ("SLMOPS_NUM_PARALLEL", 0),
+           "num_batch": ("SLMOPS_NUM_BATCH", 0), "num_gpu": ("SLMOPS_NUM_GPU", -1),
+           "kv_type": ("SLMOPS_KV_CACHE_TYPE", "")}
+
+
+def engine_config(placed: "Placement | None" = None) -> "EngineConfig":
+    """Engine settings for the server's runners and the CLI's in-process engine alike: placement's choices for
+    this machine, except where a ``SLMOPS_*`` setting (or the deployment config) says otherwise."""
     from slmops.engine.client import EngineConfig
     cfg = settings()
-    return EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], num_thread=cfg["SLMOPS_NUM_THREADS"],
-                        max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"], verbose=cfg["SLMOPS_DEBUG"],
-                        num_parallel=cfg["SLMOPS_NUM_PARALLEL"], max_queue=cfg["SLMOPS_MAX_QUEUE"])
+    fields = (placed or placement()).as_config_fields()
+    for field_name, (setting, unset) in _PLACED.items():
+        if cfg[setting] != unset:
+            fields[field_name] = cfg[setting]
+    return EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"],
+                        verbose=cfg["SLMOPS_DEBUG"], max_queue=cfg["SLMOPS_MAX_QUEUE"],
+                        kv_budget=cfg["SLMOPS_KV_BUDGET"], **fields)
 
 
 def local_engine() -> "Engine":

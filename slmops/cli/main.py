@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
 import slmops
 from slmops.cli import hw, models, ops, run, security, serve
-from slmops.cli.common import console, err_console, settings
+from slmops.cli.common import console, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
 
@@ -48,12 +49,15 @@ def version() -> None:
 
 
 @app.command("env")
-def env() -> None:
+def env(config_file: Path = typer.Option(None, "--config", help="Deployment config to apply (or SLMOPS_CONFIG).")
+        ) -> None:
     """Print every SLMOPS_* setting: effective value, where it came from, and what it does."""
+    use_config(config_file)
     cfg = settings()
     for s in SETTINGS:
         value = cfg[s.name]
-        shown = f"{value[0]}:{value[1]}" if s.name == "SLMOPS_HOST" else str(value)
+        shown = f"{value[0]}:{value[1]}" if s.name == "SLMOPS_HOST" else \
+            ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
         if s.secret:
             shown = "(set, hidden)" if value is not None else "None"
         console.print(f"{s.name}={shown}  ({cfg.origins[s.name]})  # {s.help}", markup=False, soft_wrap=True)

@@ -9,7 +9,8 @@ from typing import Optional
 import httpx
 import typer
 
-from slmops.cli.common import audit_log, console, engine_config, err_console, key_store, settings, store
+from slmops.cli.common import (audit_log, console, engine_config, err_console, key_store, placement, settings,
+                               store, use_config)
 from slmops.types.errors import ConfigError, SlmopsError
 
 
@@ -31,6 +32,8 @@ def serve(
                                             "(or SLMOPS_TLS_CERT)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key (or SLMOPS_TLS_KEY)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without API keys."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Deployment config, YAML or JSON "
+                                               "(or SLMOPS_CONFIG); SLMOPS_* variables override it."),
 ) -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
     import uvicorn
@@ -40,6 +43,7 @@ def serve(
     from slmops.server.app import ServerConfig, create_app, is_loopback
     from slmops.server.runtime import ModelRuntime
 
+    use_config(config_file)
     cfg = settings()
     host, port = cfg["SLMOPS_HOST"]
     keys = key_store()
@@ -57,7 +61,10 @@ def serve(
     access = AccessPolicy(keys, required=cfg["SLMOPS_AUTH"] == "required",
                           limiter=RateLimiter(cfg["SLMOPS_RATE_LIMIT"], cfg["SLMOPS_TOKEN_LIMIT"]),
                           audit=audit_log(), audit_content=cfg["SLMOPS_AUDIT_CONTENT"])
-    config = engine_config()
+    _log_config(cfg)
+    placed = placement()
+    config = engine_config(placed)
+    err_console.print(f"{placed.summary()} ({'; '.join(placed.reasons)})", markup=False, soft_wrap=True)
     if cfg["SLMOPS_RUNNERS"] == "process":
         from slmops.engine.process import ProcessEngine
         engine = ProcessEngine(config)
@@ -66,7 +73,8 @@ def serve(
         engine = Engine(config)
     s = store()
     runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
-    server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"])
+    server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"],
+                                 openai=cfg["SLMOPS_OPENAI_COMPATIBLE"], preload=cfg["SLMOPS_MODEL"] or None)
     app = create_app(s, runtime, server_config, access=access)
     if not is_loopback(host) and not keys:
         err_console.print(f"WARNING: serving on {host} without API keys (--insecure): anyone who can reach this "
@@ -77,6 +85,18 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="debug" if cfg["SLMOPS_DEBUG"] else "warning",
                 timeout_graceful_shutdown=5, ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
+
+
+def _log_config(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Which settings the deployment config supplied, and which the environment overrode."""
+    path = cfg["SLMOPS_CONFIG"]
+    if path is None:
+        return
+    from slmops.config.deploy import load_deploy, to_settings
+    given = to_settings(load_deploy(path))
+    overridden = sorted(n for n in given if cfg.origins[n] == "env")
+    tail = f"; overridden by env: {', '.join(overridden)}" if overridden else ""
+    err_console.print(f"config: {path} ({len(given)} settings{tail})", markup=False, soft_wrap=True)
 
 
 def base_url() -> str:

@@ -93,6 +93,49 @@ def _auth(text: str) -> str:
     return low
 
 
+def _choice(*allowed: str, empty: bool = True) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        low = text.strip().lower()
+        if low not in allowed and not (empty and low == ""):
+            raise ValueError(f"expected {' or '.join(allowed)}")
+        return low
+    return parse
+
+
+def _accelerators(text: str) -> tuple[str, ...]:
+    names = tuple(a.strip().lower() for a in text.split(",") if a.strip())
+    bad = [a for a in names if a not in ("npu", "gpu", "cpu")]
+    if bad:
+        raise ValueError(f"unknown accelerator {bad[0]!r}; use npu, gpu or cpu")
+    return names
+
+
+def _quantization(text: str) -> str:
+    from slmops.types.quant import FTYPES
+    low = text.strip().lower()
+    if low not in ("auto", "dynamic", "") and low not in FTYPES:
+        raise ValueError(f"expected auto or a type: {', '.join(FTYPES)}")
+    return "auto" if low in ("dynamic", "") else low
+
+
+def parse_size(text: str) -> int:
+    """Bytes, as a number or with a unit: 512MiB, 1GiB, 2GB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f'invalid size "{text}": use bytes or a size such as 512MiB or 1GiB')
+    unit = (m.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0])
+    base = 1024 if "I" in unit or len(unit) == 1 and unit != "B" else 1000
+    return int(float(m.group(1)) * base ** power)
+
+
+def _gpu_layers(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise ValueError("must be -1 (placement decides), 0 or a number of layers")
+    return value
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
@@ -153,6 +196,19 @@ SETTINGS: tuple[Setting, ...] = (
             "256-bit key (64 hex digits, `openssl rand -hex 32`): new blobs are stored encrypted (AES-256-GCM).",
             secret=True),
     Setting("SLMOPS_STORE_KEY_FILE", _optional_path, "", "File holding SLMOPS_STORE_KEY, instead of the variable."),
+    Setting("SLMOPS_CONFIG", _optional_path, "", "Deployment config (YAML or JSON); SLMOPS_* variables override it."),
+    Setting("SLMOPS_MODEL", str, "", "Model serve loads at start (pulled first if it is a catalog model)."),
+    Setting("SLMOPS_HARDWARE_PREFERRED", _choice("npu", "gpu", "cpu"), "",
+            "Accelerator a pull prefers when a model has variants (npu, gpu, cpu)."),
+    Setting("SLMOPS_HARDWARE_FALLBACK", _accelerators, "",
+            "Accelerators to fall back to, in order (comma-separated); empty: npu, gpu, cpu."),
+    Setting("SLMOPS_QUANTIZATION", _quantization, "auto",
+            "Variant a pull prefers by quantization type (q8_0, f16 ...); auto: the hardware order decides."),
+    Setting("SLMOPS_NUM_BATCH", _positive_int, "0", "Prompt tokens per decode step; 0: placement decides."),
+    Setting("SLMOPS_NUM_GPU", _gpu_layers, "-1", "Layers offloaded to the GPU; -1: placement decides (all if one fits)."),
+    Setting("SLMOPS_KV_CACHE_TYPE", _choice("f16", "q8_0"), "", "KV cache type, f16 or q8_0; empty: placement decides."),
+    Setting("SLMOPS_KV_BUDGET", parse_size, "1GiB", "Memory the KV cache may take when choosing parallel sequences."),
+    Setting("SLMOPS_OPENAI_COMPATIBLE", _bool, "true", "Serve the OpenAI-compatible /v1 API beside /api."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -166,14 +222,22 @@ class Settings:
     origins: Mapping[str, str]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, config: Mapping[str, str] | None = None,
+                 config_name: str = "config") -> "Settings":
+        """Environment first, then a deployment config's values (``config``, named ``config_name`` in origins),
+        then defaults."""
         env = os.environ if env is None else env
+        config = config or {}
         values: dict[str, Any] = {}
         origins: dict[str, str] = {}
         for s in SETTINGS:
             raw = env.get(s.name)
-            origin = "env" if raw not in (None, "") else "default"
-            text = raw if origin == "env" else s.default
+            if raw not in (None, ""):
+                origin, text = "env", raw
+            elif s.name in config:
+                origin, text = f"config:{config_name}", config[s.name]
+            else:
+                origin, text = "default", s.default
             try:
                 values[s.name] = s.parse(text)
             except (ValueError, TypeError) as err:

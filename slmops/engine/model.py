@@ -31,34 +31,38 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def kv_bytes_per_token(info: GGUFInfo) -> int:
-    """f16 K and V for every layer: what one token of context costs in memory."""
+def kv_bytes_per_token(info: GGUFInfo, kv_type: str = "f16") -> int:
+    """K and V for every layer: what one token of context costs in memory (q8_0: 34 bytes per 32 values)."""
     m, a = info.metadata, info.architecture
     n_embd = int(m.get(f"{a}.embedding_length") or 0)
     n_head = int(m.get(f"{a}.attention.head_count") or 1)
     n_kv = int(m.get(f"{a}.attention.head_count_kv") or n_head)
     head_dim = int(m.get(f"{a}.attention.key_length") or (n_embd // max(n_head, 1)))
-    return int(m.get(f"{a}.block_count") or 0) * n_kv * head_dim * 2 * 2
+    f16 = int(m.get(f"{a}.block_count") or 0) * n_kv * head_dim * 2 * 2
+    return f16 * 17 // 32 if kv_type == "q8_0" else f16
 
 
 KV_BUDGET = 1 << 30  # the KV memory parallel sequences may take by default: edge devices share memory
 
 
-def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8) -> int:
+def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, budget: int = KV_BUDGET,
+                  kv_type: str = "f16") -> int:
     """Parallel sequences for this machine: as many whole contexts as fit in the smaller of a quarter of free
-    memory and ``KV_BUDGET``, at most ``most`` (past 8, a 2-core CPU gains no aggregate speed)."""
-    per_seq = max(1, kv_bytes_per_token(info) * num_ctx)
-    return max(1, min(most, min(free_bytes // 4, KV_BUDGET) // per_seq))
+    memory and ``budget`` (``SLMOPS_KV_BUDGET``), at most ``most`` (past 8, a 2-core CPU gains no aggregate speed)."""
+    per_seq = max(1, kv_bytes_per_token(info, kv_type) * num_ctx)
+    return max(1, min(most, min(free_bytes // 4, budget) // per_seq))
 
 
 class LoadedModel:
-    def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512):
+    def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512,
+                 kv_budget: int = KV_BUDGET):
         """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free."""
         t0 = time.perf_counter_ns()
         self.info = inspect_gguf(spec.model_path, spec.gguf_cache, spec.unseal_key)
         self.spec = spec
         if n_parallel <= 0:
-            n_parallel = auto_parallel(self.info, load.num_ctx, psutil.virtual_memory().available)
+            n_parallel = auto_parallel(self.info, load.num_ctx, psutil.virtual_memory().available,
+                                       budget=kv_budget, kv_type=load.kv_type)
         with plain_file(spec.model_path, spec.unseal_key, "model") as path:  # llama.cpp maps it; the map outlives it
             self.model = LlamaModel(path, n_gpu_layers=load.num_gpu)
         self.load_params = load

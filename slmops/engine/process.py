@@ -39,6 +39,11 @@ def _how_it_ended(code: int) -> str:
     return f"exit status {code}"
 
 
+# llama.cpp's libraries load before anything imports numpy: with a CUDA build of llama.cpp, numpy's bundled
+# OpenBLAS loaded first made every model load segfault (seen on an H100; loading llama.cpp first avoids it).
+_BOOT = "import llama_cpp, sys; from slmops.engine.worker import main; main(sys.argv)"
+
+
 class RunnerProcess:
     """One runner process and the pipe to it. Thread-safe: many requests share the pipe, each under its id."""
 
@@ -47,7 +52,7 @@ class RunnerProcess:
         ours, theirs = socket.socketpair()
         with theirs:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "slmops.engine.worker", str(theirs.fileno()),
+                [sys.executable, "-c", _BOOT, str(theirs.fileno()),
                  msgspec.json.encode(config).decode(), name],  # the name, for whoever reads `ps`
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         self.conn = Connection(ours.detach())

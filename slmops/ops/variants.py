@@ -15,12 +15,18 @@ class MachinePolicy:
     hardware detection, called only when a pull has variants to choose from."""
 
     def __init__(self, preferred: str | None = None, fallback: tuple[str, ...] = (),
-                 probe: Callable[[], Offer] | None = None):
+                 probe: Callable[[], Offer] | None = None, quantization: str = "auto"):
+        """``quantization`` (the deployment config's): prefer variants of that type among those allowed."""
         self.accelerators = order(preferred, fallback)
         self._probe = probe or _detect_offer
+        self.quantization = quantization
 
     def plan(self, model: str, variants: list[Variant], pinned: str | None) -> Derivation:
-        choice = choose(model, variants, self._probe(), self.accelerators, pinned)
+        offer = self._probe()
+        if self.quantization != "auto" and pinned is None:
+            typed = [v for v in variants if (v.quantize or v.name.rsplit("-", 1)[-1]) == self.quantization]
+            variants = [v for v in typed if offer.why_not(v) is None] or variants
+        choice = choose(model, variants, offer, self.accelerators, pinned)
         qtype = choice.variant.quantize
         return Derivation(choice, _quantizer(quant.parse(qtype)) if qtype else None)
 

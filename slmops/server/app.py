@@ -43,6 +43,8 @@ class ServerConfig:
     origins: tuple[str, ...] = ()
     max_request_bytes: int = 16 << 20
     extra_hosts: tuple[str, ...] = field(default_factory=tuple)
+    openai: bool = True  # mount /v1 (SLMOPS_OPENAI_COMPATIBLE)
+    preload: str | None = None  # a model to load at start (SLMOPS_MODEL)
 
 
 def is_loopback(host: str) -> bool:
@@ -151,6 +153,11 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
 
     async def lifespan(app: FastAPI):
         runtime.start()
+        if config.preload:
+            try:
+                await runtime.preload(config.preload)
+            except SlmopsError as err:  # the server still serves everything else; say why the model is not there
+                log.warning("could not load %s at start: %s", config.preload, err)
         yield
         await runtime.stop()
 
@@ -160,7 +167,8 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.include_router(ollama.router)
-    app.include_router(openai.router)
+    if config.openai:
+        app.include_router(openai.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
 

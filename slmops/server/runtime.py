@@ -83,6 +83,15 @@ class ModelRuntime:
             raise ModelNotFound(name)
         return model, spec_from_store(self.store, model)
 
+    async def preload(self, name: str) -> None:
+        """Load ``name`` at start (``SLMOPS_MODEL``), pulling a catalog model first if it is missing, so the
+        first request does not pay for it."""
+        model = ModelName.parse(name)
+        if not self.store.exists(model) and self.store.catalog.lookup(model) is not None:
+            await asyncio.to_thread(self.store.pull, model)
+        _, spec = self.resolve(name)
+        await self.call(spec, self.engine.load, self.default_keep_alive)
+
     # -- requests ------------------------------------------------------------------------------------------
     def queue_depth(self, models: list[ModelStatus] | None = None) -> int:
         return sum(m.waiting for m in (self.engine.loaded() if models is None else models))
