@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from slmops.config.settings import parse_duration, parse_size
 from slmops.types.errors import ConfigError, InvalidName
@@ -79,18 +79,12 @@ class Performance(_Section):
     kv_cache_budget: Any = Field(None, description="a size in bytes or with a unit, such as 512MiB or 1GiB")
     keep_alive: Any = Field(None, description="a duration such as 10m or 1h30m, or seconds (negative: forever)")
 
-    @field_validator("kv_cache_budget")
+    @field_validator("kv_cache_budget", "keep_alive")
     @classmethod
-    def _size(cls, v: Any) -> Any:
+    def _parsed(cls, v: Any, info: ValidationInfo) -> Any:
+        """Checked by the parser the setting itself uses, so the file accepts exactly what the variable does."""
         if v is not None:
-            parse_size(_scalar(v))
-        return v
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: Any) -> Any:
-        if v is not None:
-            parse_duration(_scalar(v))
+            (parse_size if info.field_name == "kv_cache_budget" else parse_duration)(_scalar(v))
         return v
 
 
