@@ -128,6 +128,12 @@ class Server:
             self.proc.kill()
         self.log.close()
 
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def server(shared_home: Path, tmp_path_factory) -> Server:

@@ -12,9 +12,8 @@ M = "smollm2:135m"
 
 @pytest.fixture(scope="module")
 def batch_server(shared_home, tmp_path_factory):
-    s = Server(link_home(shared_home, tmp_path_factory.mktemp("batch")), SLMOPS_NUM_PARALLEL="8")
-    yield s
-    s.stop()
+    with Server(link_home(shared_home, tmp_path_factory.mktemp("batch")), SLMOPS_NUM_PARALLEL="8") as s:
+        yield s
 
 
 def generate(url: str, prompt: str, n: int = 24, raw: bool = False, **extra):

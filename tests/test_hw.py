@@ -5,7 +5,16 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from slmops.ops.hw import CPU, GPU, Hardware, detect, offer, parse_cpuinfo, parse_nvidia_smi
+
+from slmops.ops.hw import (
+    CPU,
+    GPU,
+    Hardware,
+    detect,
+    offer,
+    parse_cpuinfo,
+    parse_nvidia_smi,
+)
 from slmops.ops.placement import ALL_LAYERS, place
 
 X86_AVX512 = """processor\t: 0
@@ -61,7 +70,7 @@ def test_nvidia_smi_output_and_its_absence():
     assert (l4.name, l4.memory_total_bytes, l4.compute_capability) == ("NVIDIA L4", 23034 << 20, "8.9")
     assert a100.index == 1 and a100.compute_capability is None and a100.memory_free_bytes == 1024 << 20
     hw = detect(read_cpuinfo=lambda: ARM_PI5, run_nvidia_smi=lambda: "", machine="aarch64",
-                onnx_providers=lambda: (), llama_offload=lambda: False)
+                onnx_providers=lambda: (), llama_offload=lambda: False, query_nvml=lambda: None)
     assert hw.gpus == () and hw.cpu.architecture == "aarch64" and "neon" in hw.cpu.features
     assert offer(hw).unavailable["gpu"] == "no NVIDIA GPU found"
 
@@ -84,3 +93,43 @@ def test_placement_follows_the_hardware():
 def test_gpu_type_is_what_offer_and_placement_share():
     g = GPU(0, "NVIDIA T4", "nvidia", 15 << 30, 14 << 30, "535", "7.5")
     assert "T4" in place(box([g], offload=True)).reasons[1]
+
+
+def test_nvml_answers_first_and_nvidia_smi_only_without_it():
+    t4 = GPU(0, "NVIDIA T4", "nvidia", 15 << 30, 14 << 30, "535", "7.5")
+    probes = {"read_cpuinfo": lambda: X86_AVX512, "machine": "x86_64", "onnx_providers": lambda: (),
+              "llama_offload": lambda: True}
+    assert detect(query_nvml=lambda: (t4,), run_nvidia_smi=lambda: SMI, **probes).gpus == (t4,)
+    assert [g.name for g in detect(query_nvml=lambda: None, run_nvidia_smi=lambda: SMI, **probes).gpus] == [
+        "NVIDIA L4", "NVIDIA A100-SXM4-40GB"]
+    assert detect(query_nvml=lambda: (), run_nvidia_smi=lambda: SMI, **probes).gpus == ()  # NVML: no GPU
+
+
+def test_gpu_offload_only_when_the_model_fits():
+    l4 = parse_nvidia_smi(SMI)[:1]  # 22500 MiB free
+    fits = place(box(l4, offload=True), model_bytes=2 * GIB, kv_bytes=GIB)
+    assert (fits.device, fits.num_gpu) == ("gpu", ALL_LAYERS) and "fit in 22.0 GiB free" in fits.reasons[1]
+    too_big = place(box(l4, offload=True), model_bytes=20 * GIB, kv_bytes=2 * GIB)
+    assert (too_big.device, too_big.num_gpu, too_big.num_batch) == ("cpu", 0, 512)
+    assert "needs 23.0 GiB of GPU memory" in too_big.reasons[1] and "22.0 GiB free" in too_big.reasons[1]
+    pair = (l4[0], GPU(1, "NVIDIA L4", "nvidia", 23034 << 20, 22 * GIB, "550.54.15", "8.9"))
+    both = place(box(pair, offload=True), model_bytes=30 * GIB, kv_bytes=2 * GIB)
+    assert both.device == "gpu" and "all layers on 2 GPUs" in both.reasons[1]  # llama.cpp splits layers over both
+    unified = GPU(0, "NVIDIA GB10", "nvidia", 0, 0, "580", "12.1")  # reports no memory figures
+    assert place(box([unified], offload=True), model_bytes=20 * GIB).device == "gpu"
+    assert "fit is not checked" in place(box(l4, offload=True)).reasons[1]  # size unknown: llama.cpp will say
+
+
+def test_kv_cache_type_follows_host_memory_only_on_cpu():
+    l4 = parse_nvidia_smi(SMI)[:1]
+    assert place(box(available=1 * GIB)).kv_type == "q8_0"
+    on_gpu = place(box(l4, offload=True, available=1 * GIB))
+    assert on_gpu.kv_type == "f16" and "GPU memory" in on_gpu.reasons[-1]
+
+
+def test_two_core_machine_keeps_threads_at_cores_and_parallel_automatic():
+    small = Hardware(cpu=CPU("Cortex-A76", "aarch64", 2, 2, ("neon", "dotprod")), ram_total_bytes=4 * GIB,
+                     ram_available_bytes=3 * GIB, gpus=(), onnx_providers=(), llama_gpu_offload=False)
+    p = place(small)
+    assert (p.num_thread, p.num_parallel, p.num_batch, p.kv_type) == (2, 0, 512, "f16")
+    assert "at most 8" in p.reasons[3]

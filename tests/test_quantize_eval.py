@@ -3,9 +3,13 @@
 import json
 
 import pytest
-
 from conftest import HTTP, Server, link_home, run_cli
+from test_encryption import KEY, files_holding, plaintext_markers
+
+from slmops.ops.evaluate import EvalReport, gate
+from slmops.ops.quantize import check
 from slmops.store.store import Store
+from slmops.types.errors import InvalidInput
 from slmops.types.name import ModelName
 
 M = "smollm2:135m"
@@ -59,7 +63,7 @@ def test_create_quantize_like_ollama(qhome, tmp_path):
     try:  # the API's quantize field: an already-quantized FROM is a 400 there (no flag to allow it)
         r = HTTP.post(server.url + "/api/create", json={"model": "viaapi", "from": M, "quantize": "q4_0",
                                                          "stream": False})
-        assert r.status_code == 400 and "already quantized" in r.json()["error"]
+        assert r.status_code == 400 and "already quantized (Q4_1)" in r.json()["error"]
     finally:
         server.stop()
 
@@ -69,6 +73,9 @@ def test_eval_ranks_a_damaged_model_worse_and_the_gate_exits_nonzero(qhome):
     assert r.returncode == 1 and "gate failed: perplexity of small:q2 is +" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     report = json.loads(r.stdout)  # the reports come before the verdict
+    assert set(report) == {"model", "baseline", "perplexity_increase_percent"}
+    assert set(report["model"]) == {"model", "perplexity", "tokens", "windows", "n_ctx", "golden_passed",
+                                    "golden_total", "failures", "seconds"}
     base, q2 = report["baseline"], report["model"]
     assert 5 < base["perplexity"] < 60 and base["tokens"] == 3 * 127  # finite, sane for a 135M model
     assert base["golden_passed"] == base["golden_total"] >= 7
@@ -81,25 +88,31 @@ def test_eval_ranks_a_damaged_model_worse_and_the_gate_exits_nonzero(qhome):
     assert no_base.returncode == 1 and "add --baseline" in no_base.stderr
 
 
-def test_bench_measures_models_alternately_with_json_and_a_chart(qhome, tmp_path):
-    chart = tmp_path / "bench.png"
-    r = run_cli("bench", M, "small:q8", "--runs", "1", "--tokens", "16", "--prompt-tokens", "64", "--parallel", "2",
-                "--json", "--plot", str(chart), home=qhome)
-    assert r.returncode == 0, r.stderr
-    results = json.loads(r.stdout)
-    assert [x["model"] for x in results] == [M, "small:q8"] and [x["file_type"] for x in results] == ["Q4_1", "Q8_0"]
-    for x in results:
-        for key in ("load_s", "prompt_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_parallel",
-                    "ttft_ms"):
-            assert 0 < x[key] < float("inf"), key
-        assert 50e6 < x["peak_rss_bytes"] < 4e9 and x["parallel"] == 2 and x["runs"] == 1
-    assert "run 1/1: small:q8" in r.stderr
-    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = run_cli("bench", "small:q8", M, "--runs", "1", "--tokens", "8", "--prompt-tokens", "32",
-                    "--parallel", "1", home=qhome)
-    assert table.returncode == 0 and "PROMPT tok/s" in table.stdout and f"{M} / small:q8" in table.stdout
-    missing = run_cli("bench", "nope:1", home=qhome)
-    assert missing.returncode == 1 and 'model "nope:1" not found' in missing.stderr
+def test_a_sealed_store_gets_a_sealed_quantized_model_and_no_plaintext_on_disk(shared_home, tmp_path):
+    home = link_home(shared_home, tmp_path / "sealed")
+    assert run_cli("store", "seal", home=home, SLMOPS_STORE_KEY=KEY).returncode == 0
+    r = run_cli("quantize", M, "-t", "q4_0", "-o", "sealed:q4", "--allow-requantize", home=home, SLMOPS_STORE_KEY=KEY)
+    assert r.returncode == 0 and "wrote sealed:q4: Q4_0" in r.stdout, r.stderr
+    blobs = list((home / "models" / "blobs").iterdir())
+    assert all(b.read_bytes()[:8] == b"SLMSEAL1" for b in blobs)  # the output went in sealed
+    assert files_holding(home, plaintext_markers(shared_home)) == []  # and no plaintext temp was left behind
+
+
+def test_requantize_policy_without_a_model():
+    assert check("F16", "q4_k_m", False) is None and check("ALL_F32", "q8_0", False) is None  # the normal path
+    with pytest.raises(InvalidInput, match="--allow-requantize"):
+        check("Q8_0", "q4_0", False)
+    assert "only rounding is lost" in check("Q4_1", "q8_0", True)
+    assert "compounds rounding errors" in check("Q4_1", "q2_k", True)
+
+
+def test_gate_passes_within_the_limit_and_fails_above_it():
+    def report(ppl: float, name: str) -> EvalReport:
+        return EvalReport(name, ppl, 100, 1, 256, 9, 9, [], 1.0)
+    base = report(20.0, "base")
+    assert gate(report(20.9, "cand"), base, 5) is None and gate(report(19.0, "cand"), base, 0) is None
+    verdict = gate(report(21.2, "cand"), base, 5)
+    assert verdict == "gate failed: perplexity of cand is +6.0% over base (limit +5.0%); keep the baseline"
 
 
 def test_optimize_keeps_the_fastest_lossless_layout_and_proves_it(qhome):

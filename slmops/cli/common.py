@@ -16,7 +16,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from slmops.config.settings import Settings
 from slmops.store.store import Store
-from slmops.types.errors import ConfigError
+from slmops.types.errors import ConfigError, SlmopsError
+from slmops.types.name import ModelName
 
 if TYPE_CHECKING:
     from slmops.engine.client import EngineConfig
@@ -143,9 +144,21 @@ class PullBar:
 
 
 def placement() -> "Placement":
+    """Placement for this machine; when the served model (``SLMOPS_MODEL``) is already in the store, its size and
+    the KV budget let placement check that they fit in GPU memory before choosing the GPU."""
     from slmops.ops.hw import detect
     from slmops.ops.placement import place
-    return place(detect())
+    cfg = settings()
+    return place(detect(), model_bytes=_stored_size(cfg["SLMOPS_MODEL"]), kv_bytes=cfg["SLMOPS_KV_BUDGET"])
+
+
+def _stored_size(model: str) -> int | None:
+    if not model:
+        return None
+    try:
+        return store().record(ModelName.parse(model)).size
+    except SlmopsError:  # not pulled yet, or not a valid name (serve reports that itself)
+        return None
 
 
 # Settings that, when given (env or config), win over what placement chose for this machine.

@@ -25,9 +25,10 @@ def hw_cmd(json_: bool = typer.Option(False, "--json", help="Print as JSON.")) -
             ("SIMD", " ".join(hw.cpu.features) or "none detected"),
             ("RAM", f"{hw.ram_total_bytes / gib:.1f} GiB, {hw.ram_available_bytes / gib:.1f} GiB available")]
     for g in hw.gpus:
-        rows.append((f"GPU {g.index}", f"{g.name}, {g.memory_total_bytes / gib:.1f} GiB "
-                                       f"({g.memory_free_bytes / gib:.1f} free), driver {g.driver or '?'}, "
-                                       f"compute {g.compute_capability or '?'}"))
+        memory = (f"{g.memory_total_bytes / gib:.1f} GiB ({g.memory_free_bytes / gib:.1f} free)"
+                  if g.memory_total_bytes else "memory not reported")
+        rows.append((f"GPU {g.index}",
+                     f"{g.name}, {memory}, driver {g.driver or '?'}, compute {g.compute_capability or '?'}"))
     if not hw.gpus:
         rows.append(("GPU", "none found"))
     rows.append(("llama.cpp offload", "yes" if hw.llama_gpu_offload else "no (CPU build)"))

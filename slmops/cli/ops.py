@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Self
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from slmops.cli.common import audited, console, err_console, local_engine, store
 from slmops.types.errors import InvalidInput, ModelNotFound, SlmopsError
@@ -26,7 +32,7 @@ class TensorBar:
     def __call__(self, done: int, total: int) -> None:
         self.progress.update(self.task, completed=done, total=total)
 
-    def __enter__(self) -> "TensorBar":
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
@@ -61,8 +67,8 @@ def quantize_cmd(
 
 def eval_cmd(
     model: str = typer.Argument(..., help="Model to evaluate."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model."),
-    max_ppl_increase: Optional[float] = typer.Option(
+    baseline: str | None = typer.Option(None, "--baseline", help="Compare with this model."),
+    max_ppl_increase: float | None = typer.Option(
         None, "--max-ppl-increase", help="Exit 1 if perplexity rises more than this many percent over --baseline."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per perplexity window."),
     windows: int = typer.Option(0, "--windows", help="Score only this many windows (0: the whole text)."),
@@ -71,7 +77,7 @@ def eval_cmd(
 ) -> None:
     """Perplexity on a shipped public-domain text and a golden-prompt set; with a baseline, the delta and a gate."""
     from slmops.engine.client import spec_from_store
-    from slmops.ops.evaluate import evaluate, increase
+    from slmops.ops.evaluate import evaluate, gate, increase
 
     if max_ppl_increase is not None and baseline is None:
         raise InvalidInput("--max-ppl-increase compares with a baseline; add --baseline MODEL")
@@ -93,9 +99,9 @@ def eval_cmd(
         print(json.dumps(out, indent=2))
     else:
         _print_reports(reports, delta)
-    if max_ppl_increase is not None and delta is not None and delta > max_ppl_increase:
-        raise SlmopsError(f"gate failed: perplexity of {reports[0].model} is {delta:+.1f}% over {reports[1].model} "
-                          f"(limit {max_ppl_increase:+.1f}%); keep the baseline")
+    verdict = gate(reports[0], reports[1], max_ppl_increase) if max_ppl_increase is not None else None
+    if verdict:
+        raise SlmopsError(verdict)
 
 
 def _print_reports(reports, delta: float | None) -> None:  # type: ignore[no-untyped-def]

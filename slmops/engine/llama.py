@@ -10,19 +10,20 @@ import ctypes
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import llama_cpp as lc
 import numpy as np
 
-from slmops.types.options import LoadParams, SamplingParams
 from slmops.types.errors import EngineError, InvalidInput
+from slmops.types.options import LoadParams, SamplingParams
 
 _init_lock = threading.Lock()
 _initialized = False
 _verbose = False
 _listener: Callable[[str], None] | None = None  # sees llama.cpp's log while a quantize runs (its progress)
+_quantize_lock = threading.Lock()  # one listener at a time
 _KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
 _TENSOR_DONE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -292,6 +293,3 @@ def quantize_file(src: Path, dst: Path, ftype: int, allow_requantize: bool,
     if rc != 0:
         raise EngineError("llama.cpp could not quantize this model (an unsupported tensor type or layout); "
                           "try another type, or SLMOPS_DEBUG=1 for its log")
-
-
-_quantize_lock = threading.Lock()

@@ -149,3 +149,13 @@ def evaluate(engine, spec: ModelSpec, n_ctx: int = 512, max_windows: int = 0,  #
 def increase(candidate: EvalReport, baseline: EvalReport) -> float:
     """Perplexity increase over the baseline, in percent (negative: better)."""
     return 100 * (candidate.perplexity / baseline.perplexity - 1)
+
+
+def gate(candidate: EvalReport, baseline: EvalReport, max_increase: float) -> str | None:
+    """Why ``candidate`` must not replace ``baseline`` (its perplexity rose more than ``max_increase`` percent), or
+    ``None`` when it may. Golden-prompt failures are reported beside it, not gated."""
+    delta = increase(candidate, baseline)
+    if delta <= max_increase:
+        return None
+    return (f"gate failed: perplexity of {candidate.model} is {delta:+.1f}% over {baseline.model} "
+            f"(limit {max_increase:+.1f}%); keep the baseline")

@@ -1,8 +1,9 @@
 """What this machine offers a model: CPU and its SIMD features, memory, NVIDIA GPUs, ONNX Runtime providers.
 
 Parsers take the raw text (``/proc/cpuinfo``, ``nvidia-smi`` CSV) so the GPU and ARM cases are tested with the
-text such machines print; :func:`detect` takes its readers as arguments for the same reason. Nothing here fails
-for lack of hardware: no ``nvidia-smi``, no GPU; no ``onnxruntime``, no providers.
+text such machines print; :func:`detect` takes its readers as arguments for the same reason. GPUs come from NVML
+when ``pynvml`` is installed, else from ``nvidia-smi``. Nothing here fails for lack of hardware: neither of them,
+no GPU; no ``onnxruntime``, no providers.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -142,18 +144,63 @@ def _llama_offload() -> bool:
         return False
 
 
+def _nvml() -> tuple[GPU, ...] | None:
+    """GPUs through NVML when ``pynvml`` (nvidia-ml-py) is installed: no process to start, and it works where
+    ``nvidia-smi`` is not on PATH. None when the library or the driver is absent, so ``nvidia-smi`` is asked."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - NVMLError subclasses: no driver, no device; not an error here
+        return None
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        return tuple(_nvml_gpu(pynvml, i, driver) for i in range(pynvml.nvmlDeviceGetCount()))
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvml_gpu(nvml: Any, index: int, driver: str) -> GPU:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    try:
+        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        total, free = int(mem.total), int(mem.free)
+    except nvml.NVMLError:  # unified-memory boards (Jetson, GB10) report none
+        total = free = 0
+    try:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        capability: str | None = f"{major}.{minor}"
+    except nvml.NVMLError:
+        capability = None
+    return GPU(index=index, name=_text(nvml.nvmlDeviceGetName(handle)), vendor="nvidia", memory_total_bytes=total,
+               memory_free_bytes=free, driver=driver, compute_capability=capability)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # older pynvml returns bytes
+
+
 def detect(read_cpuinfo: Callable[[], str] = _read_cpuinfo, run_nvidia_smi: Callable[[], str] = _nvidia_smi,
            machine: str | None = None, onnx_providers: Callable[[], tuple[str, ...]] = _onnx_providers,
-           llama_offload: Callable[[], bool] = _llama_offload) -> Hardware:
+           llama_offload: Callable[[], bool] = _llama_offload,
+           query_nvml: Callable[[], tuple[GPU, ...] | None] = _nvml) -> Hardware:
+    """This machine, read through the given probes (the defaults read the real one; tests pass recorded text).
+    NVML is asked first and ``nvidia-smi`` only when NVML is not installed or cannot start."""
     machine = machine or platform.machine()
     model, features = parse_cpuinfo(read_cpuinfo(), machine)
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
     mem = psutil.virtual_memory()
     cpu = CPU(model=model, architecture=machine, physical_cores=psutil.cpu_count(logical=False) or logical,
               logical_cores=logical, features=features)
-    return Hardware(cpu=cpu, ram_total_bytes=mem.total, ram_available_bytes=mem.available,
-                    gpus=parse_nvidia_smi(run_nvidia_smi()), onnx_providers=onnx_providers(),
-                    llama_gpu_offload=llama_offload())
+    gpus = query_nvml()
+    if gpus is None:
+        gpus = parse_nvidia_smi(run_nvidia_smi())
+    return Hardware(cpu=cpu, ram_total_bytes=mem.total, ram_available_bytes=mem.available, gpus=gpus,
+                    onnx_providers=onnx_providers(), llama_gpu_offload=llama_offload())
 
 
 def gpu_unavailable(hw: Hardware) -> str | None:

@@ -8,8 +8,8 @@ an explicit ``allow_requantize`` and comes with a warning; going to a type with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from slmops.store import manifests as mt
 from slmops.store.gguf import GGUFInfo
@@ -31,7 +31,7 @@ def check(source_type: str, qtype: str, allow_requantize: bool) -> str | None:
         raise InvalidInput(f"the source is already quantized ({source_type}) and requantizing loses quality; pass "
                            "--allow-requantize to do it anyway, or start from an F16 or F32 model")
     if quant.loses_nothing(source_type, qtype):
-        return f"requantizing {source_type} to {qtype.upper()}: no quality lost (more bits per weight)"
+        return f"requantizing {source_type} to {qtype.upper()}: more bits per weight, so only rounding is lost"
     return (f"requantizing {source_type} to {qtype.upper()} compounds rounding errors; check the result with "
             "`slmops eval NEW --baseline SOURCE`")
 
@@ -40,7 +40,8 @@ def quantize_layer(store: Store, layer: Layer, info: GGUFInfo, qtype: str, allow
                    what: str, progress: TensorProgress | None = None,
                    warn: Warn | None = None) -> tuple[Layer, GGUFInfo]:
     """A new model layer holding ``layer``'s model quantized to ``qtype``."""
-    from slmops.engine.llama import quantize_file  # llama.cpp loads only when a model is quantized
+    # llama.cpp loads only when a model is quantized
+    from slmops.engine.llama import quantize_file
 
     qtype = quant.parse(qtype)
     note = check(info.file_type, qtype, allow_requantize)

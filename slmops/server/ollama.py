@@ -271,8 +271,6 @@ async def pull(body: oa.PullRequest, request: Request):
 def _create_modelfile(body: oa.CreateRequest) -> Modelfile:
     if body.modelfile:
         return parse(body.modelfile)
-    if body.quantize:
-        raise InvalidInput("quantize is not supported yet; create from an already quantized GGUF")
     files = list((body.files or {}).values())
     if len(files) > 1:
         raise InvalidInput("create takes one GGUF file in files")
