@@ -98,10 +98,9 @@ def test_finished_sequence_is_cached_and_reused_by_the_next_request():
     s.finish(0)
     s.add(1, system + [4, 5])
     batch = s.schedule()
-    assert MemOp("copy", 0, 8, 103) in batch.ops  # the finished sequence went to cache slot 8 ...
-    assert MemOp("drop", 0) in batch.ops
-    copy = [op for op in batch.ops if op.kind == "copy" and op.src == 8]
-    assert copy and copy[0].n == 100  # ... and the new request starts from its 100 shared tokens
+    assert batch.ops[:2] == [MemOp("save", 0, 8, 103), MemOp("drop", 0)]  # its KV went to cache entry 8 ...
+    slot = s.running[1].slot
+    assert batch.ops[2:] == [MemOp("restore", 8, slot, 100, tuple(system))]  # ... and back for 100 shared tokens
     item = next(i for i in batch.items if i.req_id == 1)
     assert item.tokens == (4, 5) and item.pos0 == 100 and s.running[1].cached == 100
 
@@ -194,3 +193,32 @@ def test_a_short_shared_prefix_does_not_hold_a_request_back():
     s.add(1, list(range(10)) + [9999] * 50)  # shares only 10 tokens
     batch, _ = step(s)
     assert {i.req_id for i in batch.items} == {0, 1}  # not held for request 0's prefill
+
+
+def test_a_chat_turn_supersedes_the_cached_previous_turn():
+    c = PrefixCache(slots=[1, 2, 3], budget_tokens=100)
+    assert c.insert([1, 2, 3]) == (1, [])
+    assert c.insert([1, 2, 3, 4, 5]) == (2, [1])  # extends entry 1, which can serve nothing it cannot
+    assert c.match([1, 2, 3, 9]) == (2, 3) and c.used_tokens == 5
+    assert c.insert([1, 2]) == (None, [])  # held whole inside entry 2
+
+
+def test_the_prefix_cache_saves_forgets_and_prefers_running_cells():
+    s = Scheduler(n_slots=2, n_ctx_seq=256, cache=PrefixCache(slots=[7, 8], budget_tokens=12))
+    ops = []
+    s.add(0, list(range(8)))
+    ops += step(s)[0].ops
+    s.finish(0)
+    s.add(1, list(range(100, 108)))
+    ops += step(s)[0].ops
+    s.finish(1)  # 16 tokens do not fit in 12: entry 7 goes
+    s.add(2, list(range(100, 104)) + [1, 2])  # entry 8 holds its first 4 tokens
+    batch, _ = step(s)
+    ops += batch.ops
+    assert [(op.kind, op.src, op.dst) for op in ops] == [
+        ("save", 0, 7, ), ("drop", 0, -1), ("forget", 7, -1), ("save", 1, 8), ("drop", 1, -1),
+        ("restore", 8, s.running[2].slot)]
+    assert ops[-1].n == 4 and ops[-1].tokens == (100, 101, 102, 103) and s.running[2].cached == 4
+    s.add(3, list(range(100, 104)) + [1, 9])  # request 2's cells hold 5 of its tokens, entry 8 only 4
+    batch, _ = step(s)
+    assert batch.ops == [MemOp("copy", s.running[2].slot, s.running[3].slot, 5)]

@@ -178,7 +178,7 @@ def engine_config(placed: "Placement | None" = None) -> "EngineConfig":
             fields[field_name] = cfg[setting]
     return EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"],
                         verbose=cfg["SLMOPS_DEBUG"], max_queue=cfg["SLMOPS_MAX_QUEUE"],
-                        kv_budget=cfg["SLMOPS_KV_BUDGET"], **fields)
+                        kv_budget=cfg["SLMOPS_KV_BUDGET"], prefix_cache=cfg["SLMOPS_PREFIX_CACHE"], **fields)
 
 
 def local_engine() -> "Engine":

@@ -52,7 +52,8 @@ class Engine:
             while len(self._loaded) >= self.config.max_loaded:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
-            model = LoadedModel(spec, load, self.config.num_parallel, self.config.max_queue, self.config.kv_budget)
+            model = LoadedModel(spec, load, self.config.num_parallel, self.config.max_queue, self.config.kv_budget,
+                                self.config.prefix_cache)
             self._loaded[spec.name] = model
             return model, model.load_duration
 

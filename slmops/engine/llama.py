@@ -189,6 +189,22 @@ class LlamaContext:
     def seq_drop(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
+    def seq_trim(self, seq: int, n: int) -> None:
+        """Keep only the first ``n`` positions of ``seq``."""
+        lc.llama_memory_seq_rm(self.mem, seq, n, -1)
+
+    def seq_save(self, seq: int) -> ctypes.Array:
+        """A copy of ``seq``'s KV cells in host memory, for :meth:`seq_restore`."""
+        size = lc.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        if lc.llama_state_seq_get_data(self.ptr, buf, size, seq) != size:
+            raise EngineError("llama.cpp could not copy a sequence's KV cache to host memory")
+        return buf
+
+    def seq_restore(self, buf: ctypes.Array, seq: int) -> bool:
+        """Load a saved sequence into ``seq`` (emptied first); False when the KV cache has no contiguous room."""
+        return lc.llama_state_seq_set_data(self.ptr, buf, len(buf), seq) == len(buf)
+
     def all_logits(self, n: int) -> np.ndarray:
         """Logits of the last decode's ``n`` outputs, one row each (every token asked for them)."""
         return np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(n, self.model.n_vocab))

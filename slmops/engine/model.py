@@ -55,8 +55,9 @@ def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, 
 
 class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512,
-                 kv_budget: int = KV_BUDGET):
-        """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free."""
+                 kv_budget: int = KV_BUDGET, prefix_cache: int = KV_BUDGET):
+        """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free.
+        ``prefix_cache``: bytes of host memory for cached prompt prefixes."""
         t0 = time.perf_counter_ns()
         self.info = inspect_gguf(spec.model_path, spec.gguf_cache, spec.unseal_key)
         self.spec = spec
@@ -67,12 +68,11 @@ class LoadedModel:
             self.model = LlamaModel(path, n_gpu_layers=load.num_gpu)
         self.load_params = load
         self.n_parallel = n_parallel
-        cache_budget = load.num_ctx * 2  # cached prefixes: a couple of contexts' worth
-        total = load.num_ctx * n_parallel + cache_budget
-        ctx_params = replace(load, num_ctx=total)
+        cache_budget = prefix_cache // max(1, kv_bytes_per_token(self.info, load.kv_type))  # in tokens
+        ctx_params = replace(load, num_ctx=load.num_ctx * n_parallel)
         self.ctx: LlamaContext | None = None
         try:
-            self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=2 * n_parallel)
+            self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=n_parallel)
             adapters = []
             for adapter in spec.adapters:
                 inspect_gguf(adapter, spec.gguf_cache, spec.unseal_key)

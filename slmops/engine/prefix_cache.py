@@ -1,8 +1,14 @@
-"""A radix tree of token prefixes whose KV is held in spare sequences of the context, with LRU eviction.
+"""A radix tree of token prefixes whose KV state is kept in host memory, with LRU eviction under a token budget.
 
-Pure bookkeeping: it decides which spare sequence ("cache slot") holds which tokens; the runner performs the KV
-copies it implies. Requests that share a system prompt or a chat history find the longest cached prefix here and
-skip evaluating it (in llama.cpp's unified KV cache a copy between sequences only shares cells, it copies no data).
+Pure bookkeeping: it decides which cache entry holds which tokens; the runner saves a finished sequence's KV into
+an entry and restores an entry into a new request's sequence (``llama_state_seq_get_data``/``set_data``: a memory
+copy, some fifty times faster than evaluating the tokens again). Requests that share a system prompt or a chat
+history find the longest cached prefix here and skip evaluating it.
+
+Entries live in host memory rather than in spare sequences of the KV cache because every cell in use widens the
+attention of every decode step: cached prefixes kept in the KV cache slowed a single stream by about 9 %, and a
+KV-sized budget held too few chat histories. Sequences that are still running share their prefixes through the
+KV cache directly (a metadata-only copy; see the scheduler).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 class _Node:
     edge: tuple[int, ...] = ()
     children: dict[int, "_Node"] = field(default_factory=dict)
-    slots: set[int] = field(default_factory=set)  # cache slots whose tokens pass through (or end at) this node
+    slots: set[int] = field(default_factory=set)  # entries whose tokens pass through (or end at) this node
     parent: "_Node | None" = None
 
 
@@ -28,6 +34,7 @@ class _Entry:
 
 class PrefixCache:
     def __init__(self, slots: list[int], budget_tokens: int):
+        """``slots``: the entry ids it may hand out (the most entries held at once)."""
         self.free = list(slots)
         self.budget = budget_tokens
         self.root = _Node()
@@ -39,7 +46,7 @@ class PrefixCache:
         return sum(len(e.tokens) for e in self.entries.values())
 
     def match(self, tokens: list[int], touch: bool = True) -> tuple[int | None, int]:
-        """(cache slot, number of leading tokens it holds) for the longest cached prefix of ``tokens``; with
+        """(entry, number of leading tokens it holds) for the longest cached prefix of ``tokens``; with
         ``touch`` the entry counts as used (LRU), without it this is only a look."""
         node, depth, best = self.root, 0, (None, 0)
         while True:
@@ -60,16 +67,20 @@ class PrefixCache:
         return best
 
     def insert(self, tokens: list[int]) -> tuple[int | None, list[int]]:
-        """Reserve a slot for ``tokens``; returns (slot or None if it cannot fit, slots evicted to make room).
+        """Reserve an entry for ``tokens``; returns (entry or None if it cannot fit, entries dropped: evicted to make
+        room, or superseded).
 
-        A sequence already fully cached is not stored twice.
+        A sequence already cached whole is not stored twice, and entries it extends (the previous turn of a chat)
+        are dropped: every prefix they matched, it matches too.
         """
         if not tokens or len(tokens) > self.budget:
             return None, []
-        slot, n = self.match(tokens)
-        if slot is not None and n == len(tokens) and len(self.entries[slot].tokens) == n:
+        if self.match(tokens)[1] == len(tokens):
             return None, []
-        evicted: list[int] = []
+        evicted = [e.slot for e in list(self.entries.values())
+                   if len(e.tokens) < len(tokens) and tuple(tokens[:len(e.tokens)]) == e.tokens]
+        for slot in evicted:
+            self.remove(slot)
         while self.entries and (not self.free or self.used_tokens + len(tokens) > self.budget):
             evicted.append(self._evict_lru())
         if not self.free:

@@ -21,7 +21,7 @@ from slmops.engine.client import Emit
 from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.engine.prefix_cache import PrefixCache
-from slmops.engine.scheduler import Batch, Finished, Scheduler
+from slmops.engine.scheduler import Batch, Finished, MemOp, Scheduler
 from slmops.engine.stops import StopMatcher
 from slmops.types.options import SamplingParams
 
@@ -49,12 +49,16 @@ class _Request:
 
 
 class BatchRunner:
+    MAX_ENTRIES = 256  # cached prefixes held at once, whatever their size
+
     def __init__(self, model: LlamaModel, ctx: LlamaContext, n_parallel: int, n_ctx_seq: int,
                  cache_budget: int, logprob: Callable[[int, int, int], TokenLogprob], token_budget: int = 512,
                  max_queue: int = 512):
+        """``cache_budget``: tokens the prefix cache keeps in host memory (0: no prefix cache)."""
         self.model = model
         self.ctx = ctx
-        cache = PrefixCache(list(range(n_parallel, n_parallel * 2)), cache_budget) if cache_budget > 0 else None
+        cache = PrefixCache(list(range(self.MAX_ENTRIES)), cache_budget) if cache_budget > 0 else None
+        self._saved: dict[int, object] = {}  # prefix-cache entry -> its KV state in host memory
         self.scheduler = Scheduler(n_parallel, n_ctx_seq, min(token_budget, ctx.n_batch), max_queue=max_queue,
                                    cache=cache)
         self._logprob = logprob
@@ -138,12 +142,32 @@ class BatchRunner:
         elif kind == "close":
             self._closing = arg  # finish what runs, refuse what comes
 
+    def _memory(self, op: MemOp) -> None:
+        if op.kind == "copy":
+            self.ctx.seq_copy(op.src, op.dst, op.n)
+        elif op.kind == "drop":
+            self.ctx.seq_drop(op.src)
+        elif op.kind == "save":
+            self._saved[op.dst] = self.ctx.seq_save(op.src)
+        elif op.kind == "forget":
+            self._saved.pop(op.src, None)
+        elif op.kind == "restore":
+            saved = self._saved.get(op.src)
+            if saved is not None and self.ctx.seq_restore(saved, op.dst):
+                self.ctx.seq_trim(op.dst, op.n)
+            else:  # no contiguous room for the copy: compute the same cells instead
+                self.ctx.seq_drop(op.dst)
+                self._evaluate(op.dst, op.tokens)
+
+    def _evaluate(self, seq: int, tokens: tuple[int, ...]) -> None:
+        for start in range(0, len(tokens), self.ctx.n_batch):
+            chunk = np.asarray(tokens[start:start + self.ctx.n_batch], dtype=np.int32)
+            self.ctx.decode_batch(chunk, np.arange(start, start + len(chunk), dtype=np.int32),
+                                  np.full(len(chunk), seq, dtype=np.int32), np.zeros(len(chunk), dtype=np.int8))
+
     def _step(self, batch: Batch) -> None:
         for op in batch.ops:
-            if op.kind == "copy":
-                self.ctx.seq_copy(op.src, op.dst, op.n)
-            else:
-                self.ctx.seq_drop(op.src)
+            self._memory(op)
         if not batch.items:
             return
         self.steps += 1

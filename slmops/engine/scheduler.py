@@ -6,13 +6,14 @@ It never touches llama.cpp, so it is tested with made-up tokens. Each step:
 2. the rest of the per-step token budget goes to prompt chunks (chunked prefill: a long prompt is spread over
    several steps instead of stalling everyone's stream),
 3. waiting requests are admitted into free sequence slots, first reusing the longest prefix whose KV exists:
-   in the prefix cache, or in a sequence still running (copying cells from it is metadata-only). A request whose
+   in a sequence still running (copying cells from it is metadata-only), or in the prefix cache, whose entries
+   hold finished sequences' KV in host memory and are restored into the new sequence. A request whose
    prompt shares a long prefix with one still being prefilled waits for that prefill instead of computing the
    same tokens again beside it: eight clients sending one system prompt at once evaluate it once.
 
 Each active sequence owns one slot with ``n_ctx_seq`` KV cells reserved, so admission never over-commits the
-cache; spare slots hold cached prefixes within their own budget (:class:`PrefixCache`). Memory operations the
-runner must perform before decoding (prefix copies, frees) travel in the batch, in order.
+cache, and the KV cache holds nothing else. Memory operations the runner must perform before decoding (prefix
+copies, saves to and restores from the prefix cache, frees) travel in the batch, in order.
 """
 
 from __future__ import annotations
@@ -51,12 +52,19 @@ class Seq:
 
 @dataclass(frozen=True)
 class MemOp:
-    """``copy``: share cells [0, n) of ``src`` with ``dst``; ``drop``: free every cell of ``src``."""
+    """What the runner does to KV memory before a step. Sequences are slots, entries are prefix-cache entries.
+
+    ``copy``: share cells [0, n) of sequence ``src`` with sequence ``dst``; ``drop``: free every cell of sequence
+    ``src``; ``save``: keep sequence ``src``'s KV (its first ``n`` tokens) as entry ``dst``; ``restore``: load
+    entry ``src`` into sequence ``dst`` and keep its first ``n`` tokens (``tokens``, to evaluate instead should the
+    KV cache have no room for the copy); ``forget``: discard entry ``src``.
+    """
 
     kind: str
     src: int
     dst: int = -1
     n: int = -1
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,15 +207,17 @@ class Scheduler:
         seq.slot = self.free_slots.pop(0)
         seq.state = State.PREFILL
         self.running[seq.req_id] = seq
-        slot, n = self.cache.match(seq.prompt) if self.cache is not None else (None, 0)
+        usable = len(seq.prompt) - 1  # at least one token is evaluated, for its logits
+        entry, n = self.cache.match(seq.prompt) if self.cache is not None else (None, 0)
+        op = MemOp("restore", entry, seq.slot, min(n, usable), tuple(seq.prompt[:min(n, usable)])) \
+            if entry is not None else None
         for other in self.running.values():
             shared = common_prefix(seq.prompt, other.tokens[: other.n_kv])
-            if shared > n:
-                slot, n = other.slot, shared
-        n = min(n, len(seq.prompt) - 1)  # at least one token is evaluated, for its logits
-        if slot is not None and n > 0:
-            batch.ops.append(MemOp("copy", slot, seq.slot, n))
-            seq.n_past = seq.cached = n
+            if shared >= n and shared > 0:  # a running sequence's cells: shared for free, preferred on a tie
+                n, op = shared, MemOp("copy", other.slot, seq.slot, min(shared, usable))
+        if op is not None and op.n > 0:
+            batch.ops.append(op)
+            seq.n_past = seq.cached = op.n
 
     def _worth_waiting(self, seq: Seq) -> bool:
         """A running prefill will soon hold a long prefix of this prompt that no KV holds yet."""
@@ -230,12 +240,12 @@ class Scheduler:
         return len(chunk)
 
     def _release(self, seq: Seq, keep: bool) -> None:
-        """Free the slot; with ``keep`` its tokens first move to the prefix cache (when it has room)."""
+        """Free the slot; with ``keep`` its KV is first saved to the prefix cache (when it has room)."""
         if keep and self.cache is not None:
             tokens = seq.tokens[: seq.n_past]
-            slot, evicted = self.cache.insert(tokens)
-            self._ops.extend(MemOp("drop", s) for s in evicted)
-            if slot is not None:
-                self._ops.append(MemOp("copy", seq.slot, slot, len(tokens)))
+            entry, dropped = self.cache.insert(tokens)
+            self._ops.extend(MemOp("forget", e) for e in dropped)
+            if entry is not None:
+                self._ops.append(MemOp("save", seq.slot, entry, len(tokens)))
         self._ops.append(MemOp("drop", seq.slot))
         self.free_slots.append(seq.slot)
