@@ -1,5 +1,7 @@
 """The real engine with the real default model."""
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import DEFAULT
@@ -152,3 +154,60 @@ def test_seeded_sampling_is_reproducible(engine, spec):
     a, _ = collect(engine.run(spec, Request(messages=Q, options=o)))
     b, _ = collect(engine.run(spec, Request(messages=Q, options=o)))
     assert a == b
+
+
+@pytest.mark.parametrize("params", [
+    {"repeat_penalty": 1.5, "repeat_last_n": 64},
+    {"repeat_penalty": 1.0, "frequency_penalty": 0.8, "presence_penalty": 0.6, "repeat_last_n": 16},
+    {"repeat_penalty": 1.3, "repeat_last_n": -1, "temperature": 0.8, "seed": 7},
+])
+def test_penalties_on_the_window_match_llama_cpps_penalties_sampler(spec, params):
+    """The same tokens as llama.cpp's own penalties sampler at the head of an otherwise identical chain."""
+    import llama_cpp as lc
+    import numpy as np
+
+    from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
+    model = LlamaModel(spec.model_path)
+    ctx = LlamaContext(model, opts.LoadParams(num_ctx=512))
+    sampling = opts.SamplingParams(**{"temperature": 0, **params})
+    prompt = model.tokenize("The cat sat on the mat. The cat sat on the mat. The cat", add_special=True,
+                            parse_special=True)
+    last_n = 512 if sampling.repeat_last_n == -1 else sampling.repeat_last_n
+
+    def reference() -> SamplerChain:
+        chain = SamplerChain(model, sampling, 512, prompt)
+        ref = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(ref, lc.llama_sampler_init_penalties(
+            model.n_vocab, last_n, sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty))
+        for t in prompt[-last_n:]:
+            lc.llama_sampler_accept(ref, t)
+        for _ in range(lc.llama_sampler_chain_n(chain.ptr)):  # then the same samplers, moved over
+            lc.llama_sampler_chain_add(ref, lc.llama_sampler_chain_remove(chain.ptr, 0))
+        chain.close()
+        chain.ptr, chain._window = ref, None  # llama.cpp applies the penalties itself
+        return chain
+
+    def generate(chain: SamplerChain) -> list[int]:
+        ctx.seq_drop(0)
+        n = len(prompt)
+        want = np.zeros(n, dtype=np.int8)
+        want[-1] = 1
+        ctx.decode_batch(np.array(prompt, dtype=np.int32), np.arange(n, dtype=np.int32), np.zeros(n, np.int32), want)
+        out, idx = [], n - 1
+        for pos in range(n, n + 40):
+            tok = chain.sample(ctx, idx)
+            out.append(tok)
+            ctx.decode_batch(np.array([tok], np.int32), np.array([pos], np.int32), np.zeros(1, np.int32),
+                             np.ones(1, np.int8))
+            idx = 0
+        chain.close()
+        return out
+
+    try:
+        ours = generate(SamplerChain(model, sampling, 512, prompt))
+        assert ours == generate(reference())
+        plain = replace(sampling, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+        assert ours != generate(SamplerChain(model, plain, 512, prompt))  # the penalties did change something
+    finally:
+        ctx.close()
+        model.close()

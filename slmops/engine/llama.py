@@ -10,6 +10,7 @@ import ctypes
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -247,18 +248,20 @@ class LlamaContext:
 class SamplerChain:
     """A C sampler chain in Ollama's order: penalties → grammar → top_k → typical → top_p → min_p → temperature → dist.
 
-    The prompt's last tokens are accepted into the penalties before the grammar joins the chain, so the grammar
-    only ever sees generated tokens.
+    Penalties are applied here, to the logits of the tokens in the penalty window only, not by llama.cpp's
+    penalties sampler: that one looks up every vocabulary entry in a hash map at every token (49,152 lookups for
+    SmolLM2, about 0.5 ms, 5 % of a decode step), where the window holds 64 tokens. The arithmetic is the same
+    (``penalties_apply`` in llama-sampler.cpp), and the window's logits are put back after sampling, so
+    log-probabilities are reported from the model's own logits, as before.
     """
 
     def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int, prompt: list[int]):
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         last_n = n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
+        active = last_n > 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+        self._window: deque[int] | None = deque(prompt[-last_n:], maxlen=last_n) if active else None
+        self._repeat, self._freq, self._present = p.repeat_penalty, p.frequency_penalty, p.presence_penalty
         add = lambda s: lc.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
-        add(lc.llama_sampler_init_penalties(model.n_vocab, last_n, p.repeat_penalty, p.frequency_penalty,
-                                            p.presence_penalty))
-        for t in prompt[-last_n:] if last_n > 0 else []:
-            lc.llama_sampler_accept(self.ptr, t)
         if p.grammar:
             grammar = lc.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
             if not grammar:
@@ -276,7 +279,20 @@ class SamplerChain:
         add(lc.llama_sampler_init_dist(p.seed & 0xFFFFFFFF if p.seed >= 0 else lc.LLAMA_DEFAULT_SEED))
 
     def sample(self, ctx: LlamaContext, idx: int) -> int:
-        return lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+        if self._window is None:
+            return lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+        logits = ctx.logits(idx)
+        ids, counts = np.unique(np.fromiter(self._window, dtype=np.int32, count=len(self._window)),
+                                return_counts=True)
+        own = logits[ids]
+        logits[ids] = np.where(own <= 0, own * self._repeat, own / self._repeat) \
+            - counts * self._freq - self._present
+        try:
+            tok = lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+        finally:
+            logits[ids] = own
+        self._window.append(tok)
+        return tok
 
     def close(self) -> None:
         if self.ptr:
