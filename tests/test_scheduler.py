@@ -98,9 +98,9 @@ def test_finished_sequence_is_cached_and_reused_by_the_next_request():
     s.finish(0)
     s.add(1, system + [4, 5])
     batch = s.schedule()
-    assert batch.ops[:2] == [MemOp("save", 0, 8, 103), MemOp("drop", 0)]  # its KV went to cache entry 8 ...
     slot = s.running[1].slot
-    assert batch.ops[2:] == [MemOp("restore", 8, slot, 100, tuple(system))]  # ... and back for 100 shared tokens
+    assert batch.ops == [MemOp("copy", 0, 8, 103), MemOp("drop", 0),  # the finished sequence went to slot 8 ...
+                         MemOp("copy", 8, slot, 100)]  # ... and the new request starts from its 100 shared tokens
     item = next(i for i in batch.items if i.req_id == 1)
     assert item.tokens == (4, 5) and item.pos0 == 100 and s.running[1].cached == 100
 
@@ -119,18 +119,18 @@ def test_identical_prompt_still_evaluates_one_token():
 
 def test_prefix_cache_match_split_and_lru_eviction():
     c = PrefixCache(slots=[1, 2], budget_tokens=10)
-    assert c.insert([1, 2, 3, 4]) == (1, [])
-    assert c.insert([1, 2, 9]) == (2, [])
+    assert c.insert([1, 2, 3, 4]) == (1, [], [])
+    assert c.insert([1, 2, 9]) == (2, [], [])
     assert c.match([1, 2, 3, 4, 5]) == (1, 4)
     assert c.match([1, 2, 9, 9]) == (2, 3)
     assert c.match([1, 2, 7])[1] == 2
     assert c.match([5]) == (None, 0)
     c.match([1, 2, 9])  # slot 2 is now the most recently used
-    slot, evicted = c.insert([7, 7, 7, 7, 7])  # needs room: the least recently used (slot 1) goes
-    assert evicted == [1] and slot == 1 and c.used_tokens == 8
+    slot, _, evicted = c.insert([7, 7, 7, 7, 7])  # needs room: the least recently used (slot 1) goes
+    assert [(e.slot, e.tokens) for e in evicted] == [(1, (1, 2, 3, 4))] and slot == 1 and c.used_tokens == 8
     assert c.match([1, 2, 3, 4])[0] == 2  # only the shared [1, 2] prefix remains, in slot 2
-    assert c.insert([1, 2, 9]) == (None, [])  # already cached whole: not stored twice
-    assert c.insert(list(range(11))) == (None, [])  # larger than the whole budget
+    assert c.insert([1, 2, 9]) == (None, [], [])  # already cached whole: not stored twice
+    assert c.insert(list(range(11))) == (None, [], [])  # larger than the whole budget
 
 
 @settings(max_examples=200, deadline=None)
@@ -197,28 +197,48 @@ def test_a_short_shared_prefix_does_not_hold_a_request_back():
 
 def test_a_chat_turn_supersedes_the_cached_previous_turn():
     c = PrefixCache(slots=[1, 2, 3], budget_tokens=100)
-    assert c.insert([1, 2, 3]) == (1, [])
-    assert c.insert([1, 2, 3, 4, 5]) == (2, [1])  # extends entry 1, which can serve nothing it cannot
+    assert c.insert([1, 2, 3]) == (1, [], [])
+    assert c.insert([1, 2, 3, 4, 5]) == (2, [1], [])  # extends entry 1, which can serve nothing it cannot
     assert c.match([1, 2, 3, 9]) == (2, 3) and c.used_tokens == 5
-    assert c.insert([1, 2]) == (None, [])  # held whole inside entry 2
+    assert c.insert([1, 2]) == (None, [], [])  # held whole inside entry 2
 
 
-def test_the_prefix_cache_saves_forgets_and_prefers_running_cells():
-    s = Scheduler(n_slots=2, n_ctx_seq=256, cache=PrefixCache(slots=[7, 8], budget_tokens=12))
+def test_evicted_prefixes_spill_to_host_memory_and_come_back():
+    s = Scheduler(n_slots=2, n_ctx_seq=256, cache=PrefixCache(slots=[2, 3], budget_tokens=12),
+                  spill=PrefixCache(slots=[70, 71], budget_tokens=12))
     ops = []
-    s.add(0, list(range(8)))
-    ops += step(s)[0].ops
-    s.finish(0)
-    s.add(1, list(range(100, 108)))
-    ops += step(s)[0].ops
-    s.finish(1)  # 16 tokens do not fit in 12: entry 7 goes
-    s.add(2, list(range(100, 104)) + [1, 2])  # entry 8 holds its first 4 tokens
-    batch, _ = step(s)
-    ops += batch.ops
+    for req, prompt in enumerate([list(range(8)), list(range(100, 108)), list(range(200, 208))]):
+        s.add(req, prompt)
+        ops += step(s)[0].ops
+        s.finish(req)
+    ops += s.schedule().ops
+    # each finished sequence went to a spare slot; the KV tier holds 12 tokens, so the oldest spilled to host
+    # memory (saved, then its cells freed), and the host tier, 12 tokens too, let go of the oldest there
     assert [(op.kind, op.src, op.dst) for op in ops] == [
-        ("save", 0, 7, ), ("drop", 0, -1), ("forget", 7, -1), ("save", 1, 8), ("drop", 1, -1),
-        ("restore", 8, s.running[2].slot)]
-    assert ops[-1].n == 4 and ops[-1].tokens == (100, 101, 102, 103) and s.running[2].cached == 4
-    s.add(3, list(range(100, 104)) + [1, 9])  # request 2's cells hold 5 of its tokens, entry 8 only 4
+        ("copy", 0, 2), ("drop", 0, -1),
+        ("save", 2, 70), ("drop", 2, -1), ("copy", 1, 3), ("drop", 1, -1),
+        ("forget", 70, -1), ("save", 3, 71), ("drop", 3, -1), ("copy", 0, 2), ("drop", 0, -1)]
+    s.add(3, list(range(100, 104)) + [1, 2])  # only host memory holds its first 4 tokens
     batch, _ = step(s)
-    assert batch.ops == [MemOp("copy", s.running[2].slot, s.running[3].slot, 5)]
+    assert batch.ops == [MemOp("restore", 71, s.running[3].slot, 4, (100, 101, 102, 103))]
+    assert s.running[3].cached == 4
+    s.add(4, list(range(200, 206)) + [9])  # the KV tier holds 6 of them: a copy, no restore
+    batch, _ = step(s)
+    assert batch.ops == [MemOp("copy", 2, s.running[4].slot, 6)]
+
+
+def test_a_cached_turn_makes_host_copies_of_its_earlier_turns_redundant():
+    s = Scheduler(n_slots=1, n_ctx_seq=256, cache=PrefixCache(slots=[1], budget_tokens=8),
+                  spill=PrefixCache(slots=[50, 51], budget_tokens=100))
+    s.add(0, [1, 2, 3])
+    step(s)
+    s.finish(0)
+    s.add(1, [9, 9, 9])  # evicts [1, 2, 3] to host memory
+    step(s)
+    s.finish(1)
+    s.add(2, [1, 2, 3, 4, 5])  # the next turn: restored from host memory, then cached in the KV tier
+    ops = step(s)[0].ops
+    assert ops[-1].kind == "restore"
+    s.finish(2)
+    ops = s.schedule().ops
+    assert MemOp("forget", 50) in ops and [e.tokens for e in s.spill.entries.values()] == [(9, 9, 9)]

@@ -57,7 +57,7 @@ class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512,
                  kv_budget: int = KV_BUDGET, prefix_cache: int = KV_BUDGET):
         """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free.
-        ``prefix_cache``: bytes of host memory for cached prompt prefixes."""
+        ``prefix_cache``: bytes of host memory for cached prompt prefixes evicted from the KV cache."""
         t0 = time.perf_counter_ns()
         self.info = inspect_gguf(spec.model_path, spec.gguf_cache, spec.unseal_key)
         self.spec = spec
@@ -68,11 +68,12 @@ class LoadedModel:
             self.model = LlamaModel(path, n_gpu_layers=load.num_gpu)
         self.load_params = load
         self.n_parallel = n_parallel
-        cache_budget = prefix_cache // max(1, kv_bytes_per_token(self.info, load.kv_type))  # in tokens
-        ctx_params = replace(load, num_ctx=load.num_ctx * n_parallel)
+        cache_budget = load.num_ctx * 2  # cached prefixes in the KV cache: a couple of contexts' worth
+        spill_budget = prefix_cache // max(1, kv_bytes_per_token(self.info, load.kv_type))  # in host memory
+        ctx_params = replace(load, num_ctx=load.num_ctx * n_parallel + cache_budget)
         self.ctx: LlamaContext | None = None
         try:
-            self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=n_parallel)
+            self.ctx = LlamaContext(self.model, ctx_params, n_seq_max=2 * n_parallel)
             adapters = []
             for adapter in spec.adapters:
                 inspect_gguf(adapter, spec.gguf_cache, spec.unseal_key)
@@ -86,7 +87,7 @@ class LoadedModel:
             self.model.close()
             raise
         self.runner = BatchRunner(self.model, self.ctx, n_parallel, load.num_ctx, cache_budget, self._logprob,
-                                  max_queue=max_queue)
+                                  max_queue=max_queue, spill_budget=spill_budget)
         bos = lc.llama_vocab_bos(self.model.vocab)
         eos = lc.llama_vocab_eos(self.model.vocab)
         self.bos_text = self.model.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""

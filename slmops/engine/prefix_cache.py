@@ -1,15 +1,11 @@
-"""A radix tree of token prefixes whose KV state is kept in host memory, with LRU eviction under a token budget.
+"""A radix tree of token prefixes whose KV is held somewhere reusable, with LRU eviction under a token budget.
 
-Pure bookkeeping: it decides which cache entry holds which tokens; the runner saves a finished sequence's KV into
-an entry and restores an entry into a new request's sequence (``llama_state_seq_get_data``/``set_data``: a memory
-copy, some fifty times faster than evaluating the tokens again). Requests that share a system prompt or a chat
-history find the longest cached prefix here and skip evaluating it.
-
-Entries live in host memory rather than in spare sequences of the KV cache: the KV cache then holds only running
-sequences (cells in use widen every decode step's attention, and cells reserved for a cache are memory a device
-may lack), while host memory holds many more chat histories (1 GiB: ~46,000 tokens of SmolLM2-135M, against two
-contexts before). Sequences that are still running share their prefixes through the KV cache directly (a
-metadata-only copy; see the scheduler).
+Pure bookkeeping: it decides which entry holds which tokens; the runner performs the memory operations this
+implies. Two instances make the two tiers of the prefix cache (see the scheduler): spare sequences of the KV
+cache, where a copy into a new request's sequence only shares cells (metadata, no data), and host memory, where
+entries evicted from the first tier go (``llama_state_seq_get_data``) and come back by copy
+(``set_data``: milliseconds, against seconds to evaluate the tokens again). Requests that share a system prompt
+or a chat history find the longest cached prefix here and skip evaluating it.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ class _Node:
 
 
 @dataclass
-class _Entry:
+class Entry:
     slot: int
     tokens: tuple[int, ...]
     last_used: int
@@ -39,7 +35,7 @@ class PrefixCache:
         self.free = list(slots)
         self.budget = budget_tokens
         self.root = _Node()
-        self.entries: dict[int, _Entry] = {}
+        self.entries: dict[int, Entry] = {}
         self._clock = itertools.count(1)
 
     @property
@@ -67,34 +63,42 @@ class PrefixCache:
             self.entries[best[0]].last_used = next(self._clock)
         return best
 
-    def insert(self, tokens: list[int]) -> tuple[int | None, list[int]]:
-        """Reserve an entry for ``tokens``; returns (entry or None if it cannot fit, entries dropped: evicted to make
-        room, or superseded).
+    def touch(self, slot: int) -> None:
+        """Count ``slot`` as used now (LRU)."""
+        self.entries[slot].last_used = next(self._clock)
+
+    def insert(self, tokens: list[int]) -> tuple[int | None, list[int], list[Entry]]:
+        """Reserve an entry for ``tokens``: (entry, or None if it is not stored; entries it supersedes; entries
+        evicted to make room, with their tokens, so a lower tier can take them).
 
         A sequence already cached whole is not stored twice, and entries it extends (the previous turn of a chat)
-        are dropped: every prefix they matched, it matches too.
+        are superseded: every prefix they matched, it matches too.
         """
-        if not tokens or len(tokens) > self.budget:
-            return None, []
-        if self.match(tokens)[1] == len(tokens):
-            return None, []
-        evicted = [e.slot for e in list(self.entries.values())
-                   if len(e.tokens) < len(tokens) and tuple(tokens[:len(e.tokens)]) == e.tokens]
-        for slot in evicted:
-            self.remove(slot)
+        if not tokens or len(tokens) > self.budget or self.match(tokens)[1] == len(tokens):
+            return None, [], []
+        superseded = self.supersede(tokens)
+        evicted: list[Entry] = []
         while self.entries and (not self.free or self.used_tokens + len(tokens) > self.budget):
             evicted.append(self._evict_lru())
         if not self.free:
-            return None, evicted
+            return None, superseded, evicted
         slot = self.free.pop(0)
-        self.entries[slot] = _Entry(slot, tuple(tokens), next(self._clock))
+        self.entries[slot] = Entry(slot, tuple(tokens), next(self._clock))
         self._add_path(tuple(tokens), slot)
-        return slot, evicted
+        return slot, superseded, evicted
 
-    def _evict_lru(self) -> int:
+    def supersede(self, tokens: list[int]) -> list[int]:
+        """Remove the entries whose tokens start ``tokens`` (a sequence holding ``tokens`` now serves them)."""
+        gone = [e.slot for e in list(self.entries.values())
+                if len(e.tokens) <= len(tokens) and tuple(tokens[:len(e.tokens)]) == e.tokens]
+        for slot in gone:
+            self.remove(slot)
+        return gone
+
+    def _evict_lru(self) -> Entry:
         victim = min(self.entries.values(), key=lambda e: e.last_used)
         self.remove(victim.slot)
-        return victim.slot
+        return victim
 
     def remove(self, slot: int) -> None:
         entry = self.entries.pop(slot)

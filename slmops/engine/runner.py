@@ -49,18 +49,20 @@ class _Request:
 
 
 class BatchRunner:
-    MAX_ENTRIES = 256  # cached prefixes held at once, whatever their size
+    MAX_SPILLED = 256  # prefixes held in host memory at once, whatever their size
 
     def __init__(self, model: LlamaModel, ctx: LlamaContext, n_parallel: int, n_ctx_seq: int,
                  cache_budget: int, logprob: Callable[[int, int, int], TokenLogprob], token_budget: int = 512,
-                 max_queue: int = 512):
-        """``cache_budget``: tokens the prefix cache keeps in host memory (0: no prefix cache)."""
+                 max_queue: int = 512, spill_budget: int = 0):
+        """``cache_budget``: tokens of cached prefixes in the KV cache's spare sequences (``n_parallel`` of them,
+        after the running ones); ``spill_budget``: tokens of those it evicts kept in host memory."""
         self.model = model
         self.ctx = ctx
-        cache = PrefixCache(list(range(self.MAX_ENTRIES)), cache_budget) if cache_budget > 0 else None
-        self._saved: dict[int, object] = {}  # prefix-cache entry -> its KV state in host memory
+        cache = PrefixCache(list(range(n_parallel, n_parallel * 2)), cache_budget) if cache_budget > 0 else None
+        spill = PrefixCache(list(range(self.MAX_SPILLED)), spill_budget) if cache and spill_budget > 0 else None
+        self._saved: dict[int, object] = {}  # host-memory entry -> its KV state
         self.scheduler = Scheduler(n_parallel, n_ctx_seq, min(token_budget, ctx.n_batch), max_queue=max_queue,
-                                   cache=cache)
+                                   cache=cache, spill=spill)
         self._logprob = logprob
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[int, _Request] = {}

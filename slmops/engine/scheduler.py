@@ -6,14 +6,16 @@ It never touches llama.cpp, so it is tested with made-up tokens. Each step:
 2. the rest of the per-step token budget goes to prompt chunks (chunked prefill: a long prompt is spread over
    several steps instead of stalling everyone's stream),
 3. waiting requests are admitted into free sequence slots, first reusing the longest prefix whose KV exists:
-   in a sequence still running (copying cells from it is metadata-only), or in the prefix cache, whose entries
-   hold finished sequences' KV in host memory and are restored into the new sequence. A request whose
+   in a sequence still running or in the prefix cache's first tier, spare sequences of the KV cache (copying
+   cells from either is metadata-only), or in its second tier in host memory (copied back into the new
+   sequence). A request whose
    prompt shares a long prefix with one still being prefilled waits for that prefill instead of computing the
    same tokens again beside it: eight clients sending one system prompt at once evaluate it once.
 
 Each active sequence owns one slot with ``n_ctx_seq`` KV cells reserved, so admission never over-commits the
-cache, and the KV cache holds nothing else. Memory operations the runner must perform before decoding (prefix
-copies, saves to and restores from the prefix cache, frees) travel in the batch, in order.
+cache; spare slots hold cached prefixes within their own budget (``cache``), and what that tier evicts spills to
+host memory (``spill``) within another. Memory operations the runner must perform before decoding (prefix
+copies, saves to and restores from host memory, frees) travel in the batch, in order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from slmops.engine.prefix_cache import PrefixCache
+from slmops.engine.prefix_cache import Entry, PrefixCache
 from slmops.types.errors import Busy, ContextOverflow
 
 
@@ -55,9 +57,9 @@ class MemOp:
     """What the runner does to KV memory before a step. Sequences are slots, entries are prefix-cache entries.
 
     ``copy``: share cells [0, n) of sequence ``src`` with sequence ``dst``; ``drop``: free every cell of sequence
-    ``src``; ``save``: keep sequence ``src``'s KV (its first ``n`` tokens) as entry ``dst``; ``restore``: load
-    entry ``src`` into sequence ``dst`` and keep its first ``n`` tokens (``tokens``, to evaluate instead should the
-    KV cache have no room for the copy); ``forget``: discard entry ``src``.
+    ``src``; ``save``: copy sequence ``src``'s KV (``n`` tokens) to host-memory entry ``dst``; ``restore``: load
+    host-memory entry ``src`` into sequence ``dst`` and keep its first ``n`` tokens (``tokens``, to evaluate
+    instead should the KV cache have no room for the copy); ``forget``: discard host-memory entry ``src``.
     """
 
     kind: str
@@ -114,11 +116,14 @@ class Scheduler:
     SHARE_WAIT = 64  # a waiting request holds back for a running prefill that will give it this many tokens more
 
     def __init__(self, n_slots: int, n_ctx_seq: int, token_budget: int = 512, max_queue: int = 512,
-                 cache: PrefixCache | None = None):
+                 cache: PrefixCache | None = None, spill: PrefixCache | None = None):
+        """``cache``: cached prefixes in spare sequences (its entries are sequence ids); ``spill``: those it evicts,
+        in host memory (its entries are the runner's)."""
         self.n_ctx_seq = n_ctx_seq
         self.token_budget = token_budget
         self.max_queue = max_queue
         self.cache = cache
+        self.spill = spill
         self.free_slots = list(range(n_slots))
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
@@ -208,22 +213,37 @@ class Scheduler:
         seq.state = State.PREFILL
         self.running[seq.req_id] = seq
         usable = len(seq.prompt) - 1  # at least one token is evaluated, for its logits
-        entry, n = self.cache.match(seq.prompt) if self.cache is not None else (None, 0)
-        op = MemOp("restore", entry, seq.slot, min(n, usable), tuple(seq.prompt[:min(n, usable)])) \
-            if entry is not None else None
+        n, op, chosen = 0, None, None
+        if self.spill is not None:
+            entry, n = self.spill.match(seq.prompt, touch=False)
+            if entry is not None:
+                op, chosen = MemOp("restore", entry, seq.slot, min(n, usable), tuple(seq.prompt[:min(n, usable)])), \
+                    (self.spill, entry)
+        if self.cache is not None:  # cells shared for free: preferred on a tie
+            slot, shared = self.cache.match(seq.prompt, touch=False)
+            if slot is not None and shared >= n:
+                n, op, chosen = shared, MemOp("copy", slot, seq.slot, min(shared, usable)), (self.cache, slot)
         for other in self.running.values():
             shared = common_prefix(seq.prompt, other.tokens[: other.n_kv])
-            if shared >= n and shared > 0:  # a running sequence's cells: shared for free, preferred on a tie
-                n, op = shared, MemOp("copy", other.slot, seq.slot, min(shared, usable))
+            if shared >= n and shared > 0:
+                n, op, chosen = shared, MemOp("copy", other.slot, seq.slot, min(shared, usable)), None
         if op is not None and op.n > 0:
             batch.ops.append(op)
             seq.n_past = seq.cached = op.n
+            if chosen is not None:
+                chosen[0].touch(chosen[1])
+
+    def _reusable(self, seq: Seq) -> int:
+        """Leading tokens of the prompt whose KV exists now: in either tier of the cache or a running sequence."""
+        have = max((c.match(seq.prompt, touch=False)[1] for c in (self.cache, self.spill) if c is not None),
+                   default=0)
+        for other in self.running.values():
+            have = max(have, common_prefix(seq.prompt, other.tokens[: other.n_kv]))
+        return have
 
     def _worth_waiting(self, seq: Seq) -> bool:
         """A running prefill will soon hold a long prefix of this prompt that no KV holds yet."""
-        have = self.cache.match(seq.prompt, touch=False)[1] if self.cache is not None else 0
-        for other in self.running.values():
-            have = max(have, common_prefix(seq.prompt, other.tokens[: other.n_kv]))
+        have = self._reusable(seq)
         usable = len(seq.prompt) - 1
         return any(other.state is State.PREFILL
                    and min(common_prefix(seq.prompt, other.prompt), usable) - have >= self.SHARE_WAIT
@@ -240,12 +260,25 @@ class Scheduler:
         return len(chunk)
 
     def _release(self, seq: Seq, keep: bool) -> None:
-        """Free the slot; with ``keep`` its KV is first saved to the prefix cache (when it has room)."""
+        """Free the slot; with ``keep`` its tokens first move to the prefix cache (when it has room)."""
         if keep and self.cache is not None:
             tokens = seq.tokens[: seq.n_past]
-            entry, dropped = self.cache.insert(tokens)
-            self._ops.extend(MemOp("forget", e) for e in dropped)
-            if entry is not None:
-                self._ops.append(MemOp("save", seq.slot, entry, len(tokens)))
+            slot, superseded, evicted = self.cache.insert(tokens)
+            self._ops.extend(MemOp("drop", s) for s in superseded)
+            for entry in evicted:
+                self._spill(entry)
+            if slot is not None:
+                self._ops.append(MemOp("copy", seq.slot, slot, len(tokens)))
+                if self.spill is not None:  # host copies of its earlier turns serve nothing it does not
+                    self._ops.extend(MemOp("forget", e) for e in self.spill.supersede(tokens))
         self._ops.append(MemOp("drop", seq.slot))
         self.free_slots.append(seq.slot)
+
+    def _spill(self, entry: Entry) -> None:
+        """An entry evicted from the KV tier: copied to host memory when that tier takes it, then freed."""
+        if self.spill is not None:
+            kept, superseded, evicted = self.spill.insert(list(entry.tokens))
+            self._ops.extend(MemOp("forget", e) for e in superseded + [x.slot for x in evicted])
+            if kept is not None:
+                self._ops.append(MemOp("save", entry.slot, kept, len(entry.tokens)))
+        self._ops.append(MemOp("drop", entry.slot))
