@@ -97,7 +97,7 @@ class EngineConfig:
     num_gpu: int = 0  # layers to offload to a GPU (placement: all of them when one fits)
     kv_type: str = "f16"
     kv_budget: int = 1 << 30  # KV memory parallel sequences may take when their number is chosen automatically
-    prefix_cache: int = 1 << 30  # host memory for the KV of cached prompt prefixes (0: no prefix cache)
+    prefix_cache: int = 256 << 20  # host memory for cached prefixes the KV cache evicts (0: none)
 
     def load_defaults(self) -> LoadParams:
         return LoadParams(num_ctx=self.default_ctx, num_batch=self.num_batch, num_thread=self.num_thread,

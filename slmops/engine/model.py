@@ -55,7 +55,7 @@ def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, 
 
 class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512,
-                 kv_budget: int = KV_BUDGET, prefix_cache: int = KV_BUDGET):
+                 kv_budget: int = KV_BUDGET, prefix_cache: int = 256 << 20):
         """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free.
         ``prefix_cache``: bytes of host memory for cached prompt prefixes evicted from the KV cache."""
         t0 = time.perf_counter_ns()
