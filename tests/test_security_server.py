@@ -295,3 +295,13 @@ def test_error_messages_never_show_server_paths(secured):
         assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
         for leak in (str(secured.home), "/root", "/work/", "/tmp/", ".venv", "site-packages"):
             assert leak not in r.text, (path, r.text)
+
+
+def test_every_reply_is_audited_before_the_client_holds_it(secured):
+    """A reply whose last byte leaves before the message that ends the body (Content-Length) was once audited
+    after the client already had it."""
+    log = secured.home / "audit" / "audit.log"
+    with httpx.Client(headers=auth(secured.keys["user"])) as c:
+        for _ in range(300):  # the race lost about 1 in 60 refusals here
+            r = c.post(secured.url + "/api/pull", json={"model": M})
+            assert r.status_code == 403 and r.headers["x-request-id"] in log.read_text()

@@ -102,15 +102,23 @@ class Access:
         client = (scope.get("client") or ("-", 0))[0]
         ctx = RequestContext(uuid.uuid4().hex[:16], method, path, client)
         token = CURRENT.set(ctx)
-        status = {"code": 0}
+        reply = {"status": 0, "length": -1, "sent": 0, "audited": False}
         t0 = time.perf_counter()
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", ctx.request_id.encode()))
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._finish(ctx, status["code"], t0, needed)  # before the last byte: a finished reply is audited
+                reply["status"] = message["status"]
+                headers = message.setdefault("headers", [])
+                length = dict(headers).get(b"content-length")
+                reply["length"] = int(length) if length is not None else -1
+                headers.append((b"x-request-id", ctx.request_id.encode()))
+            elif message["type"] == "http.response.body" and not reply["audited"]:
+                reply["sent"] += len(message.get("body", b""))
+                # Audited before the last byte leaves: a client that holds its reply finds the record. With a
+                # Content-Length, the last byte may come before the message that ends the body.
+                if not message.get("more_body", False) or reply["sent"] >= reply["length"] >= 0:
+                    reply["audited"] = True
+                    self._finish(ctx, reply["status"], t0, needed)
             await send(message)
 
         try:
