@@ -43,6 +43,7 @@ def kv_bytes_per_token(info: GGUFInfo, kv_type: str = "f16") -> int:
 
 
 KV_BUDGET = 1 << 30  # the KV memory parallel sequences may take by default: edge devices share memory
+PREFIX_CACHE = 256 << 20  # host memory for prefixes the KV cache evicts (SLMOPS_PREFIX_CACHE's default)
 
 
 def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, budget: int = KV_BUDGET,
@@ -55,7 +56,7 @@ def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, 
 
 class LoadedModel:
     def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512,
-                 kv_budget: int = KV_BUDGET, prefix_cache: int = 256 << 20):
+                 kv_budget: int = KV_BUDGET, prefix_cache: int = PREFIX_CACHE):
         """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free.
         ``prefix_cache``: bytes of host memory for cached prompt prefixes evicted from the KV cache."""
         t0 = time.perf_counter_ns()
