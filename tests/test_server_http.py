@@ -150,11 +150,14 @@ def test_full_queue_is_503(shared_home, tmp_path):
         with httpx.stream("POST", s.url + "/api/generate", json=ENDLESS, timeout=120) as r:
             lines = r.iter_lines()  # kept referenced: a collected iterator closes the connection
             assert json.loads(next(lines))["done"] is False
+            cancelled = metric(s.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}')
             busy = HTTP.post(s.url + "/api/generate", json={"model": M, "prompt": "hi", "stream": False})
             assert busy.status_code == 503 and "busy" in busy.json()["error"], busy.text
             busy = HTTP.post(s.url + "/v1/chat/completions",
                               json={"model": M, "messages": [{"role": "user", "content": "hi"}]})
             assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_error"
+            # a refusal is not a generation the client stopped
+            assert metric(s.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}') == cancelled
     finally:
         s.stop()
 

@@ -12,7 +12,7 @@ import typer
 from slmops.cli.common import audit_log, audited, console, key_store, store
 from slmops.security.audit import verify
 from slmops.security.roles import ROLES
-from slmops.types.errors import ConfigError, ModelNotFound
+from slmops.types.errors import ConfigError, InvalidInput, ModelNotFound, NotFound
 from slmops.types.name import ModelName
 
 keys = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
@@ -23,14 +23,28 @@ store_app = typer.Typer(help="Encryption at rest of the model store (SLMOPS_STOR
 @keys.command("create")
 def create(name: str = typer.Option(..., "--name", help="A label for the key (who or what uses it)."),
            role: str = typer.Option("user", "--role", help=f"One of: {', '.join(ROLES)}."),
-           rpm: int = typer.Option(0, "--rpm", help="Requests per minute for this key (0: SLMOPS_RATE_LIMIT)."),
-           tpm: int = typer.Option(0, "--tpm", help="Tokens per minute for this key (0: SLMOPS_TOKEN_LIMIT).")) -> None:
+           rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute for this key (default: "
+                                                                 "SLMOPS_RATE_LIMIT)."),
+           tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute for this key (default: "
+                                                                 "SLMOPS_TOKEN_LIMIT).")) -> None:
     """Create a key and print it. It is shown this once; only a salted hash is kept."""
     with audited("keys create", name=name, role_granted=role):
-        secret = key_store().create(name, role, rpm, tpm)
+        secret = key_store().create(name, role, _limit("--rpm", rpm, "SLMOPS_RATE_LIMIT"),
+                                    _limit("--tpm", tpm, "SLMOPS_TOKEN_LIMIT"))
     if sys.stdout.isatty():
         console.print(f"Created key [bold]{name}[/bold] with role {role}. Copy it now; it is not shown again:")
     print(secret)
+
+
+def _limit(option: str, value: int | None, default: str) -> int:
+    """A limit given on the command line; 0 is what a key stores for "the server's default", so an explicit 0
+    (or less) would silently mean no limit of its own: refused."""
+    if value is None:
+        return 0
+    if value <= 0:
+        raise InvalidInput(f"{option} must be a positive number per minute, got {value}; leave it out to use the "
+                           f"server's default ({default})")
+    return value
 
 
 @keys.command("list")
@@ -56,11 +70,14 @@ def revoke(name: str = typer.Argument(..., help="Key name or id.")) -> None:
 
 @audit_app.command("verify")
 def verify_cmd() -> None:
-    """Check the hash chain (and HMACs, with SLMOPS_AUDIT_KEY) across rotated files; names the first bad line."""
+    """Check the hash chain (and HMACs, with SLMOPS_AUDIT_KEY) across rotated files, and that the head names its
+    last record (so records cut from the end show); names the first bad line."""
     log = audit_log()
     if log is None:
         raise ConfigError("the audit log is off (SLMOPS_AUDIT=false)")
     verdict = verify(log)
+    if verdict.missing:  # not "intact": a log deleted whole, head and all, looks like one never written
+        raise NotFound(verdict.problem)
     if not verdict.ok:
         console.print(f"audit log TAMPERED: {verdict.problem}", markup=False)
         raise typer.Exit(1)

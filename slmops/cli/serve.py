@@ -74,6 +74,7 @@ def serve(
     s = store()
     runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
     server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"],
+                                 max_blob_bytes=cfg["SLMOPS_MAX_BLOB_SIZE"],
                                  openai=cfg["SLMOPS_OPENAI_COMPATIBLE"], preload=cfg["SLMOPS_MODEL"] or None)
     app = create_app(s, runtime, server_config, access=access)
     if not is_loopback(host) and not keys:

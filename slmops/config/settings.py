@@ -176,6 +176,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_MAX_QUEUE", _positive_int, "512", "Requests that may wait per model before new ones get 503."),
     Setting("SLMOPS_ORIGINS", _origins, "", "Extra CORS origins (comma-separated) besides the local ones."),
     Setting("SLMOPS_MAX_REQUEST_BYTES", _at_least_one, "16777216", "Largest JSON request body; bigger ones get 413."),
+    Setting("SLMOPS_MAX_BLOB_SIZE", parse_size, "64GiB", "Largest blob /api/blobs accepts; bigger uploads get 413."),
     Setting("SLMOPS_DEBUG", _bool, "false", "Show llama.cpp logs and tracebacks."),
     Setting("SLMOPS_AUTH", _auth, "auto",
             "API keys: auto (required once a key exists, or off loopback) or required (always, even on loopback)."),

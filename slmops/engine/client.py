@@ -118,6 +118,8 @@ class ModelStatus:
 
 
 class EngineClient(Protocol):
+    config: EngineConfig
+
     def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> int:
         """Load (or reload for new context settings) and return the load time in ns, 0 if already loaded."""
 

@@ -39,7 +39,8 @@ class Output:
     """A streamed piece (``done`` False) or the final record (``done`` True, ``text`` may hold a last piece).
 
     ``logprobs`` covers the tokens whose text this piece completes (when requested); ``context`` on the final
-    record is the prompt plus generated tokens, for Ollama's ``context`` field.
+    record is the prompt plus generated tokens, for Ollama's ``context`` field. Pieces carry running token counts
+    so that a stream the client drops is still charged and audited for what it generated.
     """
 
     text: str = ""
@@ -48,3 +49,5 @@ class Output:
     stats: Stats | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     context: tuple[int, ...] = ()
+    prompt_eval_count: int = 0  # on pieces: the prompt's tokens; the final record has them in ``stats``
+    eval_count: int = 0  # on pieces: tokens generated so far

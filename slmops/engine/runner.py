@@ -213,7 +213,8 @@ class BatchRunner:
             req.pending_lp.append(self._logprob(idx, tok, req.sampling.logprobs))
         text, hit = req.stops.feed(req.utf8.decode(self.model.piece(tok)))
         if text:
-            req.emit(Output(text=text, logprobs=tuple(req.pending_lp)))
+            req.emit(Output(text=text, logprobs=tuple(req.pending_lp), prompt_eval_count=len(req.prompt),
+                            eval_count=len(req.generated)))
             req.pending_lp = []
         return hit
 

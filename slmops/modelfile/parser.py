@@ -70,11 +70,19 @@ def _read_value(text: str, pos: int, lines_before: int) -> tuple[str, int]:
     return raw, eol
 
 
+MAX_MODELFILE_CHARS = 1 << 20  # licenses and templates run to tens of KB; a megabyte leaves a wide margin
+
+
 def parse(text: str) -> Modelfile:
+    """One pass over ``text``: line numbers are counted as lines are consumed, never recounted from the start,
+    so parsing stays linear (a server parses Modelfiles that anyone with the manage right sends)."""
+    if len(text) > MAX_MODELFILE_CHARS:
+        raise ModelfileError(f"Modelfile is {len(text)} characters, over the limit of {MAX_MODELFILE_CHARS}; "
+                             "move long texts out of it or shorten them")
     mf = Modelfile()
-    pos, n = 0, len(text)
+    pos, n, line_no = 0, len(text), 0
     while pos < n:
-        line_no = text.count("\n", 0, pos) + 1
+        line_no += 1
         eol = text.find("\n", pos)
         eol = n if eol < 0 else eol
         line = text[pos:eol]
@@ -117,10 +125,11 @@ def parse(text: str) -> Modelfile:
                 mf.adapters.append(value.strip())
             else:
                 mf.licenses.append(value)
+        line_no += text.count("\n", eol, pos) if pos > eol else 0  # lines a multi-line value spanned
         rest_eol = text.find("\n", pos)
         rest = text[pos:n if rest_eol < 0 else rest_eol]
         if rest.strip() and not rest.strip().startswith("#"):
-            raise ModelfileError(f'unexpected text after the value: "{rest.strip()[:40]}"', text.count("\n", 0, pos) + 1)
+            raise ModelfileError(f'unexpected text after the value: "{rest.strip()[:40]}"', line_no)
         pos = (n if rest_eol < 0 else rest_eol) + 1
     if not mf.from_:
         raise ModelfileError("no FROM line; a Modelfile starts with FROM <model name or path to .gguf>")

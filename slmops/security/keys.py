@@ -90,6 +90,10 @@ class KeyStore:
             raise InvalidInput(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        for value, what in ((requests_per_minute, "requests"), (tokens_per_minute, "tokens")):
+            if not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"a key's {what} per minute must be a positive whole number, or 0 for the "
+                                   f"server's default; got {value!r}")
         if any(k.name == name for k in self.keys()):
             raise InvalidInput(f'a key named "{name}" exists; revoke it first or pick another name')
         key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)

@@ -2,8 +2,12 @@
 
 A bucket holds up to one minute's allowance and refills continuously, so short bursts pass and a steady rate
 above the limit is refused with the seconds until the next request would pass (HTTP 429 with Retry-After).
-Tokens are counted after a generation (prompt plus completion): a request is refused while its key's token
-bucket is empty, so a key can overdraw by one request's tokens, never more.
+
+Completion tokens are reserved before a generation starts (its ``num_predict``, or what is left of the bucket up
+to the context size when it sets none, which then caps the generation) and the unused part is refunded when it
+ends, however it ends: concurrent requests cannot all pass on one remaining token and together spend many times
+the limit. Prompt tokens are only known once the prompt is tokenized, so they are charged afterwards; a key can
+overdraw by the prompts of the requests it has in flight, never by what they generate.
 """
 
 from __future__ import annotations
@@ -64,10 +68,31 @@ class RateLimiter:
         return 0.0
 
     def spend_tokens(self, who: str, n: int, tpm: int = 0) -> None:
+        """Charge ``n`` tokens (negative: refund) to ``who``'s token bucket."""
         tpm = tpm or self.tpm
         if tpm and n:
             with self._lock:
-                self._bucket(who, "tokens", tpm).level -= n
+                b = self._bucket(who, "tokens", tpm)
+                b.level = min(float(tpm), b.level - n)
+
+    def reserve_tokens(self, who: str, wanted: int, ceiling: int, tpm: int = 0) -> tuple[int | None, float]:
+        """Set aside completion tokens for one generation: ``(reserved, 0)``, ``(None, 0)`` when no token limit
+        applies, or ``(0, seconds to wait)`` when the bucket cannot cover it now.
+
+        ``wanted`` > 0 reserves that many, at most one minute's allowance (a larger ``num_predict`` could never be
+        met, so the generation is capped there instead of refused for ever); ``wanted`` <= 0 (no limit asked)
+        reserves what the bucket holds, at most ``ceiling`` (the context size, the most a generation can take).
+        """
+        tpm = tpm or self.tpm
+        if not tpm:
+            return None, 0.0
+        with self._lock:
+            b = self._bucket(who, "tokens", tpm)
+            amount = min(wanted, tpm) if wanted > 0 else min(int(b.level), max(1, ceiling))
+            if amount < 1 or b.level < amount:
+                return 0, max(1.0, b.wait_for(max(amount, 1)))
+            b.level -= amount
+            return amount, 0.0
 
 
 def retry_after(seconds: float) -> str:

@@ -4,21 +4,22 @@ in-toto statement), made and checked offline with local EC keys (P-256/P-384) by
 What is signed: a folder holding ``manifest.json`` (the model's manifest as stored) and ``blobs/sha256-<hex>`` for
 every layer it names; the statement lists each file with its sha256, so the signature covers the manifest and
 every blob digest, and ``model_signing verify`` can check the same folder by hand. The folder is assembled from
-hard links for the moment of signing or checking and removed after. A sealed blob (encryption at rest) enters it as
-a symbolic link to its plaintext in memory, so what is signed is always the plaintext: a signature made on a plain
-store verifies on a sealed one and back. Signatures live beside the model, in
-``signatures/`` of the store, never inside the signed folder.
+symbolic links for the moment of signing or checking and removed after: to the blob itself, or for a sealed blob
+(encryption at rest) to its plaintext in memory, so what is signed is always the plaintext: a signature made on a
+plain store verifies on a sealed one and back. Symbolic, not hard, links: a hard link moves the blob's change time,
+which would make every blob's verified-marker stale (:meth:`BlobStore.verify`) after each signature check.
+Signatures live beside the model, in ``signatures/`` of the store, never inside the signed folder.
 
-A successful check is remembered by (manifest digest, signature digest, key fingerprints); blob contents are
-checked against their digests on every load anyway (:meth:`Store.verify`), so a remembered signature cannot vouch
-for changed bytes.
+A successful check is remembered by (manifest digest, signature digest, key fingerprints). A remembered check
+vouches for the digests the manifest names, not for the bytes on disk, so it is used only after every blob was
+checked against its digest again (:meth:`Store.verify_blobs`: hashed afresh unless its verified-marker matches
+the file as it is now).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ from slmops.types.name import ModelName
 
 @contextlib.contextmanager
 def signed_view(store: Store, name: ModelName) -> Iterator[Path]:
-    """The folder a signature covers, built from hard links (no copies) in the store's own file system."""
+    """The folder a signature covers, built from symbolic links (no copies, and the blobs' inodes untouched)."""
     manifest = store.manifest(name)
     tmp = Path(tempfile.mkdtemp(prefix=".sign-view-", dir=store.root))
     try:
@@ -46,7 +47,7 @@ def signed_view(store: Store, name: ModelName) -> Iterator[Path]:
                 if store.blobs.is_sealed(layer.blob):
                     target.symlink_to(plain.enter_context(store.blobs.plain(layer.blob, f"blob of {name.display}")))
                 else:
-                    os.link(store.blob_path(layer.blob), target)
+                    target.symlink_to(store.blob_path(layer.blob).absolute())
             yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,7 +112,8 @@ def verify(store: Store, name: ModelName, public_keys: list[Path]) -> Path:
     if missing is not None:
         raise InvalidInput(f"public key {missing.name} does not exist or is not a file")
     memo = _memo_path(store, name, sig, public_keys)
-    if memo.is_file():  # checked before with these very keys: no need to parse them on every load
+    if memo.is_file():  # checked before with these very keys: no need to parse them on every load...
+        store.verify_blobs(name)  # ...but the blobs must still be the ones the manifest (and so the check) names
         return Path(memo.read_text())
     for key in public_keys:
         _check_key_file(key, "public key")

@@ -1,8 +1,8 @@
 """The HTTP server's application factory. State lives on ``app.state``; nothing here is a module global.
 
-Middlewares, outermost first: Host check (DNS rebinding), CORS, access (keys, roles, rate limits, audit), body
-size limit, metrics. Every error, from any
-layer, is mapped once here into Ollama's or OpenAI's error shape by path.
+Middlewares, outermost first: the audit recorder, header checks (DNS rebinding, encoding), origin check and CORS,
+access (keys, roles, rate limits), body checks (size, JSON), metrics. Every error, from any layer, is mapped once
+here into Ollama's or OpenAI's error shape by path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 
 import ipaddress
+import json
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import slmops
 from slmops.server import errors, ollama, openai
-from slmops.server.access import Access, AccessPolicy, authorize
+from slmops.server.access import Access, AccessPolicy, Recorder, authorize
 from slmops.server.metrics import Metrics
 from slmops.server.runtime import ModelRuntime
 from slmops.store.store import Store
@@ -42,6 +44,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     origins: tuple[str, ...] = ()
     max_request_bytes: int = 16 << 20
+    max_blob_bytes: int = 64 << 30  # /api/blobs uploads (model weights)
     extra_hosts: tuple[str, ...] = field(default_factory=tuple)
     openai: bool = True  # mount /v1 (SLMOPS_OPENAI_COMPATIBLE)
     preload: str | None = None  # a model to load at start (SLMOPS_MODEL)
@@ -77,8 +80,9 @@ def _one_line_validation(err: RequestValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-class HostCheck:
-    """Bound to loopback, answer only loopback names: a page on another site cannot rebind its name to us."""
+class HeaderCheck:
+    """What the headers alone condemn. Bound to loopback, answer only loopback names: a page on another site
+    cannot rebind its name to us. Header values must be UTF-8: every layer after this one may decode them."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app = app
@@ -86,16 +90,83 @@ class HostCheck:
         self.check_host = is_loopback(config.host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.check_host:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                try:
+                    value.decode()
+                except UnicodeDecodeError:
+                    header = name.decode("latin-1")[:40]
+                    return await _reject(scope, receive, send, 400, f"header {header} is not valid UTF-8; send "
+                                         "its value as UTF-8 text")
             host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
-            if not _host_allowed(host, self.config.extra_hosts):
+            if self.check_host and not _host_allowed(host, self.config.extra_hosts):
                 return await _reject(scope, receive, send, 403, "host not allowed: this server answers only "
                                      "loopback names (DNS rebinding protection)")
         await self.app(scope, receive, send)
 
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class OriginCheck(CORSMiddleware):
+    """CORS that refuses, not only hides. A browser sends a "simple" cross-site request (a ``text/plain`` POST)
+    without asking first, and CORS alone would only keep the answer from the page after the request ran: any web
+    page could create, copy, pull or delete models. A request from an origin that is not allowed is a 403 before
+    any handler runs (as Ollama does), and a browser's request with a body must be ``application/json`` (which a
+    browser cannot send cross-site without the preflight this refuses). Clients that are not browsers send no
+    ``Origin``, and keep Ollama's leniency: ``curl -d`` posts JSON with a form type."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers", []))
+            origin = headers.get(b"origin")
+            if origin is not None:
+                shown = origin.decode()
+                if not self.is_allowed_origin(shown):
+                    return await _reject(scope, receive, send, 403, f'origin "{shown[:100]}" is not allowed; add it '
+                                         "to SLMOPS_ORIGINS to let pages from it call this server")
+            browser = origin is not None or b"sec-fetch-site" in headers
+            if browser and scope["method"] in _BODY_METHODS and not scope.get("path", "").startswith("/api/blobs/"):
+                kind = headers.get(b"content-type", b"").decode().split(";")[0].strip().lower()
+                if kind != "application/json":
+                    return await _reject(scope, receive, send, 415, "a request from a browser must send "
+                                         "Content-Type: application/json")
+        await super().__call__(scope, receive, send)
+
+
+# A UTF-16 surrogate escape without its partner, or a surrogate encoded in UTF-8 bytes (which Python's JSON decoder
+# passes through): either makes a string that cannot be encoded again, so every later layer would fail on it.
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|"
+                             rb"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
+
+
+def _has_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _surrogate_in(body: bytes) -> bool:
+    """Exact, but parses only bodies the pattern flags (an escaped backslash can make it flag valid text)."""
+    if not _LONE_SURROGATE.search(body):
+        return False
+    try:
+        return _has_surrogate(json.loads(body))
+    except (ValueError, RecursionError):
+        return False  # not JSON: the route's own parsing answers it
+
+
 class BodyLimit:
-    """Request-size limit, as raw ASGI so oversized bodies are refused before buffering."""
+    """Request-size limit, as raw ASGI so oversized bodies are refused before buffering; and text that is not
+    Unicode (a lone surrogate) is refused here, once, rather than failing wherever it is encoded later."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app = app
@@ -105,7 +176,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if path.startswith("/api/blobs/"):
             return await self.app(scope, receive, send)
         if headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -127,6 +198,9 @@ class BodyLimit:
                 return await _reject(scope, receive, send, 413, f"request body is larger than {limit} bytes")
             if not message.get("more_body", False):
                 break
+        if _surrogate_in(bytes(body)):
+            return await _reject(scope, receive, send, 400, "request text holds an unpaired UTF-16 surrogate (such "
+                                 "as \\ud800), which is not Unicode; send valid text")
         sent = False
 
         async def replay() -> dict:
@@ -166,6 +240,7 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     app.state.store = store
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.config = config
     app.include_router(ollama.router)
     if config.openai:
         app.include_router(openai.router)
@@ -182,13 +257,16 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
         metrics.latency.labels(label).observe(time.perf_counter() - t0)
         return response
 
-    # Outermost last: Host check, CORS (answers preflights, decorates refusals), access, body limit, metrics.
+    # Outermost last: recorder, header checks, origin check + CORS (answers preflights, decorates refusals),
+    # access, body checks, metrics.
     app.add_middleware(BodyLimit, config=config)
     if access is not None:
         app.add_middleware(Access, policy=access)
-    app.add_middleware(CORSMiddleware, allow_origins=list(config.origins), allow_origin_regex=LOCAL_ORIGINS,
+    app.add_middleware(OriginCheck, allow_origins=list(config.origins), allow_origin_regex=LOCAL_ORIGINS,
                        allow_methods=["*"], allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"])
-    app.add_middleware(HostCheck, config=config)
+    app.add_middleware(HeaderCheck, config=config)
+    if access is not None:
+        app.add_middleware(Recorder, policy=access)
     return app
 
 
@@ -227,12 +305,13 @@ def _add_ops_routes(app: FastAPI) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def reply(request: Request, status: int, message: str, code: str | None = None) -> JSONResponse:
-        return errors.response(request.url.path, status, message, code)
+    def reply(request: Request, status: int, message: str, code: str | None = None,
+              headers: list[tuple[bytes, bytes]] | None = None) -> JSONResponse:
+        return errors.response(request.url.path, status, message, code, headers)
 
     @app.exception_handler(SlmopsError)
     async def slmops_error(request: Request, err: SlmopsError):
-        return reply(request, errors.status_for(err), str(err), errors.openai_code(err))
+        return reply(request, errors.status_for(err), str(err), errors.openai_code(err), errors.headers_for(err))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):

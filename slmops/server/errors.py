@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from slmops.security.limits import retry_after
 from slmops.types import errors as e
 
 STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
@@ -20,6 +21,8 @@ STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
     (e.InvalidInput, 400),
     (e.IntegrityError, 400),
     (e.Busy, 503),
+    (e.RateLimited, 429),
+    (e.TooLarge, 413),
     (e.SourceError, 502),
     (e.ConfigError, 500),
     (e.EngineError, 500),
@@ -43,6 +46,12 @@ def body(path: str, status: int, message: str, code: str | None = None) -> dict[
         return {"error": {"message": message, "type": OPENAI_TYPE.get(status, "server_error"), "param": None,
                           "code": code}}
     return {"error": message}
+
+
+def headers_for(err: Exception) -> list[tuple[bytes, bytes]]:
+    if isinstance(err, e.RateLimited):
+        return [(b"retry-after", retry_after(err.retry_after).encode())]
+    return []
 
 
 def openai_code(err: Exception) -> str | None:

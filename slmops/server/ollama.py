@@ -22,11 +22,11 @@ from slmops.modelfile import build, render
 from slmops.modelfile.parser import Modelfile, parse
 from slmops.security import roles
 from slmops.server import access, convert, streaming
-from slmops.server.runtime import ModelRuntime, keep_alive_seconds
+from slmops.server.runtime import ModelRuntime
 from slmops.store.store import Store
 from slmops.types import options as opts
 from slmops.types.digest import Digest
-from slmops.types.errors import IntegrityError, InvalidInput, NotFound, SlmopsError
+from slmops.types.errors import IntegrityError, InvalidInput, NotFound, SlmopsError, TooLarge
 from slmops.types.name import ModelName
 
 router = APIRouter()
@@ -46,10 +46,7 @@ def _target(request: Request, model: str, keep_alive: Any):
     """The runtime, the named model's spec (404 if absent) and the request's keep-alive in seconds."""
     rt = _rt(request)
     _, spec = rt.resolve(model)
-    keep = keep_alive_seconds(keep_alive, rt.default_keep_alive)
-    if keep == 0:
-        access.require(roles.MANAGE, "unload models (keep_alive 0)")
-    return rt, spec, keep
+    return rt, spec, rt.keep_alive_for(keep_alive)
 
 
 async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
@@ -118,6 +115,7 @@ async def embed(body: oa.EmbedRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
+        access.require(roles.MANAGE, "load models explicitly")
         await rt.call(spec, rt.engine.load, keep)
         return oa.EmbedResponse(model=body.model, embeddings=[], total_duration=0, load_duration=0,
                                 prompt_eval_count=0)
@@ -132,6 +130,7 @@ async def embed(body: oa.EmbedRequest, request: Request):
 async def embeddings(body: oa.EmbeddingsRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.prompt:
+        access.require(roles.MANAGE, "load models explicitly")
         await rt.call(spec, rt.engine.load, keep)
         return oa.EmbeddingsResponse(embedding=[])
     vectors, _, _ = await rt.embed(spec, [body.prompt], body.options, True, keep)
@@ -269,6 +268,12 @@ async def pull(body: oa.PullRequest, request: Request):
 
 
 def _create_modelfile(body: oa.CreateRequest) -> Modelfile:
+    mf = _modelfile_of(body)
+    opts.validate(mf.parameters)
+    return mf
+
+
+def _modelfile_of(body: oa.CreateRequest) -> Modelfile:
     if body.modelfile:
         return parse(body.modelfile)
     files = list((body.files or {}).values())
@@ -287,8 +292,7 @@ def _create_modelfile(body: oa.CreateRequest) -> Modelfile:
 async def create(body: oa.CreateRequest, request: Request):
     store = _store(request)
     name = ModelName.parse(body.ref)
-    mf = _create_modelfile(body)
-    opts.validate(mf.parameters)
+    mf = await asyncio.to_thread(_create_modelfile, body)  # parsing is CPU work: off the event loop
     quantize = None
     if body.quantize:
         from slmops.ops.quantize import quantize_layer
@@ -309,19 +313,27 @@ async def blob_upload(digest: str, request: Request):
     expected = Digest.parse(digest)
     if store.blobs.has(expected):
         return Response(status_code=200)
-    reader = _StreamReader(request, asyncio.get_running_loop())
+    limit = request.app.state.config.max_blob_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise TooLarge(f"blob is {length} bytes, over the server's limit of {limit} (SLMOPS_MAX_BLOB_SIZE)")
+    reader = _StreamReader(request, asyncio.get_running_loop(), limit)
     await asyncio.to_thread(store.blobs.put_stream, reader, expected, None, f"blob {digest}")
     return Response(status_code=201)
 
 
 class _StreamReader:
-    """A blocking file-like view of the request body, for the blob store's streaming writer (runs in a thread)."""
+    """A blocking file-like view of the request body, for the blob store's streaming writer (runs in a thread).
+    Past ``limit`` bytes it raises, which discards what was staged: a body without a Content-Length (chunked)
+    is held to the limit as it arrives."""
 
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, limit: int):
         self._it = request.stream().__aiter__()
         self._loop = loop
         self._buf = b""
         self._done = False
+        self._limit = limit
+        self._seen = 0
 
     def read(self, n: int = -1) -> bytes:
         while not self._done and (n < 0 or len(self._buf) < n):
@@ -330,6 +342,9 @@ class _StreamReader:
             except StopAsyncIteration:
                 self._done = True
                 break
+            self._seen += len(chunk)
+            if self._seen > self._limit:
+                raise TooLarge(f"blob is over the server's limit of {self._limit} bytes (SLMOPS_MAX_BLOB_SIZE)")
             self._buf += chunk
         if n < 0:
             out, self._buf = self._buf, b""

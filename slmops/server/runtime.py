@@ -15,18 +15,32 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from slmops.config.settings import parse_duration
 from slmops.engine.client import (Cancel, Emit, EngineClient, ModelSpec, ModelStatus, ModelUnloaded, Request,
                                   gave_up, spec_from_store, unloaded)
 from slmops.engine.outputs import Output
+from slmops.security import roles
 from slmops.server import access
 from slmops.store.store import Store
-from slmops.types.errors import InvalidInput, ModelNotFound
+from slmops.types import options as opts
+from slmops.types.errors import Forbidden, InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
 
+
+
+def _count(ctx: access.RequestContext, item: Output, counted: tuple[int, int]) -> tuple[int, int]:
+    """Add what ``item`` says this stream has used so far to the request's totals; returns the new running pair
+    (a request may run several streams, one per choice)."""
+    if item.done and item.stats is not None:
+        now = (item.stats.prompt_eval_count, item.stats.eval_count)
+    else:
+        now = (max(counted[0], item.prompt_eval_count), max(counted[1], item.eval_count))
+    ctx.prompt_tokens += now[0] - counted[0]
+    ctx.completion_tokens += now[1] - counted[1]
+    return now
 
 
 def keep_alive_seconds(value: Any, default: float) -> float:
@@ -35,12 +49,13 @@ def keep_alive_seconds(value: Any, default: float) -> float:
         return default
     if isinstance(value, bool):
         raise InvalidInput("keep_alive must be a duration such as 5m or a number of seconds")
-    if isinstance(value, (int, float)):
-        return float(value)
     try:
-        return parse_duration(value)
+        seconds = float(value) if isinstance(value, (int, float)) else parse_duration(value)
     except ValueError as err:
         raise InvalidInput(str(err)) from None
+    if not math.isfinite(seconds):  # JSON's 1e999 and NaN: say -1 to keep a model loaded for ever
+        raise InvalidInput("keep_alive must be a finite duration; use -1 to keep the model loaded")
+    return seconds
 
 
 @dataclass
@@ -83,6 +98,31 @@ class ModelRuntime:
             raise ModelNotFound(name)
         return model, spec_from_store(self.store, model)
 
+    # -- what a caller may decide ---------------------------------------------------------------------------
+    # Keep-alive and load settings act on a model every caller shares, so they are the operator's: a caller
+    # without the manage right gets the server's keep-alive whatever it asks, and its load options are clamped to
+    # the operator's configuration (the Modelfile's, else the server's), so it can never force a reload.
+    def keep_alive_for(self, value: Any) -> float:
+        keep = keep_alive_seconds(value, self.default_keep_alive)
+        ctx = access.current()
+        if ctx is None or ctx.can(roles.MANAGE):
+            return keep
+        if keep == 0:
+            raise Forbidden(f'role "{ctx.role}" may not unload models (keep_alive 0); use a key with the operator '
+                            "or admin role")
+        return self.default_keep_alive
+
+    def options_for(self, spec: ModelSpec, options: dict[str, Any] | None) -> dict[str, Any] | None:
+        ctx = access.current()
+        if ctx is None or ctx.can(roles.MANAGE) or not options:
+            return options
+        typed, _ = opts.validate(options)
+        kept = {k: v for k, v in typed.items() if k not in opts.LOAD or k == "num_ctx"}
+        if "num_ctx" in kept:
+            ceiling = opts.validate(spec.params)[0].get("num_ctx") or self.engine.config.default_ctx
+            kept["num_ctx"] = min(kept["num_ctx"], ceiling)
+        return kept
+
     async def preload(self, name: str) -> None:
         """Load ``name`` at start (``SLMOPS_MODEL``), pulling a catalog model first if it is missing, so the
         first request does not pay for it."""
@@ -122,32 +162,53 @@ class ModelRuntime:
             self._unloading.discard(name)
 
     async def stream(self, spec: ModelSpec, req: Request, keep_alive: float) -> AsyncIterator[Output]:
-        """The engine's outputs, as they come. Raises request errors before the first piece."""
+        """The engine's outputs, as they come. Raises request errors before the first piece.
+
+        Token counts reach the request's context piece by piece, so a stream the client drops is charged and
+        audited for what it generated; with a token limit, completion tokens are reserved before it starts."""
+        ctx = access.current()
+        req = replace(req, options=self.options_for(spec, req.options))
+        if ctx is not None:
+            req = self._within_token_limit(ctx, spec, req)
         self._enter(spec.name)
         item: Any = None
         t0, ttft = time.perf_counter(), None
-        ctx = access.current()
         text: list[str] | None = [] if ctx is not None and ctx.content is not None else None
+        counted = (0, 0)
         try:
             async for item in self._pieces(spec, req):
                 if ttft is None and (item.text or item.done):
                     ttft = time.perf_counter() - t0
                 if text is not None:
                     text.append(item.text)
-                if item.done and item.stats is not None:
-                    if self.on_generation:
-                        self.on_generation(spec.name, item.stats, ttft)
-                    if ctx is not None:
-                        ctx.prompt_tokens += item.stats.prompt_eval_count
-                        ctx.completion_tokens += item.stats.eval_count
+                if item.done and item.stats is not None and self.on_generation:
+                    self.on_generation(spec.name, item.stats, ttft)
+                if ctx is not None:
+                    counted = _count(ctx, item, counted)
                 yield item
+        except (GeneratorExit, asyncio.CancelledError):  # the client left; a refusal (503) is not a cancellation
+            if item is None or not item.done:
+                if ctx is not None:
+                    ctx.complete = False
+                if self.on_cancel:
+                    self.on_cancel(spec.name)
+            raise
         finally:
-            cut_short = item is None or not item.done
-            if cut_short and self.on_cancel:
-                self.on_cancel(spec.name)
             if text is not None and ctx is not None and ctx.content is not None:
                 ctx.content.setdefault("completions", []).append("".join(text))
             self._leave(spec.name, keep_alive)
+
+    @staticmethod
+    def _within_token_limit(ctx: access.RequestContext, spec: ModelSpec, req: Request) -> Request:
+        """Reserve this generation's completion tokens from the key's bucket; a generation that asked for no
+        limit is capped at what was reserved."""
+        options = opts.merge(spec.params, req.options)
+        wanted = options.get("num_predict", -1)
+        ceiling = options.get("num_ctx") or spec.context_length or 4096
+        cap = ctx.reserve_completion(wanted, ceiling)
+        if cap is None or 0 < wanted <= cap:
+            return req
+        return replace(req, options={**(req.options or {}), "num_predict": cap})
 
     async def _pieces(self, spec: ModelSpec, req: Request) -> AsyncIterator[Output]:
         """Start the generation on a starter thread (it may load the model), then await pieces the engine hands
@@ -184,6 +245,7 @@ class ModelRuntime:
 
     async def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None, truncate: bool,
                     keep_alive: float) -> tuple[list[list[float]], int, int]:
+        options = self.options_for(spec, options)
         self._enter(spec.name)
         try:
             vectors, used, load_ns = await self._on_engine(self.engine.embed, spec, inputs, options, truncate)

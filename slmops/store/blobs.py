@@ -38,6 +38,11 @@ class BlobStore:
         with open(self.path(digest), "rb") as f:
             return sealed.is_sealed(f)
 
+    def opens(self, digest: Digest) -> bool:
+        """A plain blob, or a sealed one whose first chunk opens with the store key."""
+        with open(self.path(digest), "rb") as f:
+            return not sealed.is_sealed(f) or (self.key is not None and sealed.opens(self.key, f))
+
     def size(self, digest: Digest) -> int:
         """The plaintext size, which a manifest records."""
         stored = self.path(digest).stat().st_size
@@ -103,15 +108,17 @@ class BlobStore:
         return digest, size
 
     def verify(self, digest: Digest, cache: Path, what: str = "blob") -> None:
-        """Check a stored blob still hashes to its name. The result is remembered by file identity (inode, size,
-        mtime), so a model loads fast until its file changes; then it is hashed again."""
+        """Check a stored blob still hashes to its name. The result is remembered by file identity, so a model
+        loads fast until its file changes; then it is hashed again. The identity includes the change time: size
+        and mtime survive an in-place edit (``dd conv=notrunc`` then ``touch -r``), but every write and every
+        ``utime`` moves ``st_ctime``, which no user can set back."""
         path = self.path(digest)
         try:
             st = path.stat()
         except FileNotFoundError:
             raise IntegrityError(f"{what} {str(digest)[:19]} is missing from the store; pull or create the model "
                                  "again") from None
-        identity = f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+        identity = f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
         marker = cache / digest.hex
         try:
             if marker.read_text() == identity:

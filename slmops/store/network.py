@@ -29,5 +29,6 @@ def check_registry_host(host: str, allow_internal: bool = False) -> None:
     for info in infos:
         addr = str(info[4][0])
         if internal(addr):
-            raise InvalidInput(f'registry host "{name}" resolves to {addr}, an internal address; pulling from it '
-                               "is refused (set SLMOPS_ALLOW_PRIVATE_REGISTRIES=true to allow)")
+            # The address itself stays out of the message: it would map the server's network for the caller.
+            raise InvalidInput(f'registry host "{name}" resolves to an internal address; pulling from it is '
+                               "refused (set SLMOPS_ALLOW_PRIVATE_REGISTRIES=true to allow)")

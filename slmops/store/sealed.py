@@ -116,6 +116,19 @@ def unseal(key: bytes, f: BinaryIO, what: str = "blob") -> Iterator[bytes]:
         current, index = following, index + 1
 
 
+def opens(key: bytes, f: BinaryIO) -> bool:
+    """Whether a sealed file's first chunk authenticates under ``key``: a wrong key shows in one chunk, without
+    reading the whole file (a change further in is found when the blob is read or verified)."""
+    chunks = unseal(key, f)
+    try:
+        next(chunks)
+    except (IntegrityError, ValueError):  # ValueError: a header cut short leaves no valid nonce
+        return False
+    finally:
+        chunks.close()
+    return True
+
+
 def seal_bytes(key: bytes, data: bytes) -> bytes:
     out = io.BytesIO()
     sealer = Sealer(key, out)

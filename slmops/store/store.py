@@ -26,11 +26,11 @@ from slmops.store.catalog import Catalog, CatalogEntry
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.manifests import Layer, Manifest, ManifestStore
 from slmops.store.network import check_registry_host
-from slmops.store.sealed import scratch
+from slmops.store.sealed import KEY_HELP, scratch
 from slmops.store.variants import Derivation, VariantPolicy
 from slmops.store.sources import Source, default_sources
 from slmops.types.digest import Digest
-from slmops.types.errors import InvalidInput, ModelNotFound, SlmopsError, SourceError
+from slmops.types.errors import ConfigError, InvalidInput, ModelNotFound, SlmopsError, SourceError
 from slmops.types.name import DEFAULT_HOST, ModelName
 
 ProgressFn = Callable[[str, int, int | None], None]
@@ -311,15 +311,29 @@ class Store:
 
     def reseal(self, seal: bool, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
         """Rewrite every blob sealed with the store key (``seal``) or plain; returns (rewritten, total). Holds the
-        store exclusively, so no blob is removed or added while it is rewritten."""
+        store exclusively, so no blob is removed or added while it is rewritten. Blobs sealed already are checked
+        first to open with this key, and nothing is rewritten unless all do: with another key, "all sealed" would
+        be untrue and an unseal would stop half done."""
         with self._lock(exclusive=True):
             digests = sorted(self.blobs.digests(), key=str)
+            self._check_sealed_with_this_key(digests)
             changed = 0
             for i, digest in enumerate(digests, 1):
                 changed += self.blobs.reseal(digest, seal)
                 if progress:
                     progress(i, len(digests))
         return changed, len(digests)
+
+    def _check_sealed_with_this_key(self, digests: list[Digest]) -> None:
+        sealed_ = [d for d in digests if self.blobs.is_sealed(d)]
+        foreign = [d for d in sealed_ if not self.blobs.opens(d)]
+        if not foreign:
+            return
+        if self.blobs.key is None:
+            raise ConfigError(f"{len(foreign)} blob(s) are sealed and no store key is set; {KEY_HELP}; nothing "
+                              "was changed")
+        raise ConfigError(f"{len(foreign)} of {len(sealed_)} sealed blob(s) do not open with this store key: they "
+                          f"are sealed with another key (or damaged); {KEY_HELP}; nothing was changed")
 
     def prune(self) -> list[Digest]:
         with self._lock(exclusive=True):

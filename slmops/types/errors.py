@@ -21,6 +21,8 @@ each through one table keyed by class, never by message text.
     ├── SourceError             a model source failed (download, missing file)
     ├── ConfigError             a bad SLMOPS_* value or settings file
     ├── Busy                    the engine cannot take more work now (HTTP 503)
+    ├── RateLimited             the caller's key is over its limit now (HTTP 429, ``retry_after`` seconds)
+    ├── TooLarge                a body or upload over its size limit (HTTP 413)
     └── EngineError             llama.cpp failed (HTTP 500)
         └── RunnerCrashed       a model's runner process died; its requests failed, the next one restarts it
 """
@@ -97,6 +99,16 @@ class ConfigError(SlmopsError):
 
 
 class Busy(SlmopsError):
+    pass
+
+
+class RateLimited(SlmopsError):
+    def __init__(self, message: str, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class TooLarge(SlmopsError):
     pass
 
 

@@ -8,7 +8,7 @@ Grammar (case-insensitive; stored lower-case)::
     model     = part
     part      = alnum { alnum | "_" | "-" | "." }   ; 1..80 chars, never "." or ".."-only
     tag       = alnum-or-"_" { alnum | "_" | "-" | "." } ; 1..80 chars
-    port      = digit { digit }
+    port      = nonzero-digit { digit }          ; 1..65535, no leading zero (one spelling per port)
 
 Defaults: host ``registry.ollama.ai``, namespace ``library``, tag ``latest`` — the same as Ollama's, so a store
 written by slmops has the paths Ollama users know (``manifests/registry.ollama.ai/library/smollm2/135m``).
@@ -30,6 +30,7 @@ DEFAULT_TAG = "latest"
 _PART = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
 _TAG = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,79}")
 _HOST = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}(:[0-9]{1,5})?")
+MAX_PORT = 65535
 
 
 def _bad(text: str, why: str) -> InvalidName:
@@ -67,6 +68,9 @@ class ModelName:
         if len(parts) == 3:
             host, namespace = parts[0], parts[1]
             _check(_HOST, host, text, "host")
+            port = host.partition(":")[2]
+            if port and (port.startswith("0") or int(port) > MAX_PORT):
+                raise _bad(text, f'bad host port "{port}" (a port is 1 to {MAX_PORT}, without leading zeros)')
         elif len(parts) == 2:
             namespace = parts[0]
         _check(_PART, namespace, text, "namespace")

@@ -76,7 +76,7 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
         if number != number or number in (float("inf"), float("-inf")):
             raise TypeError
         return number
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as infinity
         what = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STRS: "a string or list of strings"}
         raise InvalidOption(f'option "{name}" must be {what[kind]}, got {value!r}'[:300]) from None
 
