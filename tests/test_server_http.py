@@ -60,11 +60,13 @@ def test_unknown_fields_are_ignored_and_form_content_type_accepted(server):
 
 def test_unknown_route_and_method(server):
     r = HTTP.get(server.url + "/api/nope")
-    assert r.status_code == 404 and r.json() == {"error": "not found"}
+    assert r.status_code == 404 and r.json() == {"error": "GET /api/nope is not a route of this server; see /docs "
+                                                          "for the API"}
     r = HTTP.get(server.url + "/api/chat")
-    assert r.status_code == 405
-    r = HTTP.get(server.url + "/v1/nope")
-    assert r.status_code == 404 and r.json()["error"]["message"] == "not found"
+    assert r.status_code == 405 and "GET /api/chat" in r.json()["error"]
+    r = HTTP.post(server.url + "/v1/nope", json={})
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("POST /v1/nope is not a route")
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_oversized_body_is_413(shared_home, tmp_path):

@@ -9,6 +9,7 @@ from conftest import HTTP
 import jsonschema
 import numpy as np
 import ollama
+import slmops
 import pytest
 
 M = "smollm2:135m"
@@ -27,9 +28,11 @@ def test_list_show_version(client, server):
     assert models[0].size > 90_000_000 and len(models[0].digest) == 64
     info = client.show(M)
     assert info.details.parameter_size == "134.5M" and info.modelinfo["llama.context_length"] == 8192
-    assert info.template.startswith("{% for message") and "stop" in info.parameters
+    assert "{% for message" in info.template and "stop" in info.parameters
     assert "completion" in info.capabilities and "FROM smollm2:135m" in info.modelfile
-    assert HTTP.get(server.url + "/api/version").json()["version"]
+    version = HTTP.get(server.url + "/api/version")
+    assert version.json()["version"] == "0.13.5"  # the Ollama API level it speaks
+    assert version.json()["slmops"] == version.headers["x-slmops-version"] == slmops.__version__
     assert HTTP.get(server.url + "/").text == "slmops is running"
 
 
@@ -161,9 +164,9 @@ def test_errors_have_ollama_statuses(client, server):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="nope", prompt="x")
     assert err.value.status_code == 404 and 'model "nope" not found' in err.value.error
-    with pytest.raises(ollama.ResponseError) as err:
-        client.chat(model=M, messages=[{"role": "user", "content": "x"}], options={"temprature": 1})
-    assert err.value.status_code == 400 and 'unknown option "temprature"' in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:  # a known option with a bad value is still refused
+        client.chat(model=M, messages=[{"role": "user", "content": "x"}], options={"top_k": "many"})
+    assert err.value.status_code == 400 and 'option "top_k" must be an integer' in err.value.error
     with pytest.raises(ollama.ResponseError) as err:
         client.pull("nope")
     assert err.value.status_code == 404
@@ -190,3 +193,15 @@ def test_keep_alive_load_unload_and_ps(client, server):
     assert client.ps().models[0].expires_at.year >= 9999
     client.chat(model=M, messages=[{"role": "user", "content": "hi"}], keep_alive=0, options={"num_predict": 1})
     assert client.ps().models == []
+
+
+def test_unknown_options_are_ignored_and_logged_once(client, server):
+    """As Ollama does: clients send options of other servers (llm-ollama's draft_num_predict, ollama-python's
+    embedding_only); they are dropped with one warning per name, not refused."""
+    for _ in range(2):
+        r = client.chat(model=M, messages=[{"role": "user", "content": "x"}],
+                        options={"temprature": 1, "draft_num_predict": 0, "embedding_only": False, "num_predict": 2})
+        assert r.done and r.eval_count <= 2
+    assert client.embed(model=M, input="x", options={"embedding_only": True}).embeddings
+    log = (server.home / "server.log").read_text()
+    assert log.count('ignoring unknown option "draft_num_predict"') == 1

@@ -118,8 +118,11 @@ def test_forced_tool_call_streams_and_history_round_trips(client):
     chunks = list(client.chat.completions.create(model=M, messages=[{"role": "user", "content": "Weather?"}],
                                                  tools=[WEATHER], tool_choice="required", stream=True,
                                                  max_tokens=200, seed=1))
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert {d.index for d in deltas} == {0}  # one call, streamed as OpenAI does: named, then its arguments
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call-")
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)),
+                        WEATHER["function"]["parameters"])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     history = [{"role": "user", "content": "Weather?"},
                {"role": "assistant", "tool_calls": [{"id": "call-1", "type": "function",

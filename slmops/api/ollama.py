@@ -274,8 +274,14 @@ class DetokenizeResponse(_Resp):
     text: str
 
 
+# The Ollama release whose API this server speaks: clients gate features on /api/version (structured outputs
+# from 0.5.0, /v1/responses from 0.13.3), so it reports this level, and its own version beside it.
+OLLAMA_API_LEVEL = "0.13.5"
+
+
 class VersionResponse(_Resp):
-    version: str
+    version: str  # the Ollama API level
+    slmops: str  # the slmops release
 
 
 class ErrorResponse(_Resp):

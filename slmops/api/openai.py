@@ -152,7 +152,6 @@ class ChoiceLogprobs(_Resp):
 
 
 class ResponseToolCall(_Resp):
-    index: Optional[int] = None
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -182,10 +181,25 @@ class ChatCompletion(_Resp):
     usage: Usage
 
 
+class DeltaFunction(_Resp):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(_Resp):
+    """A streamed piece of a tool call: the first names it (``id``, ``type``, ``function.name``), later ones carry
+    ``function.arguments`` text that clients concatenate."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunction
+
+
 class Delta(_Resp):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
-    tool_calls: Optional[list[ResponseToolCall]] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChunkChoice(_Resp):

@@ -89,6 +89,7 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
         label = getattr(route, "path", "unmatched")
         metrics.requests.labels(label, request.method, str(response.status_code)).inc()
         metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        response.headers["x-slmops-version"] = slmops.__version__  # /api/version reports the Ollama API level
         return response
 
     # Outermost last: recorder, header checks, origin check + CORS (answers preflights, decorates refusals),
@@ -153,7 +154,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        message = {404: "not found", 405: "method not allowed"}.get(err.status_code, str(err.detail))
+        route = f"{request.method} {request.url.path}"[:200]
+        message = {404: f"{route} is not a route of this server; see /docs for the API",
+                   405: f"{route}: method not allowed on this route"}.get(err.status_code, str(err.detail))
         return reply(request, err.status_code, message)
 
     @app.exception_handler(RecursionError)

@@ -196,10 +196,10 @@ def openai_logprobs(lps: list[TokenLogprob]) -> oai.ChoiceLogprobs:
                                        for x in t.top]) for t in lps])
 
 
-def openai_tool_calls(calls: list[dict[str, Any]], with_index: bool = False) -> list[oai.ResponseToolCall]:
-    return [oai.ResponseToolCall(index=i if with_index else None, id=new_id("call"),
-                                 function=oai.FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"])))
-            for i, c in enumerate(calls)]
+def openai_tool_calls(calls: list[dict[str, Any]]) -> list[oai.ResponseToolCall]:
+    return [oai.ResponseToolCall(id=new_id("call"), function=oai.FunctionCall(name=c["name"],
+                                                                              arguments=json.dumps(c["arguments"])))
+            for c in calls]
 
 
 def completion_logprobs(lps: list[TokenLogprob], start_offset: int) -> oai.CompletionLogprobs:

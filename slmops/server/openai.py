@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, AsyncIterator
 
@@ -25,13 +26,7 @@ def _rt(request: Request) -> ModelRuntime:
 
 
 async def _run(rt: ModelRuntime, spec, req) -> tuple[str, Output, list]:
-    text, final, lps = [], None, []
-    async for out in rt.stream(spec, req, rt.default_keep_alive):
-        text.append(out.text)
-        lps.extend(out.logprobs)
-        if out.done:
-            final = out
-    return "".join(text), final, lps
+    return await streaming.collect(rt.stream(spec, req, rt.default_keep_alive))
 
 
 @router.post("/chat/completions")
@@ -68,24 +63,22 @@ async def _chat_stream(outputs: AsyncIterator[Output], model: str, cid: str, cre
         return c.model_dump(exclude_none=True) | {"usage": None} if include_usage else c.model_dump(exclude_none=True)
 
     yield chunk(oai.Delta(role="assistant", content=""))
-    held: list[str] = []
     stats: Stats | None = None
-    async for out in outputs:
+    made: list = []
+    async for out, text, calls in streaming.split_calls(outputs, tools):
         lp = convert.openai_logprobs(list(out.logprobs)) if out.logprobs else None
-        if tools:
-            held.append(out.text)  # a tool call is only known once the whole answer is in
-        elif out.text:
-            yield chunk(oai.Delta(content=out.text), logprobs=lp)
+        if text or lp:
+            yield chunk(oai.Delta(content=text), logprobs=lp)
+        for call in calls:  # named first, then its arguments, as OpenAI streams them
+            index, made = len(made), made + [call]
+            yield chunk(oai.Delta(tool_calls=[oai.DeltaToolCall(
+                index=index, id=convert.new_id("call"), type="function",
+                function=oai.DeltaFunction(name=call["name"], arguments=""))]))
+            yield chunk(oai.Delta(tool_calls=[oai.DeltaToolCall(
+                index=index, function=oai.DeltaFunction(arguments=json.dumps(call["arguments"])))]))
         if out.done:
             stats = out.stats
-            calls: list = []
-            if tools:
-                calls, text = parse_calls("".join(held), tools)
-                if calls:
-                    yield chunk(oai.Delta(tool_calls=convert.openai_tool_calls(calls, with_index=True)))
-                elif text:
-                    yield chunk(oai.Delta(content=text))
-            yield chunk(oai.Delta(), convert.finish_reason(out, calls))
+            yield chunk(oai.Delta(), convert.finish_reason(out, made))
     if include_usage and stats is not None:
         yield oai.ChatCompletionChunk(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
                                       choices=[], usage=convert.usage([stats])).model_dump(exclude_none=True)

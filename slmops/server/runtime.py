@@ -12,6 +12,7 @@ once, which frees its sequence. Handlers depend on this class only through its m
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ from slmops.types import options as opts
 from slmops.types.errors import Forbidden, InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
 
+
+log = logging.getLogger("slmops.server")
 
 
 def _count(ctx: access.RequestContext, item: Output, counted: tuple[int, int]) -> tuple[int, int]:
@@ -82,6 +85,7 @@ class ModelRuntime:
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._starters = ThreadPoolExecutor(max_workers=8, thread_name_prefix="start")
         self._unloading: set[str] = set()
+        self._warned: set[str] = set()  # unknown option names already logged
 
     async def _on_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
@@ -113,8 +117,15 @@ class ModelRuntime:
         return self.default_keep_alive
 
     def options_for(self, spec: ModelSpec, options: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not options:
+            return options
+        options, unknown = opts.split_unknown(options)
+        for name in unknown:
+            if name not in self._warned:  # once per name: a client sends its options with every request
+                self._warned.add(name)
+                log.warning('ignoring unknown option "%s"', name[:100])
         ctx = access.current()
-        if ctx is None or ctx.can(roles.MANAGE) or not options:
+        if ctx is None or ctx.can(roles.MANAGE):
             return options
         typed, _ = opts.validate(options)
         kept = {k: v for k, v in typed.items() if k not in opts.LOAD or k == "num_ctx"}

@@ -2,8 +2,9 @@
 
 Options arrive from Modelfile PARAMETERs, request ``options`` and ``/set parameter``; they are layered
 (model params, then request) and split into what needs a context (:class:`LoadParams`) and what only the sampler
-needs (:class:`SamplingParams`). Unknown names are an error naming the valid ones; Ollama options that llama.cpp on
-this build does not use (``main_gpu``, ``mirostat`` ...) are accepted and reported back as ignored.
+needs (:class:`SamplingParams`). Unknown names are an error naming the valid ones, except in requests to the
+server, which drop them as Ollama does (:func:`split_unknown`); Ollama options that llama.cpp on this build does
+not use (``main_gpu``, ``mirostat`` ...) are accepted and reported back as ignored.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as infinity
         what = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STRS: "a string or list of strings"}
         raise InvalidOption(f'option "{name}" must be {what[kind]}, got {value!r}'[:300]) from None
+
+
+def split_unknown(options: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the options this engine knows, the names it does not). Request options from clients are read as Ollama
+    reads them: an unknown name is ignored (clients send options of newer or other servers), while a Modelfile
+    or the CLI's ``/set parameter`` still refuses one, where it is a typo someone can fix."""
+    known = {k: v for k, v in options.items() if k in KNOWN}
+    return known, [k for k in options if k not in KNOWN]
 
 
 def validate(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
