@@ -1,7 +1,9 @@
-"""GGUF validation and metadata, done with the ``gguf`` package before llama.cpp ever sees a file.
+"""GGUF validation and metadata, done before llama.cpp ever sees a file.
 
 llama.cpp trusts the header of what it loads; a truncated or crafted file (absurd counts, offsets past the end)
-has crashed it before (CVE-2025-0315/0317 class). Here such a file becomes :class:`InvalidModelFile`.
+has crashed it before (CVE-2025-0315/0317 class). Here such a file becomes :class:`InvalidModelFile`. The header
+is read by :mod:`slmops.store.gguf_scan`, whose work is bounded by the bytes present and fixed caps, not by the
+counts a file claims.
 """
 
 from __future__ import annotations
@@ -10,22 +12,16 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType
+from gguf import LlamaFileType
 
 from slmops.store.atomic import write_bytes
+from slmops.store.gguf_scan import scan_gguf
 from slmops.store.sealed import plain_file, seal_bytes, unseal_bytes
 from slmops.types.errors import IntegrityError, InvalidModelFile
-
-GGUF_MAGIC = b"GGUF"
-_MIN_KV_BYTES = 8 + 1 + 4  # key length, one-char key, value type
-_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, one dim, type, offset
-_MAX_DIMS = 4
 
 
 @dataclass
@@ -57,45 +53,17 @@ class GGUFInfo:
         return str(n)
 
 
-def _header(path: Path, size: int) -> None:
-    with path.open("rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
-        raise InvalidModelFile("not a GGUF file (bad magic); give a .gguf model file")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise InvalidModelFile(f"unsupported GGUF version {version}; re-export the model as GGUF v3")
-    if n_kv * _MIN_KV_BYTES > size or n_tensors * _MIN_TENSOR_INFO_BYTES > size:
-        raise InvalidModelFile(
-            f"GGUF header claims {n_tensors} tensors and {n_kv} metadata keys, more than a {size}-byte file can hold"
-        )
-
-
-def _value(reader: GGUFReader, key: str) -> Any:
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    if f.types and f.types[0] == GGUFValueType.ARRAY:
-        if len(f.data) > 64:
-            return f"[{len(f.data)} items]"
-        return [_plain(v) for v in f.contents()]
-    return _plain(f.contents())
-
-
-def _plain(v: Any) -> Any:
-    """numpy scalars to Python values, so metadata serialises to JSON."""
-    return v.item() if hasattr(v, "item") else v
-
-
 def _identity(path: Path, st: os.stat_result) -> str:
-    return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    """ctime too: ``touch -r`` can put an edited file's mtime back, but nothing but the kernel sets ctime."""
+    return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
 def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = None) -> GGUFInfo:
     """Validate ``path`` fully (header, metadata, every tensor inside the file) and return its metadata.
 
-    Parsing a GGUF's metadata takes seconds (the tokenizer arrays), so with ``cache_dir`` the result is kept under
-    the file's identity (device, inode, size, mtime): a changed file is validated again, an unchanged one loads fast.
+    A scan walks the tokenizer arrays (tens of milliseconds for a small model, more for big vocabularies), so with
+    ``cache_dir`` the result is kept under the file's identity (device, inode, size, mtime, ctime): a changed file
+    is validated again, an unchanged one loads fast.
     A sealed file (``key`` opens it) is keyed by the sealed file's identity, so a hit decrypts nothing.
     """
     try:
@@ -113,7 +81,7 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = 
         except (OSError, ValueError, TypeError, KeyError, IntegrityError):
             pass
     with plain_file(path, key, "model") as plain:
-        info = _inspect(plain, plain.stat().st_size)
+        info = _inspect(plain)
     if entry is not None:
         with contextlib.suppress(OSError, TypeError, ValueError):
             data = json.dumps({"identity": ident, "info": asdict(info)}, default=str).encode()
@@ -121,36 +89,20 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = 
     return info
 
 
-def _inspect(path: Path, size: int) -> GGUFInfo:
-    _header(path, size)
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception:  # the gguf package signals every malformation with a different builtin error
-        raise InvalidModelFile("corrupt or truncated GGUF file; check the file or export it again") from None
-    total = 0
-    for t in reader.tensors:
-        dims = [int(d) for d in t.shape]
-        if not 0 < len(dims) <= _MAX_DIMS or any(d <= 0 for d in dims):
-            raise InvalidModelFile(f'GGUF tensor "{t.name}" has invalid dimensions {dims}')
-        if t.data_offset < reader.data_offset or t.data_offset + t.n_bytes > size:
-            raise InvalidModelFile(f'GGUF tensor "{t.name}" lies outside the file; the file is truncated or crafted')
-        total += int(np.prod(dims, dtype=np.float64))
-    arch = _value(reader, "general.architecture") or "unknown"
-    ftype = _value(reader, "general.file_type")
+def _inspect(path: Path) -> GGUFInfo:
+    header = scan_gguf(path)
+    meta = header.metadata
+    arch = meta.get("general.architecture") or "unknown"
+    ftype = meta.get("general.file_type")
     try:
         ftype_name = LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "unknown"
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):  # a string, a list or inf where a number belongs; shown as it is
         ftype_name = str(ftype)
-    meta = {}
-    for key in reader.fields:
-        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml."):
-            continue
-        meta[key] = _value(reader, key)
     return GGUFInfo(
         architecture=str(arch),
         file_type=ftype_name,
-        parameter_count=total,
-        context_length=_value(reader, f"{arch}.context_length"),
-        chat_template=_value(reader, "tokenizer.chat_template"),
-        metadata=meta,
+        parameter_count=header.parameter_count,
+        context_length=meta.get(f"{arch}.context_length"),
+        chat_template=meta.get("tokenizer.chat_template"),
+        metadata={k: v for k, v in meta.items() if not k.startswith(("GGUF.", "tokenizer.ggml."))},
     )
