@@ -45,6 +45,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/chat/completions"): INFERENCE,
     ("POST", "/v1/completions"): INFERENCE,
     ("POST", "/v1/embeddings"): INFERENCE,
+    ("POST", "/v1/responses"): INFERENCE,
     ("POST", "/api/pull"): MANAGE,
     ("POST", "/api/create"): MANAGE,
     ("POST", "/api/copy"): MANAGE,

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import slmops
-from slmops.server import errors, ollama, openai
+from slmops.server import errors, ollama, openai, responses
 from slmops.server.access import Access, AccessPolicy, Recorder, authorize
 from slmops.server.guards import LOCAL_ORIGINS, BodyLimit, HeaderCheck, OriginCheck, is_loopback
 from slmops.server.metrics import Metrics
@@ -78,6 +78,7 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     app.include_router(ollama.router)
     if config.openai:
         app.include_router(openai.router)
+        app.include_router(responses.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
 
