@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 import slmops
-from slmops.cli import hw, models, ops, run, security, serve
+from slmops.cli import hw, importing, models, ops, run, security, serve
 from slmops.cli.common import console, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -27,6 +27,7 @@ app.command("rm")(models.rm)
 app.command("cp")(models.cp)
 app.command("create")(models.create)
 app.command("prune")(models.prune)
+app.command("import")(importing.import_cmd)
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.command("ps")(serve.ps)
