@@ -3,33 +3,83 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, \
+    TransferSpeedColumn
 
-from slmops.cli.common import PullBar, audited, console, err_console, human_ago, human_size, store
+from slmops.cli.common import PullBar, audited, console, err_console, human_ago, human_size, settings, store
 from slmops.modelfile import build, parse, render
 from slmops.store import manifests as mt
+from slmops.store.registry_auth import RegistryConfig
 from slmops.types.errors import SlmopsError
-from slmops.types.name import ModelName
+from slmops.types.name import ModelName, Reference
 
 
-def pull(model: str = typer.Argument(..., help="Model name, e.g. smollm2:135m"),
+def pull(model: str = typer.Argument(..., help="Model name: a catalog name (smollm2:135m) or "
+                                            "[http(s)://]host[:port]/namespace/model[:tag|@sha256:...]"),
          variant: str = typer.Option(None, "--variant",
                                      help="Pin a catalog variant (e.g. cpu-q8_0) instead of the one chosen for "
-                                          "this machine.")) -> None:
-    """Fetch a model from its source (the built-in catalog) into the local store."""
-    bar = PullBar()
+                                          "this machine."),
+         insecure: bool = typer.Option(False, "--insecure",
+                                       help="Allow plain HTTP to the registry (as ollama pull --insecure).")) -> None:
+    """Fetch a model from a registry, or from its source in the built-in catalog, into the local store."""
+    bars = LayerBars()
     s = store()
-    name = ModelName.parse(model)
+    ref = Reference.parse(model)
+    registry = RegistryConfig.from_settings(settings(), insecure=insecure)
     try:
         with audited("pull", model, variant=variant):
-            s.pull(name, bar, variant=variant)
+            s.pull(ref, bars, variant=variant, registry=registry)
     finally:
-        bar.close()
-    chosen = s.variant(name)
+        bars.close()
+    chosen = s.variant(ref.name)
     if chosen:
         err_console.print(f"variant {chosen[0]}: {chosen[1]}", markup=False, soft_wrap=True)
+
+
+class LayerBars:
+    """``ollama pull``'s output: a line per phase, and a bar per layer while layers download (each status with
+    a size is one layer). Off a terminal, each layer's line is printed once instead of a bar."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID | None] = {}
+        self._last = ""
+
+    def __call__(self, status: str, completed: int, total: int | None) -> None:
+        if not total:
+            self._stop()
+            if status != self._last:
+                err_console.print(status, markup=False)
+                self._last = status
+            return
+        self._last = status
+        if not self._tty:
+            if status not in self._tasks:
+                err_console.print(status, markup=False)
+                self._tasks[status] = None
+            return
+        if self._progress is None:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TimeRemainingColumn(), console=err_console)
+            self._progress.start()
+        task = self._tasks.get(status)
+        if task is None:
+            task = self._tasks[status] = self._progress.add_task(status, total=total)
+        self._progress.update(task, completed=completed, total=total)
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self._tasks.clear()
+
+    def close(self) -> None:
+        self._stop()
 
 
 def list_models() -> None:

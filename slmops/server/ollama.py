@@ -17,17 +17,19 @@ from fastapi.responses import Response
 
 import slmops
 from slmops.api import ollama as oa
+from slmops.config.settings import Settings
 from slmops.engine.tools import TOOLS_NOTE, parse_calls, template_handles_tools
 from slmops.modelfile import build, render
 from slmops.modelfile.parser import Modelfile, parse
 from slmops.security import roles
 from slmops.server import access, convert, streaming
 from slmops.server.runtime import ModelRuntime
+from slmops.store.registry_auth import RegistryConfig
 from slmops.store.store import Store
 from slmops.types import options as opts
 from slmops.types.digest import Digest
 from slmops.types.errors import IntegrityError, InvalidInput, NotFound, SlmopsError, TooLarge
-from slmops.types.name import ModelName
+from slmops.types.name import ModelName, Reference
 
 router = APIRouter()
 _END = object()
@@ -256,9 +258,13 @@ async def _progress_response(stream: bool, work) -> Any:
 
 @router.post("/api/pull")
 async def pull(body: oa.PullRequest, request: Request):
+    """A catalog name, or a registry reference (``insecure`` allows plain HTTP, as Ollama's). Registry logins
+    come from ``registries.json`` only, read at each pull as ``docker login``'s file is: never the
+    ``SLMOPS_REGISTRY_*`` login, which would go to whatever host the caller names."""
     store = _store(request)
-    name = ModelName.parse(body.ref)
-    return await _progress_response(body.stream, lambda p: store.pull(name, p))
+    ref = Reference.parse(body.ref)
+    registry = RegistryConfig.from_settings(Settings.from_env(), insecure=body.insecure, env_login=False)
+    return await _progress_response(body.stream, lambda p: store.pull(ref, p, registry=registry))
 
 
 def _create_modelfile(body: oa.CreateRequest) -> Modelfile:

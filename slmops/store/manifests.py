@@ -87,6 +87,17 @@ class ManifestStore:
     def put(self, name: ModelName, manifest: Manifest) -> None:
         write_bytes(self.path(name), manifest.to_bytes())
 
+    def put_bytes(self, name: ModelName, data: bytes) -> Manifest:
+        """Store a manifest exactly as a registry served it, so its digest stays the registry's; it must still
+        parse as a manifest, so nothing the store cannot read gets in."""
+        try:
+            manifest = Manifest.model_validate_json(data)
+        except ValidationError:
+            raise SlmopsError(f'the manifest for "{name.display}" cannot be read as a model manifest; nothing was '
+                              "stored") from None
+        write_bytes(self.path(name), data)
+        return manifest
+
     def delete(self, name: ModelName) -> None:
         path = self.path(name)
         try:

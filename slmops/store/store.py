@@ -26,12 +26,14 @@ from slmops.store.catalog import Catalog, CatalogEntry
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.manifests import Layer, Manifest, ManifestStore
 from slmops.store.network import check_registry_host
+from slmops.store.pulling import pull_from_registry
+from slmops.store.registry_auth import RegistryConfig
 from slmops.store.sealed import KEY_HELP, scratch
 from slmops.store.variants import Derivation, VariantPolicy
 from slmops.store.sources import Source, default_sources
 from slmops.types.digest import Digest
 from slmops.types.errors import ConfigError, InvalidInput, ModelNotFound, SlmopsError, SourceError
-from slmops.types.name import DEFAULT_HOST, ModelName
+from slmops.types.name import DEFAULT_HOST, ModelName, Reference
 
 ProgressFn = Callable[[str, int, int | None], None]
 """``progress(status, completed_bytes, total_bytes)``; ``total`` is None for phases without a size."""
@@ -229,8 +231,21 @@ class Store:
                                (f"; choose one of {known}" if known else "; it has no variants"))
         return None
 
-    def pull(self, name: ModelName, progress: ProgressFn = _no_progress, variant: str | None = None) -> Manifest:
-        """Fetch a catalog model; with variants, the one the variant policy picks for this machine (or ``variant``)
+    def pull(self, name: ModelName | Reference, progress: ProgressFn = _no_progress, variant: str | None = None,
+             registry: RegistryConfig | None = None) -> Manifest:
+        """Fetch a model: from a registry when the reference names one (a host, a scheme or a manifest digest) and
+        the catalog does not know it (:mod:`slmops.store.pulling`), else from the catalog. ``registry``: logins,
+        CAs and ``insecure`` for a registry pull; without it, anonymous HTTPS."""
+        ref = name if isinstance(name, Reference) else Reference.of(name)
+        if ref.remote and (ref.digest or ref.scheme or self.catalog.lookup(ref.name) is None):
+            if variant is not None:
+                raise InvalidInput(f"variants are chosen for catalog models only; {ref.display} comes from a "
+                                   "registry as it is")
+            return pull_from_registry(self, ref, progress, registry or RegistryConfig())
+        return self._pull_catalog(ref.name, progress, variant)
+
+    def _pull_catalog(self, name: ModelName, progress: ProgressFn, variant: str | None) -> Manifest:
+        """A catalog model; with variants, the one the variant policy picks for this machine (or ``variant``)
         is stored under ``name`` and its config records which one and why."""
         if name.host != DEFAULT_HOST:
             check_registry_host(name.host, self.allow_internal_registries)
