@@ -174,6 +174,11 @@ class PullRequest(ModelRef):
     stream: bool = True
 
 
+class PushRequest(ModelRef):
+    insecure: bool = False
+    stream: bool = True
+
+
 class CopyRequest(_Req):
     source: str
     destination: str

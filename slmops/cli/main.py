@@ -20,6 +20,7 @@ from slmops.types.errors import SlmopsError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run small language models locally; Ollama- and OpenAI-compatible.")
 app.command("pull")(models.pull)
+app.command("push")(models.push)
 app.command("list")(models.list_models)
 app.command("ls", hidden=True)(models.list_models)
 app.command("show")(models.show)

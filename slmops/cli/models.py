@@ -1,4 +1,4 @@
-"""Model management commands: pull, list, show, rm, cp, create."""
+"""Model management commands: pull, push, list, show, rm, cp, create."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from slmops.cli.common import PullBar, audited, console, err_console, human_ago, human_size, settings, store
 from slmops.modelfile import build, parse, render
 from slmops.store import manifests as mt
+from slmops.store.pushing import push_to_registry
 from slmops.store.registry_auth import RegistryConfig
 from slmops.types.errors import SlmopsError
 from slmops.types.name import ModelName, Reference
@@ -38,6 +39,22 @@ def pull(model: str = typer.Argument(..., help="Model name: a catalog name (smol
     chosen = s.variant(ref.name)
     if chosen:
         err_console.print(f"variant {chosen[0]}: {chosen[1]}", markup=False, soft_wrap=True)
+
+
+def push(model: str = typer.Argument(..., help="Model name with its registry: host[:port]/namespace/model[:tag] "
+                                            "(slmops cp a model to such a name first)"),
+         insecure: bool = typer.Option(False, "--insecure",
+                                       help="Allow plain HTTP to the registry (as ollama push --insecure).")) -> None:
+    """Upload a model (and its signature, if it has one) to a registry; blobs the registry has are skipped."""
+    bars = LayerBars()
+    s = store()
+    ref = Reference.parse(model)
+    registry = RegistryConfig.from_settings(settings(), insecure=insecure)
+    try:
+        with audited("push", model):
+            push_to_registry(s, ref, bars, registry)
+    finally:
+        bars.close()
 
 
 class LayerBars:
@@ -212,4 +229,4 @@ def prune() -> None:
     console.print(f"removed {len(removed)} unused blob(s)")
 
 
-__all__ = ["cp", "create", "list_models", "prune", "pull", "rm", "show", "mt"]
+__all__ = ["cp", "create", "list_models", "prune", "pull", "push", "rm", "show", "mt"]

@@ -47,6 +47,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/embeddings"): INFERENCE,
     ("POST", "/v1/responses"): INFERENCE,
     ("POST", "/api/pull"): MANAGE,
+    ("POST", "/api/push"): MANAGE,
     ("POST", "/api/create"): MANAGE,
     ("POST", "/api/copy"): MANAGE,
     ("DELETE", "/api/delete"): MANAGE,

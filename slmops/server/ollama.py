@@ -24,6 +24,7 @@ from slmops.modelfile.parser import Modelfile, parse
 from slmops.security import roles
 from slmops.server import access, convert, streaming
 from slmops.server.runtime import ModelRuntime
+from slmops.store.pushing import push_to_registry
 from slmops.store.registry_auth import RegistryConfig
 from slmops.store.store import Store
 from slmops.types import options as opts
@@ -265,6 +266,15 @@ async def pull(body: oa.PullRequest, request: Request):
     ref = Reference.parse(body.ref)
     registry = RegistryConfig.from_settings(Settings.from_env(), insecure=body.insecure, env_login=False)
     return await _progress_response(body.stream, lambda p: store.pull(ref, p, registry=registry))
+
+
+@router.post("/api/push")
+async def push(body: oa.PushRequest, request: Request):
+    """Ollama's push: ``insecure`` allows plain HTTP; logins from ``registries.json`` only, as for a pull."""
+    store = _store(request)
+    ref = Reference.parse(body.ref)
+    registry = RegistryConfig.from_settings(Settings.from_env(), insecure=body.insecure, env_login=False)
+    return await _progress_response(body.stream, lambda p: push_to_registry(store, ref, p, registry))
 
 
 def _create_modelfile(body: oa.CreateRequest) -> Modelfile:
