@@ -1,7 +1,7 @@
 """Roles, permissions, and the one table that says which permission every route needs.
 
     admin     everything
-    operator  manage (pull, create, copy, delete, blobs, explicit load and unload) + user rights
+    operator  manage (pull, push, create, copy, delete, blobs, explicit load and unload) + user rights
     user      inference (generate, chat, embed, tokenize) + read (list, show, ps)
     metrics   /metrics only
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, AsyncIterator
@@ -29,6 +30,16 @@ async def _run(rt: ModelRuntime, spec, req) -> tuple[str, Output, list]:
     return await streaming.collect(rt.stream(spec, req, rt.default_keep_alive))
 
 
+async def _together(runs: list) -> list:
+    """Answers for ``n`` choices, generated at once (they decode in one batch); when one fails, the others stop."""
+    tasks = [asyncio.ensure_future(r) for r in runs]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
     rt = _rt(request)
@@ -42,8 +53,9 @@ async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming.sse(_chat_stream(outputs, body.model, cid, created, req.tools, include_usage))
     choices, stats = [], []
-    for i in range(body.n):
-        text, final, lps = await _run(rt, spec, convert.from_chat_completion(body, seed_offset=i))
+    answers = await _together([_run(rt, spec, convert.from_chat_completion(body, seed_offset=i))
+                               for i in range(body.n)])
+    for i, (text, final, lps) in enumerate(answers):
         calls, text = parse_calls(text, req.tools) if req.tools else ([], text)
         message = oai.AssistantMessage(content=text if (text or not calls) else None,
                                        tool_calls=convert.openai_tool_calls(calls) if calls else None)
@@ -100,9 +112,9 @@ async def completions(body: oai.CompletionRequest, request: Request):
                                                 req.prompt if body.echo else ""))
     choices, stats = [], []
     for prompt in prompts:
-        for i in range(body.n):
-            req = await _completion_request(rt, spec, body, prompt, i)
-            text, final, lps = await _run(rt, spec, req)
+        reqs = [await _completion_request(rt, spec, body, prompt, i) for i in range(body.n)]
+        answers = await _together([_run(rt, spec, req) for req in reqs])
+        for req, (text, final, lps) in zip(reqs, answers):
             prefix = req.prompt if body.echo else ""
             choices.append(oai.CompletionChoice(
                 index=len(choices), text=prefix + text, finish_reason=convert.finish_reason(final),
