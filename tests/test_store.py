@@ -152,3 +152,17 @@ def test_kill_mid_write_leaves_no_half_model(tmp_path, model_file, mode):
     assert list(root.rglob(".tmp-*")) == []
     store.pull(DEFAULT)  # and the store works afterwards
     assert store.exists(DEFAULT)
+
+
+def test_prune_gives_up_partial_pulls_but_not_one_being_written(store):
+    import fcntl
+
+    folder = store.blobs.root / "partial"
+    folder.mkdir(parents=True)
+    left, busy = folder / ("sha256-" + "a" * 64 + ".partial"), folder / ("sha256-" + "b" * 64 + ".partial")
+    left.write_bytes(b"half a blob")
+    busy.write_bytes(b"being written")
+    with open(busy, "a+b") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # what a running pull holds
+        store.prune()
+    assert not left.exists() and busy.exists()

@@ -353,7 +353,20 @@ class Store:
     def prune(self) -> list[Digest]:
         with self._lock(exclusive=True):
             remove_abandoned_temps(self.root)
+            self._drop_partials()
             return self._collect_garbage()
+
+    def _drop_partials(self) -> None:
+        """Give up the bytes interrupted registry pulls kept for a resume. A pull still writing one holds its
+        lock, and its file is left alone."""
+        folder = self.blobs.root / "partial"
+        for path in folder.glob("*.partial") if folder.is_dir() else ():
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                path.unlink()
 
     def _referenced(self) -> set[Digest]:
         refs: set[Digest] = set()
