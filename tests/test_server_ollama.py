@@ -74,9 +74,15 @@ def test_chat_format_schema_always_validates(client):
     r = client.chat(model=M, messages=[{"role": "user", "content": "Invent a person."}], format=schema,
                     options={"temperature": 0.7, "seed": 3, "num_predict": 200})
     jsonschema.validate(json.loads(r.message.content), schema)
-    r = client.generate(model=M, prompt="Give me a JSON object about cats.", format="json",
-                        options={"temperature": 0, "num_predict": 300})
-    assert isinstance(json.loads(r.response), dict)
+    # JSON mode guarantees JSON when the model ends its answer; one cut by num_predict is only a prefix of it
+    # (the small model sometimes nests for hundreds of tokens), so only finished answers are parsed
+    finished = []
+    for seed in (1, 2, 3):
+        r = client.generate(model=M, prompt="Give me a short JSON object about a cat.", format="json",
+                            options={"temperature": 0.7, "seed": seed, "num_predict": 300})
+        if r.done_reason == "stop":
+            finished.append(json.loads(r.response))
+    assert finished and all(isinstance(x, dict) for x in finished)
 
 
 def test_chat_with_tools_returns_parseable_message(client):
