@@ -8,7 +8,6 @@ still become a call, and each call goes out as its own ``function_call`` item on
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -18,14 +17,13 @@ from pydantic import BaseModel
 
 from slmops.api import responses as rsp
 from slmops.engine.outputs import Output
-from slmops.engine.tools import CallStream, parse_calls
+from slmops.engine.tools import parse_calls
 from slmops.server import errors, streaming
 from slmops.server import responses_convert as rc
 from slmops.server.runtime import ModelRuntime
 from slmops.types.errors import EngineError, SlmopsError
 
 router = APIRouter(prefix="/v1")
-log = logging.getLogger("slmops.server")
 
 
 @router.post("/responses")
@@ -38,14 +36,9 @@ async def create_response(body: rsp.ResponseRequest, request: Request):
     if body.stream:
         outputs = await streaming.prime(rt.stream(spec, req, rt.default_keep_alive))
         events = _Events(base, hold_blanks=calls_wanted)
-        return _sse(_stream(outputs, events, CallStream(req.tools) if calls_wanted else None))
-    pieces, final = [], None
-    async for out in rt.stream(spec, req, rt.default_keep_alive):
-        pieces.append(out.text)
-        final = out if out.done else final
-    if final is None:
-        raise EngineError("generation ended without a final record; try again")
-    calls, text = parse_calls("".join(pieces), req.tools) if calls_wanted else ([], "".join(pieces))
+        return _sse(_stream(streaming.split_calls(outputs, req.tools if calls_wanted else None), events))
+    text, final, _ = await streaming.collect(rt.stream(spec, req, rt.default_keep_alive))
+    calls, text = parse_calls(text, req.tools) if calls_wanted else ([], text)
     incomplete = final.done_reason == "length"
     return rsp.Response(**base, completed_at=int(time.time()), status="incomplete" if incomplete else "completed",
                         incomplete_details=rsp.IncompleteDetails() if incomplete else None,
@@ -148,17 +141,10 @@ class _Events:
 
     def fail(self, err: Exception) -> list[dict]:
         """An error after the stream began: OpenAI's ``error`` event, then ``response.failed``."""
-        message, code = _message(err), _code(err)
+        message, code = streaming.error_message(err), _code(err)
         return [self._ev(rsp.ErrorEvent, code=code, message=message),
                 self._ev(rsp.ResponseEvent, type="response.failed", response=self.response(
                     "failed", error=rsp.ResponseError(code=code, message=message)))]
-
-
-def _message(err: Exception) -> str:
-    if isinstance(err, SlmopsError):
-        return str(err)
-    log.exception("error while streaming a response", exc_info=err)
-    return "internal error while generating; see the server log"
 
 
 def _code(err: Exception) -> str:
@@ -166,18 +152,14 @@ def _code(err: Exception) -> str:
     return {400: "invalid_prompt", 429: "rate_limit_exceeded"}.get(status, "server_error")
 
 
-async def _stream(outputs: AsyncIterator[Output], ev: _Events, calls: CallStream | None) -> AsyncIterator[dict]:
+async def _stream(outputs: AsyncIterator[tuple[Output, str, list]], ev: _Events) -> AsyncIterator[dict]:
+    """Events for each piece of :func:`streaming.split_calls`: text, then the calls it completed."""
     for event in ev.start():
         yield event
     final: Output | None = None
     try:
-        async for out in outputs:
-            text, found = calls.feed(out.text) if calls else (out.text, [])
-            if out.done:
-                final = out
-                if calls:
-                    more, late = calls.finish()
-                    text, found = text + more, found + late
+        async for out, text, found in outputs:
+            final = out if out.done else final
             for event in ev.text(text) + [e for c in found for e in ev.call(c)]:
                 yield event
         if final is None:

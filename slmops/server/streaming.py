@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from slmops.engine.outputs import Output
 from slmops.engine.tools import CallStream
 from slmops.server import errors
-from slmops.types.errors import SlmopsError
+from slmops.types.errors import EngineError, SlmopsError
 
 log = logging.getLogger("slmops.server")
 
@@ -39,7 +39,8 @@ async def prime(agen: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return replay()
 
 
-def _message(err: BaseException) -> str:
+def error_message(err: BaseException) -> str:
+    """What a client is told of an error raised after its stream began: ours as they are, others only logged."""
     if isinstance(err, SlmopsError):
         return str(err)
     log.exception("error while streaming", exc_info=err)
@@ -52,7 +53,7 @@ def ndjson(items: AsyncIterator[dict]) -> StreamingResponse:
             async for item in items:
                 yield (json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         except Exception as err:  # noqa: BLE001 - reported in-stream, the status line is already sent
-            yield (json.dumps({"error": _message(err)}) + "\n").encode()
+            yield (json.dumps({"error": error_message(err)}) + "\n").encode()
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
 
@@ -63,7 +64,7 @@ def sse(items: AsyncIterator[dict], path: str = "/v1/") -> StreamingResponse:
                 yield f"data: {json.dumps(item, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
         except Exception as err:  # noqa: BLE001
             status = errors.status_for(err) if isinstance(err, SlmopsError) else 500
-            yield f"data: {json.dumps(errors.body(path, status, _message(err)))}\n\n".encode()
+            yield f"data: {json.dumps(errors.body(path, status, error_message(err)))}\n\n".encode()
         yield b"data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -82,7 +83,8 @@ async def collect(outputs: AsyncIterator[Output]) -> tuple[str, Output, list]:
         lps.extend(out.logprobs)
         if out.done:
             final = out
-    assert final is not None, "a generation stream always ends with its final record"
+    if final is None:
+        raise EngineError("generation ended without a final record; try again")
     return "".join(parts), final, lps
 
 
