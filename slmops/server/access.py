@@ -62,7 +62,7 @@ class RequestContext:
     tokens_per_minute: int = 0  # the key's own token limit (0: the server's)
     limiter: RateLimiter | None = None
     charged: int = 0  # tokens already taken from the bucket: reservations, settled when the request ends
-    complete: bool = True  # False once a generation was cut short (the client left mid-stream)
+    complete: bool = True  # False once cut short: the client left mid-stream, or the app raised
 
     def can(self, permission: str) -> bool:
         return self.role == "local" or roles.allowed(self.role, permission)
@@ -160,11 +160,11 @@ class Recorder:
         finally:
             if not reply["audited"]:  # the client left mid-stream, or the app raised
                 reply["audited"] = True
-                await self._finish(ctx, reply["status"] or 500, t0, public, complete=False)
+                ctx.complete = False
+                await self._finish(ctx, reply["status"] or 500, t0, public)
             CURRENT.reset(token)
 
-    async def _finish(self, ctx: RequestContext, status: int, t0: float, public: bool,
-                      complete: bool = True) -> None:
+    async def _finish(self, ctx: RequestContext, status: int, t0: float, public: bool) -> None:
         ctx.settle()
         if self.writer is None or public:
             return
@@ -173,7 +173,7 @@ class Recorder:
             "model": ctx.model, "status": status, "prompt_tokens": ctx.prompt_tokens,
             "completion_tokens": ctx.completion_tokens, "request_id": ctx.request_id,
             "duration_ms": round((time.perf_counter() - t0) * 1000, 1)}
-        if not complete or not ctx.complete:
+        if not ctx.complete:
             record["complete"] = False
         if ctx.content is not None:
             record["content"] = ctx.content

@@ -264,8 +264,13 @@ async def pull(body: oa.PullRequest, request: Request):
     ``SLMOPS_REGISTRY_*`` login, which would go to whatever host the caller names."""
     store = _store(request)
     ref = Reference.parse(body.ref)
-    registry = RegistryConfig.from_settings(Settings.from_env(), insecure=body.insecure, env_login=False)
+    registry = _registry(body.insecure)
     return await _progress_response(body.stream, lambda p: store.pull(ref, p, registry=registry))
+
+
+def _registry(insecure: bool) -> RegistryConfig:
+    """Read per request, as ``docker login``'s file is: a login added while the server runs takes effect."""
+    return RegistryConfig.from_settings(Settings.from_env(), insecure=insecure, env_login=False)
 
 
 @router.post("/api/push")
@@ -273,7 +278,7 @@ async def push(body: oa.PushRequest, request: Request):
     """Ollama's push: ``insecure`` allows plain HTTP; logins from ``registries.json`` only, as for a pull."""
     store = _store(request)
     ref = Reference.parse(body.ref)
-    registry = RegistryConfig.from_settings(Settings.from_env(), insecure=body.insecure, env_login=False)
+    registry = _registry(body.insecure)
     return await _progress_response(body.stream, lambda p: push_to_registry(store, ref, p, registry))
 
 

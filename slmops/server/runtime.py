@@ -209,13 +209,12 @@ class ModelRuntime:
                 ctx.content.setdefault("completions", []).append("".join(text))
             self._leave(spec.name, keep_alive)
 
-    @staticmethod
-    def _within_token_limit(ctx: access.RequestContext, spec: ModelSpec, req: Request) -> Request:
+    def _within_token_limit(self, ctx: access.RequestContext, spec: ModelSpec, req: Request) -> Request:
         """Reserve this generation's completion tokens from the key's bucket; a generation that asked for no
         limit is capped at what was reserved."""
         options = opts.merge(spec.params, req.options)
         wanted = options.get("num_predict", -1)
-        ceiling = options.get("num_ctx") or spec.context_length or 4096
+        ceiling = options.get("num_ctx") or self.engine.config.default_ctx  # the context it will run in
         cap = ctx.reserve_completion(wanted, ceiling)
         if cap is None or 0 < wanted <= cap:
             return req

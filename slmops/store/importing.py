@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from slmops.store import manifests as mt
-from slmops.store.atomic import TMP_PREFIX, fsync_dir, remove_abandoned_temps, write_bytes
+from slmops.store.atomic import TMP_PREFIX, fsync_dir, remove_abandoned_temps
 from slmops.store.blobs import CHUNK, BlobStore
 from slmops.store.gguf import inspect_gguf
 from slmops.store.manifests import Layer, Manifest
@@ -134,7 +134,7 @@ def _import_one(store: Store, blobs: Path, path: Path, rel: Path, force: bool) -
             how = _adopt(store, blobs, name, manifest)
             if force:  # a signature of the model this one replaces says nothing about it
                 store.signature_path(name).unlink(missing_ok=True)
-            write_bytes(store.manifests.path(name), data)
+            store.manifests.put_bytes(name, data)
         return ImportResult(what, IMPORTED, size, how)
     except _Skip as err:
         return ImportResult(what, SKIPPED, reason=str(err))
