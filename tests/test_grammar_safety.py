@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Server, link_home
-from slmops.engine import grammar
-from slmops.engine.grammar import check_grammar, for_format, for_schema, tool_call_schema
+from slmops.engine import gbnf, grammar
+from slmops.engine.gbnf import check_grammar
+from slmops.engine.grammar import for_format, for_schema, tool_call_schema
 from slmops.types.errors import InvalidInput
 
 M = "smollm2:135m"
@@ -71,15 +72,15 @@ def refused(schema_or_format, *words: str) -> str:
 
 
 def test_repetitions_are_flat_and_bounded():
-    g = for_format({"type": "string", "minLength": 2, "maxLength": grammar.MAX_REPEAT})
-    assert f"char{{2,{grammar.MAX_REPEAT}}}" in g and depth(g) <= 3 and llama_parses(g)
+    g = for_format({"type": "string", "minLength": 2, "maxLength": gbnf.MAX_REPEAT})
+    assert f"char{{2,{gbnf.MAX_REPEAT}}}" in g and depth(g) <= 3 and llama_parses(g)
     g = for_format({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 5})
     assert '("," space integer){1,4}' in g and llama_parses(g)
-    g = for_format({"type": "array", "items": {"type": "integer"}, "maxItems": grammar.MAX_REPEAT})
-    assert f'("," space integer){{0,{grammar.MAX_REPEAT - 1}}}' in g and llama_parses(g)
-    refused({"type": "string", "maxLength": 20000}, "maxLength 20000", f"limit of {grammar.MAX_REPEAT}", "lower")
+    g = for_format({"type": "array", "items": {"type": "integer"}, "maxItems": gbnf.MAX_REPEAT})
+    assert f'("," space integer){{0,{gbnf.MAX_REPEAT - 1}}}' in g and llama_parses(g)
+    refused({"type": "string", "maxLength": 20000}, "maxLength 20000", f"limit of {gbnf.MAX_REPEAT}", "lower")
     refused({"type": "array", "items": {"type": "string"}, "minItems": 10**9}, "minItems", "limit")
-    refused({"type": "string", "pattern": "^a{0,5000}$"}, "5000", f"limit of {grammar.MAX_REPEAT}")
+    refused({"type": "string", "pattern": "^a{0,5000}$"}, "5000", f"limit of {gbnf.MAX_REPEAT}")
     refused({"type": "string", "pattern": "^(ab){3000}$"}, "3000", "limit")
     # Depth comes from nothing else the converter writes: the JSON grammar and a typical schema stay shallow.
     assert depth(for_format("json")) <= 5
@@ -118,16 +119,16 @@ def test_ref_chains_are_a_400():
 
 
 def test_grammar_limits_each_name_themselves():
-    with pytest.raises(InvalidInput, match=f"nested more than {grammar.MAX_GRAMMAR_DEPTH} levels"):
+    with pytest.raises(InvalidInput, match=f"nested more than {gbnf.MAX_GRAMMAR_DEPTH} levels"):
         check_grammar("root ::= " + "(" * 50_000 + '"x"' + ")" * 50_000 + "\n")
     many = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 2000} for i in range(11)}}
-    refused(many, f"more than {grammar.MAX_GRAMMAR_RULES} grammar rules")
-    with pytest.raises(InvalidInput, match=f"more than {grammar.MAX_GRAMMAR_ELEMENTS} elements"):
+    refused(many, f"more than {gbnf.MAX_GRAMMAR_RULES} grammar rules")
+    with pytest.raises(InvalidInput, match=f"more than {gbnf.MAX_GRAMMAR_ELEMENTS} elements"):
         check_grammar('root ::= "' + "x" * 600 + '"{2000}\n')
-    refused({"enum": [f"v{i}" for i in range(3000)]}, f"more than {grammar.MAX_GRAMMAR_ALTERNATIVES} alternatives")
-    refused({"enum": ["x" * 200_000, "y" * 200_000]}, f"limit of {grammar.MAX_GRAMMAR_BYTES}")
+    refused({"enum": [f"v{i}" for i in range(3000)]}, f"more than {gbnf.MAX_GRAMMAR_ALTERNATIVES} alternatives")
+    refused({"enum": ["x" * 200_000, "y" * 200_000]}, f"limit of {gbnf.MAX_GRAMMAR_BYTES}")
     # llama.cpp's own product limit, named before llama.cpp would refuse it with a message nobody sees.
-    with pytest.raises(InvalidInput, match=f"part that holds 3 grammar rules 1000 times.*{grammar.MAX_REPEAT}"):
+    with pytest.raises(InvalidInput, match=f"part that holds 3 grammar rules 1000 times.*{gbnf.MAX_REPEAT}"):
         check_grammar('root ::= ("a"? "b"? "c"){1000}\n')
     assert not llama_parses('root ::= ("a"? "b"? "c"){1000}\n')
 
@@ -214,7 +215,7 @@ def test_any_schema_compiles_within_the_limits_or_is_a_400(schema):
         return
     if g is None:
         return
-    assert depth(g) <= grammar.MAX_GRAMMAR_DEPTH and len(g.encode()) <= grammar.MAX_GRAMMAR_BYTES
+    assert depth(g) <= gbnf.MAX_GRAMMAR_DEPTH and len(g.encode()) <= gbnf.MAX_GRAMMAR_BYTES
     assert llama_parses(g), g
 
 
@@ -236,7 +237,7 @@ def _generate(url: str) -> tuple[httpx.Response, object, str]:
 
 
 def _generate_at_limit(url: str) -> tuple[httpx.Response, object, str]:
-    schema = {"type": "string", "maxLength": grammar.MAX_REPEAT}
+    schema = {"type": "string", "maxLength": gbnf.MAX_REPEAT}
     r = httpx.post(url + "/api/generate", json={"model": M, "prompt": "Write a short note.", "format": schema,
                                                "stream": False, "options": {"num_predict": 40, "seed": 1}},
                    timeout=120)
