@@ -22,12 +22,13 @@ from typing import Any, Iterator
 import httpx
 
 import slmops
+from slmops.store.manifests import MANIFEST_MEDIA_TYPE
 from slmops.store.network import check_registry_host
 from slmops.store.registry_auth import RegistryAuth, RegistryConfig
 from slmops.types.digest import Digest
 from slmops.types.errors import IntegrityError, InvalidDigest, InvalidInput, NotFound, SourceError
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST = MANIFEST_MEDIA_TYPE  # what Ollama pushes and the store keeps
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 ACCEPT = ", ".join((DOCKER_MANIFEST, OCI_MANIFEST, *INDEX_TYPES))
