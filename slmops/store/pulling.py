@@ -41,6 +41,7 @@ from slmops.store.manifests import Layer, Manifest
 from slmops.store.network import check_registry_host
 from slmops.store.registry import Descriptor, RegistryClient, RemoteManifest, descriptor
 from slmops.store.registry_auth import RegistryConfig
+from slmops.store.spool import Spool
 from slmops.types.digest import Digest
 from slmops.types.errors import IntegrityError, InvalidModelFile, SlmopsError, SourceError
 from slmops.types.name import Reference
@@ -163,8 +164,7 @@ class RegistryPull:
                 path.unlink(missing_ok=True)
                 raise IntegrityError(f"blob {layer.digest.hex[:12]} from {client.host} does not match its digest "
                                      "(the registry's copy is damaged or was replaced); refused, nothing was stored")
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # cheap: the spool synced as it wrote
             os.replace(path, target)
             fsync_dir(target.parent)
         return True
@@ -181,14 +181,15 @@ class RegistryPull:
                 h, have = hashlib.sha256(), 0
                 tick.set(0)
             _check_length(r, layer, have, client.host)
+            f.flush()
             try:
-                for chunk in r.iter_bytes():
-                    if have + len(chunk) > layer.size:
-                        raise _too_long(layer, client.host)
-                    f.write(chunk)
-                    h.update(chunk)
-                    have += len(chunk)
-                    tick.add(len(chunk))
+                with Spool(f.fileno(), h) as spool:
+                    for chunk in r.iter_bytes():
+                        if have + len(chunk) > layer.size:
+                            raise _too_long(layer, client.host)
+                        spool.put(chunk)
+                        have += len(chunk)
+                        tick.add(len(chunk))
             except httpx.TransportError as err:
                 raise SourceError(f"the connection to {client.host} broke after {have} of {layer.size} bytes of "
                                   f"blob {layer.digest.hex[:12]} ({type(err).__name__}); run the pull again to "

@@ -25,6 +25,7 @@ import slmops
 from slmops.store.manifests import MANIFEST_MEDIA_TYPE
 from slmops.store.network import check_registry_host
 from slmops.store.registry_auth import RegistryAuth, RegistryConfig
+from slmops.store.transport import BulkTransport
 from slmops.types.digest import Digest
 from slmops.types.errors import IntegrityError, InvalidDigest, InvalidInput, NotFound, SourceError
 
@@ -63,8 +64,7 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 
 class RegistryClient:
-    def __init__(self, host: str, config: RegistryConfig, allow_internal: bool = False, scheme: str | None = None,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(self, host: str, config: RegistryConfig, allow_internal: bool = False, scheme: str | None = None):
         """``scheme``: from an ``http://``/``https://`` prefix of the name; without one, HTTPS, or plain HTTP
         when ``config.insecure`` (as Ollama's ``--insecure``)."""
         if scheme == "http" and not config.insecure:
@@ -77,8 +77,8 @@ class RegistryClient:
         self.allow_internal = allow_internal
         self._checked: set[str] = set()
         self._http = httpx.Client(
-            verify=config.ssl_context(), timeout=TIMEOUT, follow_redirects=True, max_redirects=10,
-            auth=RegistryAuth(self.host, config.login_for(self.host)), transport=transport,
+            timeout=TIMEOUT, follow_redirects=True, max_redirects=10, transport=BulkTransport(config.ssl_context()),
+            auth=RegistryAuth(self.host, config.login_for(self.host)),
             headers={"User-Agent": f"slmops/{slmops.__version__}"}, event_hooks={"request": [self._guard]})
 
     def close(self) -> None:
