@@ -34,13 +34,13 @@ def parse_duration(text: str) -> float:
     return sign * sum(float(n) * units[u] for n, u in parts)
 
 
-def _host(text: str) -> tuple[str, int]:
+def _host(text: str, default_port: int = 11434) -> tuple[str, int]:
     text = text.strip()
     for scheme in ("http://", "https://"):
         if text.startswith(scheme):
             text = text[len(scheme):]
     text = text.rstrip("/")
-    host, port = text, 11434
+    host, port = text, default_port
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
@@ -217,6 +217,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_KV_BUDGET", parse_size, "1GiB", "Memory the KV cache may take when choosing parallel sequences."),
     Setting("SLMOPS_PREFIX_CACHE", parse_size, "256MiB", "Host memory for cached prompt prefixes evicted from the KV cache; 0: none."),
     Setting("SLMOPS_OPENAI_COMPATIBLE", _bool, "true", "Serve the OpenAI-compatible /v1 API beside /api."),
+    Setting("SLMOPS_FLEET_DB", str, "",
+            "Fleet control-plane database URL (postgresql+asyncpg://...); empty: SQLite at SLMOPS_HOME/fleet.db."),
+    Setting("SLMOPS_FLEET_HOST", lambda s: _host(s, 11500), "127.0.0.1:11500",
+            "Address `slmops fleet serve` binds and the fleet CLI and agent talk to."),
+    Setting("SLMOPS_FLEET_KEY", str, "", "Operator API key the fleet CLI sends to the control plane.", secret=True),
+    Setting("SLMOPS_FLEET_TRUSTED_KEYS", _paths, "",
+            "Public keys (PEM, comma-separated) whose signatures the control plane accepts on release variants."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

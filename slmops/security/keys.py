@@ -59,15 +59,12 @@ class KeyStore:
 
     def authenticate(self, presented: str) -> ApiKey | None:
         """The key record for a presented key, or None. Constant-time on the secret."""
-        m = KEY_RE.match(presented.strip())
-        if not m:
+        parsed = parse_key(presented)
+        if parsed is None:
             return None
         self._refresh()
-        record = self._keys.get(m.group(1))
-        if record is None:
-            return None
-        digest = _hash(record.salt, m.group(2))
-        return record if hmac.compare_digest(digest, record.hash) else None
+        record = self._keys.get(parsed[0])
+        return record if record is not None and matches(record.salt, record.hash, parsed[1]) else None
 
     def _refresh(self) -> None:
         with self._lock:
@@ -96,11 +93,11 @@ class KeyStore:
                                    f"server's default; got {value!r}")
         if any(k.name == name for k in self.keys()):
             raise InvalidInput(f'a key named "{name}" exists; revoke it first or pick another name')
-        key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
-        record = ApiKey(key_id, name, role, salt, _hash(salt, secret), time.time(), requests_per_minute,
+        minted = mint()
+        record = ApiKey(minted.id, name, role, minted.salt, minted.hash, time.time(), requests_per_minute,
                         tokens_per_minute)
         self._write(self.keys() + [record])
-        return f"slm_{key_id}_{secret}"
+        return minted.text
 
     def revoke(self, name: str) -> ApiKey:
         keys = self.keys()
@@ -117,6 +114,32 @@ class KeyStore:
         os.chmod(self.path, 0o600)
         with self._lock:
             self._stamp = None
+
+
+@dataclass(frozen=True)
+class Minted:
+    """A new key: ``text`` is shown once; ``id``, ``salt`` and ``hash`` are what is stored."""
+
+    id: str
+    salt: str
+    hash: str
+    text: str
+
+
+def mint() -> Minted:
+    key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
+    return Minted(key_id, salt, _hash(salt, secret), f"slm_{key_id}_{secret}")
+
+
+def parse_key(presented: str) -> tuple[str, str] | None:
+    """(id, secret) of a key in the ``slm_<id>_<secret>`` form, or None."""
+    m = KEY_RE.match(presented.strip())
+    return (m.group(1), m.group(2)) if m else None
+
+
+def matches(salt: str, stored_hash: str, secret: str) -> bool:
+    """Constant-time on the secret."""
+    return hmac.compare_digest(_hash(salt, secret), stored_hash)
 
 
 def _hash(salt: str, secret: str) -> str:

@@ -42,15 +42,6 @@ class ServerConfig:
     preload: str | None = None  # a model to load at start (SLMOPS_MODEL)
 
 
-def _one_line_validation(err: RequestValidationError) -> str:
-    first = err.errors()[0] if err.errors() else {}
-    if first.get("type") == "json_invalid":
-        return "invalid JSON in request body"
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    msg = first.get("msg", "invalid request")
-    return f"{loc}: {msg}" if loc else msg
-
-
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
                metrics: Metrics | None = None, access: AccessPolicy | None = None) -> FastAPI:
     """``access``: keys, rate limits and audit; without one, no auth (in-process tests of other layers)."""
@@ -151,7 +142,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
-        return reply(request, 400, _one_line_validation(err))
+        return reply(request, 400, errors.validation_message(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):

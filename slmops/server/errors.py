@@ -16,8 +16,10 @@ from slmops.types import errors as e
 STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
     (e.ModelNotFound, 404),
     (e.NotFound, 404),
+    (e.Unauthenticated, 401),
     (e.Forbidden, 403),
     (e.UntrustedModel, 403),
+    (e.Conflict, 409),
     (e.InvalidInput, 400),
     (e.IntegrityError, 400),
     (e.Busy, 503),
@@ -31,6 +33,16 @@ STATUS: tuple[tuple[type[e.SlmopsError], int], ...] = (
 
 OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def validation_message(problems: Any) -> str:
+    """One line from pydantic's list of problems with a request: the first one, with its dotted field."""
+    first = problems[0] if problems else {}
+    if first.get("type") == "json_invalid":
+        return "invalid JSON in request body"
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    msg = first.get("msg", "invalid request")
+    return f"{loc}: {msg}" if loc else msg
 
 
 def status_for(err: e.SlmopsError) -> int:

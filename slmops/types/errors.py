@@ -12,7 +12,9 @@ each through one table keyed by class, never by message text.
     │   ├── TemplateError       a chat template that cannot be used
     │   ├── InvalidOption       an unknown or ill-typed option
     │   ├── InvalidModelFile    a GGUF that fails validation (truncated, crafted)
-    │   └── ContextOverflow     a prompt longer than the context window
+    │   ├── ContextOverflow     a prompt longer than the context window
+    │   └── Conflict            the change contradicts what is stored (HTTP 409): a channel moved backwards
+    ├── Unauthenticated         no credentials, or ones that do not hold (HTTP 401): a device's signature
     ├── Forbidden               the caller's role does not allow it (HTTP 403)
     ├── NotFound                (HTTP 404)
     │   └── ModelNotFound
@@ -65,6 +67,14 @@ class InvalidModelFile(InvalidInput):
 
 
 class ContextOverflow(InvalidInput):
+    pass
+
+
+class Conflict(InvalidInput):
+    pass
+
+
+class Unauthenticated(SlmopsError):
     pass
 
 

@@ -1,0 +1,263 @@
+"""Wire types of the fleet control plane's ``/fleet/v1`` API, shared by the app, the typed client and the agent.
+
+Validation only. Requests refuse unknown fields (a typo in an operator's script must not be dropped silently);
+responses ignore them, so an older client reads a newer control plane.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,63}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+Role = Literal["admin", "operator", "viewer"]
+Health = Literal["ok", "degraded", "failing", "unknown"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _tags(v: dict[str, str]) -> dict[str, str]:
+    for key, value in v.items():
+        if not TAG_RE.match(key) or not isinstance(value, str) or len(value) > 128:
+            raise ValueError(f"tag {key!r}: keys are lowercase letters, digits and ._/- (64 at most), values "
+                             "strings of 128 characters at most")
+    if len(v) > 64:
+        raise ValueError("at most 64 tags")
+    return v
+
+
+Tags = Annotated[dict[str, str], AfterValidator(_tags)]
+
+
+# -- enrolment and the device protocol ------------------------------------------------------------------------
+
+class EnrolmentTokenRequest(_Request):
+    expires_in: str = Field("1h", description="a duration such as 10m, 1h or 7d")
+    tags: Tags = Field(default_factory=dict, description="tags given to the device that uses it")
+
+
+class EnrolmentTokenResponse(_Response):
+    id: str
+    token: str  # shown once
+    expires_at: float
+
+
+class EnrolRequest(_Request):
+    token: str
+    public_key: str = Field(description="the device's Ed25519 public key, raw 32 bytes as base64url")
+    proof: str = Field(description="base64url Ed25519 signature over the token: the device holds the private key")
+    name: str = Field(min_length=1, max_length=128)
+    hardware: dict[str, Any] = Field(default_factory=dict, description="what `slmops hw --json` reports")
+    agent_version: str = Field("", max_length=32)
+    tags: Tags = Field(default_factory=dict)
+
+
+class EnrolResponse(_Response):
+    device_id: str
+    hardware_class: str
+    poll_interval_s: float
+    server_time: float
+
+
+class Golden(_Request):
+    """A golden prompt: the answer must contain ``expect`` (case-insensitive) or match ``expect_regex``."""
+
+    prompt: str = Field(min_length=1, max_length=4096)
+    expect: str | None = Field(None, max_length=1024)
+    expect_regex: str | None = Field(None, max_length=1024)
+    max_tokens: int = Field(32, ge=1, le=512)
+
+
+class ReleaseTarget(_Response):
+    release: str  # NAME:VERSION
+    variant: str  # the variant's hardware key
+    reference: str  # host/namespace/model@sha256:...
+    manifest_digest: str
+    signature: str | None = None  # base64 of the model-signing bundle
+    golden: list[Golden] = Field(default_factory=list)
+
+
+class DesiredState(_Response):
+    device_id: str
+    version: int  # only moves forward for a device
+    issued_at: float
+    release: ReleaseTarget | None = None
+    config: dict[str, Any] = Field(default_factory=dict)  # the effective deployment config
+
+
+class Running(_Request):
+    release: str | None = None
+    manifest_digest: str | None = None
+    slot: str | None = None
+
+
+class Window(_Request):
+    """Aggregates over one window; no text of any prompt or answer."""
+
+    start: float
+    end: float
+    requests: int = Field(0, ge=0)
+    errors: int = Field(0, ge=0)
+    load_failures: int = Field(0, ge=0)
+    oom: int = Field(0, ge=0)
+    ttft_p50_ms: float | None = Field(None, ge=0)
+    ttft_p95_ms: float | None = Field(None, ge=0)
+    itl_p50_ms: float | None = Field(None, ge=0)
+    itl_p95_ms: float | None = Field(None, ge=0)
+    tokens_per_s: float | None = Field(None, ge=0)
+    golden_score: float | None = Field(None, ge=0, le=1)
+    memory_bytes: int | None = Field(None, ge=0)
+
+
+class ReportRequest(_Request):
+    running: Running = Field(default_factory=Running)
+    health: Health = "unknown"
+    desired_version: int = 0  # the desired state the device has applied
+    windows: list[Window] = Field(default_factory=list, max_length=64)
+
+
+# -- operators ----------------------------------------------------------------------------------------------
+
+class DeviceInfo(_Response):
+    id: str
+    name: str
+    hardware_class: str
+    agent_version: str
+    tags: dict[str, str]
+    groups: list[str] = Field(default_factory=list)
+    enrolled_at: float
+    last_seen: float
+    revoked: bool
+    running_release: str | None
+    health: str
+    desired_version: int
+
+
+class TagsRequest(_Request):
+    tags: dict[str, str | None] = Field(description="tags to set; null removes one")
+
+
+class GroupRequest(_Request):
+    selector: Tags = Field(description="tags a device must all have to be in the group")
+
+
+class GroupInfo(_Response):
+    name: str
+    selector: dict[str, str]
+    devices: int = 0
+
+
+class VariantSpec(_Request):
+    hardware: str = Field(description="a hardware class (cpu-x86_64), an accelerator (cpu, cuda) or *")
+    reference: str = Field(description="the variant's model in a registry: host/namespace/model:tag or @sha256:…")
+    manifest_digest: str | None = Field(None, description="pinned digest; resolved from the registry when absent")
+    signature: str | None = Field(None, description="base64 model-signing bundle; fetched from the registry "
+                                                    "(sha256-<hex>.sig) when absent")
+
+    @field_validator("manifest_digest")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        if v is not None and not DIGEST_RE.match(v):
+            raise ValueError("must be sha256:<64 hex>")
+        return v
+
+
+class ReleaseRequest(_Request):
+    name: str
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")
+    variants: list[VariantSpec] = Field(min_length=1, max_length=32)
+    golden: list[Golden] = Field(default_factory=list, max_length=64)
+    notes: str = Field("", max_length=4096)
+
+
+class VariantInfo(_Response):
+    hardware: str
+    reference: str
+    manifest_digest: str
+    signed: bool
+
+
+class ReleaseInfo(_Response):
+    release: str  # NAME:VERSION
+    name: str
+    version: str
+    variants: list[VariantInfo]
+    golden: list[Golden]
+    notes: str = ""
+    created_at: float
+    created_by: str
+
+
+class ChannelRequest(_Request):
+    release: str = Field(description="NAME:VERSION")
+
+
+class ChannelInfo(_Response):
+    name: str
+    release: str
+    updated_at: float
+
+
+class BlueprintRequest(_Request):
+    priority: int = Field(0, ge=-1000, le=1000, description="among group layers, higher wins")
+    config: dict[str, Any] = Field(description="a partial deployment config (config/deploy.py's shape), plus "
+                                                "`channel`: the channel whose release the devices run")
+
+
+class BlueprintInfo(_Response):
+    layer: str  # baseline | group:<name> | device:<id>
+    priority: int
+    config: dict[str, Any]
+    updated_at: float
+    updated_by: str
+
+
+class EffectiveConfig(_Response):
+    device_id: str
+    config: dict[str, Any]
+    sources: dict[str, str] = Field(description="dotted key -> the layer its value came from")
+
+
+class LedgerInfo(_Response):
+    seq: int
+    at: float
+    actor: str
+    action: str
+    subject: str
+    data: dict[str, Any]
+    prev: str
+    hash: str
+
+
+class LedgerVerdict(_Response):
+    ok: bool
+    entries: int
+    problem: str | None = None
+
+
+class KeyRequest(_Request):
+    name: str
+    role: Role
+
+
+class KeyInfo(_Response):
+    id: str
+    name: str
+    role: str
+    created_at: float
+    revoked: bool
+    key: str | None = None  # only when just created
+
+
+class ErrorBody(_Response):
+    error: str

@@ -1,0 +1,91 @@
+"""The control plane's ASGI app: ``/fleet/v1`` for operators and devices, an OpenAPI document, one error table.
+
+Stateless between requests: everything lives in the database, and what a replica caches (operator keys, device
+keys, desired-state ETags) is dropped when the database's change version moves (``ControlPlane.watch``), so
+replicas behind one load balancer agree within a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+import slmops
+from slmops.fleet.control.db import Database
+from slmops.server import errors
+from slmops.types.errors import SlmopsError
+
+log = logging.getLogger("slmops.fleet")
+
+
+@dataclass
+class ControlPlane:
+    """What the routes share; side effects (clock, database, trust) come in here, never from globals."""
+
+    db: Database
+    trusted_keys: tuple[Path, ...] = ()  # release variant signatures must verify against one of these
+    allow_private_registries: bool = False
+    registry_insecure: bool = False
+    poll_interval_s: float = 30.0
+    clock: Callable[[], float] = time.time
+    extras: dict = field(default_factory=dict)  # per-module state (caches, batchers), keyed by module
+
+
+def create_app(plane: ControlPlane) -> FastAPI:
+    from slmops.fleet.control import routes_admin, routes_device, routes_releases
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await plane.db.migrate()
+        async with contextlib.AsyncExitStack() as stack:
+            for hook in (routes_admin.lifespan, routes_releases.lifespan, routes_device.lifespan):
+                await stack.enter_async_context(hook(plane))
+            yield
+        await plane.db.close()
+
+    app = FastAPI(title="slmops fleet control plane", version=slmops.__version__, lifespan=lifespan,
+                  openapi_url="/fleet/v1/openapi.json", docs_url="/fleet/v1/docs", redoc_url=None)
+    app.state.plane = plane
+    app.include_router(routes_device.router)
+    app.include_router(routes_admin.router)
+    app.include_router(routes_releases.router)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    def reply(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(SlmopsError)
+    async def slmops_error(request: Request, err: SlmopsError) -> JSONResponse:
+        status = errors.status_for(err)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return reply(status, str(err), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return reply(400, errors.validation_message(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        route = f"{request.method} {request.url.path}"[:200]
+        message = {404: f"{route} is not a route of the control plane; see /fleet/v1/docs",
+                   405: f"{route}: method not allowed on this route"}.get(err.status_code, str(err.detail))
+        return reply(err.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path, exc_info=err)
+        return reply(500, "internal error; see the control plane's log")
+
+    return app

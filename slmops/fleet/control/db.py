@@ -1,0 +1,77 @@
+"""The control plane's database: an async SQLAlchemy engine on SQLite (default) or PostgreSQL, its sessions, and
+the change version every mutation bumps.
+
+SQLite is one file under ``SLMOPS_HOME`` and needs no set-up; PostgreSQL is for several replicas and scale. Both
+go through the same code; where they differ (write locking, LISTEN/NOTIFY) the difference is here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import AsyncIterator
+
+from sqlalchemy import event, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from slmops.fleet.control.models import Base, Meta
+from slmops.types.errors import ConfigError
+
+CHANGE_KEY = "change_version"
+
+
+def database_url(configured: str, home: Path) -> str:
+    """``SLMOPS_FLEET_DB``, or SQLite at ``SLMOPS_HOME/fleet.db``."""
+    if configured:
+        if not configured.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ConfigError("SLMOPS_FLEET_DB must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return configured
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{home / 'fleet.db'}"
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+        kw: dict = {}
+        if self.dialect == "postgresql":
+            kw.update(pool_size=10, max_overflow=10)
+        self.engine: AsyncEngine = create_async_engine(url, **kw)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def migrate(self) -> None:
+        """Bring the schema up to date."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with self.session() as s:
+            if await s.get(Meta, CHANGE_KEY) is None:
+                s.add(Meta(key=CHANGE_KEY, value=0))
+                await s.commit()
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as s:
+            yield s
+
+    async def bump(self, s: AsyncSession) -> None:
+        """Mark a change, in the caller's transaction: replicas drop what they cached when they see it."""
+        await s.execute(update(Meta).where(Meta.key == CHANGE_KEY).values(value=Meta.value + 1))
+
+    async def change_version(self) -> int:
+        async with self.session() as s:
+            return int((await s.execute(select(Meta.value).where(Meta.key == CHANGE_KEY))).scalar_one())
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
