@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 import slmops
-from slmops.cli import hw, importing, models, ops, run, security, serve
+from slmops.cli import fleet, hw, importing, models, ops, run, security, serve
 from slmops.cli.common import console, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -42,6 +42,7 @@ app.command("eval")(ops.eval_cmd)
 app.command("bench")(ops.bench_cmd)
 app.command("optimize")(ops.optimize_cmd)
 app.command("hw")(hw.hw_cmd)
+app.add_typer(fleet.app, name="fleet")
 
 
 @app.command("version")
@@ -58,10 +59,10 @@ def env(config_file: Path = typer.Option(None, "--config", help="Deployment conf
     cfg = settings()
     for s in SETTINGS:
         value = cfg[s.name]
-        shown = f"{value[0]}:{value[1]}" if s.name == "SLMOPS_HOST" else \
+        shown = f"{value[0]}:{value[1]}" if s.name in ("SLMOPS_HOST", "SLMOPS_FLEET_HOST") else \
             ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
         if s.secret:
-            shown = "(set, hidden)" if value is not None else "None"
+            shown = "(set, hidden)" if value not in (None, "") else "None"
         console.print(f"{s.name}={shown}  ({cfg.origins[s.name]})  # {s.help}", markup=False, soft_wrap=True)
 
 

@@ -7,11 +7,12 @@ go through the same code; where they differ (write locking, LISTEN/NOTIFY) the d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import AsyncIterator
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from slmops.fleet.control.models import Base, Meta
@@ -41,6 +42,7 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sqlite_writer = asyncio.Lock()  # SQLite has one writer; queueing here beats SQLITE_BUSY retries
 
     async def migrate(self) -> None:
         """Bring the schema up to date."""
@@ -55,6 +57,26 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self._sessions() as s:
             yield s
+
+    read = session
+
+    @contextlib.asynccontextmanager
+    async def write(self, bump: bool = True) -> AsyncIterator[AsyncSession]:
+        """One transaction, committed when the block ends and rolled back if it raises; ``bump``: mark a change
+        (everything but telemetry). On SQLite, writers queue on a lock and take the database's write lock at
+        BEGIN, so two writers never deadlock upgrading a read lock."""
+        lock = self._sqlite_writer if self.dialect == "sqlite" else contextlib.nullcontext()
+        async with lock, self._sessions() as s:
+            if self.dialect == "sqlite":
+                await s.execute(text("BEGIN IMMEDIATE"))
+            try:
+                yield s
+                if bump:
+                    await self.bump(s)
+                await s.commit()
+            except BaseException:
+                await s.rollback()
+                raise
 
     async def bump(self, s: AsyncSession) -> None:
         """Mark a change, in the caller's transaction: replicas drop what they cached when they see it."""
