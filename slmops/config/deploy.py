@@ -134,6 +134,18 @@ def load_deploy(path: Path) -> DeployConfig:
         raise ConfigError(f"{name}: {_describe(err, prefix)}") from None
 
 
+def check_deploy(data: Any, where: str) -> DeployConfig:
+    """A config that arrived already parsed (a fleet blueprint layer), checked as strictly as a file; any problem
+    is the one-line :class:`ConfigError` a file gets, with ``where`` in place of the file name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (model, hardware, optimization, "
+                          "api, performance)")
+    try:
+        return DeployConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{where}: {_describe(err, '')}") from None
+
+
 class _Twice(yaml.MarkedYAMLError):
     pass
 
