@@ -1,13 +1,39 @@
-"""slmops: run small language models locally (Ollama- and OpenAI-compatible) and operate them on edge fleets."""
+"""slmops: run small language models locally (Ollama- and OpenAI-compatible) and operate them on edge fleets.
 
-from slmops.local import DEFAULT_MODEL, Model, Result, load, open_store, pull
-from slmops.engine.outputs import Output, Stats
-from slmops.store.store import Store
-from slmops.types.digest import Digest
-from slmops.types.errors import ModelNotFound, SlmopsError
-from slmops.types.name import ModelName
+The public names load on first use (PEP 562), so ``import slmops.fleet...`` or ``import slmops.cli.main`` does not
+import the engine: the control plane installs without llama.cpp (``slmops-control``, packaging/control/).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slmops.engine.outputs import Output, Stats
+    from slmops.local import DEFAULT_MODEL, Model, Result, load, open_store, pull
+    from slmops.store.store import Store
+    from slmops.types.digest import Digest
+    from slmops.types.errors import ModelNotFound, SlmopsError
+    from slmops.types.name import ModelName
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "DEFAULT_MODEL": "slmops.local",
+    "Model": "slmops.local",
+    "Result": "slmops.local",
+    "load": "slmops.local",
+    "open_store": "slmops.local",
+    "pull": "slmops.local",
+    "Output": "slmops.engine.outputs",
+    "Stats": "slmops.engine.outputs",
+    "Store": "slmops.store.store",
+    "Digest": "slmops.types.digest",
+    "ModelNotFound": "slmops.types.errors",
+    "SlmopsError": "slmops.types.errors",
+    "ModelName": "slmops.types.name",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -25,3 +51,16 @@ __all__ = [
     "open_store",
     "pull",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slmops' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

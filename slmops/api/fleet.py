@@ -261,3 +261,22 @@ class KeyInfo(_Response):
 
 class ErrorBody(_Response):
     error: str
+
+
+# -- admin --------------------------------------------------------------------------------------------------
+
+class TokenInfo(_Response):
+    """An enrolment token as listed: never its secret (only its sha256 is stored)."""
+
+    id: str
+    expires_at: float
+    tags: dict[str, str]
+    created_by: str
+    created_at: float
+    used_at: float | None = None
+    used_by: str | None = None
+
+
+class DevicePage(_Response):
+    devices: list[DeviceInfo]
+    next: str | None = Field(None, description="pass as ?after= for the next page; null on the last one")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,24 @@ if TYPE_CHECKING:
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+# Import names of the libraries only the full install (slmops) has: the engine's first, then what serving, evaluating
+# and reading models use. The control-plane install (slmops-control, packaging/control) leaves them all out.
+ENGINE_MODULES = ("llama_cpp", "gguf", "numpy")
+FULL_ONLY_MODULES = ENGINE_MODULES + ("jinja2", "jsonschema", "prometheus_client", "psutil")
+CONTROL_PLANE_ONLY = "this is the control-plane install (slmops-control); install slmops for local models"
+
+
+def engine_missing(err: BaseException) -> bool:
+    """Whether ``err`` is a command reaching for a library of the full install in the control-plane install."""
+    return isinstance(err, ModuleNotFoundError) and (err.name or "").partition(".")[0] in FULL_ONLY_MODULES
+
+
+def require_engine() -> None:
+    """Stop a model command in the control-plane install before it does anything (a pull would download first
+    and fail after); a lookup only, nothing is imported."""
+    if any(importlib.util.find_spec(name) is None for name in ENGINE_MODULES):
+        raise SlmopsError(CONTROL_PLANE_ONLY)
+
 
 @lru_cache(maxsize=1)
 def settings() -> Settings:
@@ -49,6 +68,7 @@ def use_config(path: "Path | None") -> None:
 
 
 def store() -> Store:
+    require_engine()  # the store holds models: only an install that can run them has a use for one
     from slmops.local import open_store
     return open_store(settings=settings())
 
@@ -183,5 +203,6 @@ def engine_config(placed: "Placement | None" = None) -> "EngineConfig":
 
 def local_engine() -> "Engine":
     """An engine in this process (llama.cpp loads now), for commands that run a model themselves."""
+    require_engine()
     from slmops.engine.engine import Engine
     return Engine(engine_config())

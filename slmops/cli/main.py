@@ -12,8 +12,8 @@ from pathlib import Path
 import typer
 
 import slmops
-from slmops.cli import fleet, hw, importing, models, ops, run, security, serve
-from slmops.cli.common import console, err_console, settings, use_config
+from slmops.cli import agent, fleet, hw, importing, models, ops, run, security, serve
+from slmops.cli.common import CONTROL_PLANE_ONLY, console, engine_missing, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
 
@@ -43,6 +43,7 @@ app.command("bench")(ops.bench_cmd)
 app.command("optimize")(ops.optimize_cmd)
 app.command("hw")(hw.hw_cmd)
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(agent.app, name="agent")
 
 
 @app.command("version")
@@ -85,6 +86,9 @@ def main() -> None:
         if isinstance(err, click.ClickException):
             err.show()
             sys.exit(err.exit_code)
+        if engine_missing(err):  # a model command in the control-plane install
+            err_console.print(f"Error: {CONTROL_PLANE_ONLY}", markup=False, soft_wrap=True)
+            sys.exit(1)
         if debug:
             raise
         err_console.print(f"Error: {type(err).__name__}: {err} (set SLMOPS_DEBUG=1 for a traceback)", markup=False)

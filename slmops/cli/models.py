@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
     TransferSpeedColumn
 
 from slmops.cli.common import PullBar, audited, console, err_console, human_ago, human_size, settings, store
-from slmops.modelfile import build, parse, render
+from slmops.modelfile import parse, render
 from slmops.store import manifests as mt
 from slmops.store.pushing import push_to_registry
 from slmops.store.registry_auth import RegistryConfig
@@ -120,6 +120,8 @@ def show(
     license: bool = typer.Option(False, "--license", help="Show its license."),
 ) -> None:
     """Show information about a model."""
+    from slmops.modelfile import build
+
     s = store()
     name = ModelName.parse(model)
     mf = build.to_modelfile(s, name)
@@ -200,6 +202,8 @@ def create(
                                           help="With --quantize, allow an already-quantized FROM model."),
 ) -> None:
     """Create a model from a Modelfile."""
+    from slmops.modelfile import build
+
     name = ModelName.parse(model)
     try:
         text = file.read_text()

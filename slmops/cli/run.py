@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import typer
 
 from slmops.cli.common import PullBar, console, err_console, local_engine, store
 from slmops.cli.models import parameter_lines
-from slmops.engine.client import EngineClient, Request, spec_from_store
-from slmops.engine.outputs import Output, Stats
-from slmops.modelfile import build, render
+from slmops.modelfile import render
 from slmops.types import options as opts
 from slmops.types.errors import ModelNotFound, SlmopsError
 from slmops.types.name import ModelName
+
+if TYPE_CHECKING:
+    from slmops.engine.client import EngineClient
+    from slmops.engine.outputs import Output, Stats
 
 HELP = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (e.g. /set parameter temperature 0.2)
@@ -86,6 +88,8 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Print timings after each response."),
 ) -> None:
     """Run a model: answer PROMPT, or chat interactively."""
+    from slmops.engine.client import Request, spec_from_store
+
     name = ModelName.parse(model)
     ensure_model(name)
     engine = local_engine()  # llama.cpp loads only for commands that run a model
@@ -151,6 +155,8 @@ class Chat:
             self.ask(line)
 
     def ask(self, text: str) -> None:
+        from slmops.engine.client import Request
+
         messages = list(self.history) + [{"role": "user", "content": text}]
         if self.system is not None:
             messages = [{"role": "system", "content": self.system}] + messages
@@ -193,6 +199,8 @@ class Chat:
         return False
 
     def show(self, what: str) -> None:
+        from slmops.modelfile import build
+
         mf = build.to_modelfile(store(), self.name)
         mf.parameters = {**mf.parameters, **self.options}
         if self.system is not None:

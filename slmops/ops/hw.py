@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import psutil
-
 from slmops.store.variants import Offer
 
 # The flags that decide which llama.cpp kernels run, under one spelling across x86 and ARM.
@@ -190,6 +188,8 @@ def detect(read_cpuinfo: Callable[[], str] = _read_cpuinfo, run_nvidia_smi: Call
            query_nvml: Callable[[], tuple[GPU, ...] | None] = _nvml) -> Hardware:
     """This machine, read through the given probes (the defaults read the real one; tests pass recorded text).
     NVML is asked first and ``nvidia-smi`` only when NVML is not installed or cannot start."""
+    import psutil  # only where the machine is read (not for the names other modules import from here)
+
     machine = machine or platform.machine()
     model, features = parse_cpuinfo(read_cpuinfo(), machine)
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1

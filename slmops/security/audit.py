@@ -44,7 +44,7 @@ GENESIS = "0" * 64
 _TAIL_STEP = 64 << 10
 
 
-def _canonical(record: dict[str, Any]) -> bytes:
+def canonical(record: dict[str, Any]) -> bytes:
     """The bytes a record's hash covers. ``surrogatepass``: a lone surrogate (a route or body that is not valid
     UTF-8) must be recordable, since an append that raises loses the record of the request."""
     body = {k: v for k, v in record.items() if k not in ("hash", "hmac")}
@@ -69,7 +69,7 @@ def _parse(line: bytes) -> dict[str, Any]:
 
 def _holds(record: dict[str, Any], key: bytes | None) -> bool:
     """The record's hash (and HMAC, with a key) match its contents."""
-    data = _canonical(record)
+    data = canonical(record)
     if hashlib.sha256(data).hexdigest() != record.get("hash"):
         return False
     return key is None or hmac.compare_digest(str(record.get("hmac", "")), _mac(key, data))
@@ -105,7 +105,7 @@ class AuditLog:
             written, lines = [], []
             for fields in items:
                 record = {"seq": seq + 1, "time": _now(), **fields, "prev": prev}
-                data = _canonical(record)
+                data = canonical(record)
                 record["hash"] = hashlib.sha256(data).hexdigest()
                 if self.key:
                     record["hmac"] = _mac(self.key, data)
@@ -306,7 +306,7 @@ def _link(key: bytes | None, line: bytes, seq: int, prev: str) -> tuple[dict[str
     try:
         record = _parse(line)
         r_seq, r_prev = int(record["seq"]), record["prev"]
-        data = _canonical(record)
+        data = canonical(record)
     except (ValueError, KeyError, TypeError):
         return {}, "not an audit record (edited or corrupted)"
     if hashlib.sha256(data).hexdigest() != record["hash"]:

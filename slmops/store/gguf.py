@@ -16,10 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import LlamaFileType
-
 from slmops.store.atomic import write_bytes
-from slmops.store.gguf_scan import scan_gguf
 from slmops.store.sealed import plain_file, seal_bytes, unseal_bytes
 from slmops.types.errors import IntegrityError, InvalidModelFile
 
@@ -90,6 +87,11 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = 
 
 
 def _inspect(path: Path) -> GGUFInfo:
+    # The gguf package (and numpy with it) loads only where a header is read: the control plane has neither.
+    from gguf import LlamaFileType
+
+    from slmops.store.gguf_scan import scan_gguf
+
     header = scan_gguf(path)
     meta = header.metadata
     arch = meta.get("general.architecture") or "unknown"

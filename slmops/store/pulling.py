@@ -39,7 +39,7 @@ from slmops.store.blobs import CHUNK
 from slmops.store.gguf import inspect_gguf
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.network import check_registry_host
-from slmops.store.registry import Descriptor, RegistryClient, RemoteManifest, descriptor
+from slmops.store.registry import Descriptor, RegistryClient, RemoteManifest, descriptor, fetch_signature
 from slmops.store.registry_auth import RegistryConfig
 from slmops.store.spool import Spool
 from slmops.types.digest import Digest
@@ -239,13 +239,7 @@ class RegistryPull:
         """The signature bundle tagged ``sha256-<hex>.sig``, if the registry has one. Without a trust policy a
         broken one is left out rather than failing the pull; with one, the error is the answer."""
         try:
-            sig = client.find_manifest(self.ref.repository, f"sha256-{digest.hex}.sig")
-            if sig is None:
-                return None
-            layers = [descriptor(d, "signature manifest") for d in sig.doc["layers"]]
-            if len(layers) != 1 or layers[0].size > MAX_SIGNATURE_BYTES:
-                raise SourceError(f"the signature of {self.ref.display} is not one bundle of at most 4 MiB")
-            return client.blob_bytes(self.ref.repository, layers[0].digest, MAX_SIGNATURE_BYTES)
+            return fetch_signature(client, self.ref.repository, digest, MAX_SIGNATURE_BYTES)
         except SlmopsError:
             if self.store.trust is not None:
                 raise

@@ -279,3 +279,17 @@ def descriptor(desc: Any, what: str) -> Descriptor:
         raise SourceError(f"{what} gives blob {digest.hex[:12]} no media type; refused, nothing was stored")
     notes = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
     return Descriptor(media_type, digest, size, {str(k): str(v) for k, v in notes.items()})
+
+
+def fetch_signature(client: RegistryClient, repo: str, manifest_digest: Digest, limit: int) -> bytes | None:
+    """The signature bundle of the manifest ``manifest_digest`` in ``repo``: the one layer of the artifact tagged
+    ``sha256-<hex>.sig`` (registries without the referrers API find it by that name, as cosign does), checked
+    against its digest; None where the registry has no such tag."""
+    sig = client.find_manifest(repo, f"sha256-{manifest_digest.hex}.sig")
+    if sig is None:
+        return None
+    layers = [descriptor(d, "signature manifest") for d in sig.doc["layers"]]
+    if len(layers) != 1 or layers[0].size > limit:
+        raise SourceError(f"the signature of {repo}@{manifest_digest} at {client.host} is not one bundle of at "
+                          f"most {limit >> 20} MiB")
+    return client.blob_bytes(repo, layers[0].digest, limit)

@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-import psutil
-
 from slmops.types.errors import InvalidOption
 
 _INT, _FLOAT, _BOOL, _STRS = int, float, bool, list
@@ -48,6 +46,8 @@ KNOWN = {**{k: t for k, (t, _) in SAMPLING.items()}, **{k: t for k, (t, _) in LO
 
 
 def physical_cores() -> int:
+    import psutil  # the machine's cores matter only where a model runs
+
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 

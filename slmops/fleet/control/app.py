@@ -58,6 +58,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     app.include_router(routes_device.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_releases.router)
+    app.add_middleware(routes_device.DeviceFastPath)  # polls and reports: answered before FastAPI's routing
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:

@@ -3,22 +3,35 @@ the change version every mutation bumps.
 
 SQLite is one file under ``SLMOPS_HOME`` and needs no set-up; PostgreSQL is for several replicas and scale. Both
 go through the same code; where they differ (write locking, LISTEN/NOTIFY) the difference is here.
+
+On PostgreSQL every bump also sends ``NOTIFY slmops_fleet_change, '<version>'``, delivered when the transaction
+commits; ``changes.ChangeFeed`` listens for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from pathlib import Path
 from typing import AsyncIterator
 
 from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from slmops.fleet.control.models import Base, Meta
+from slmops.fleet.control.models import Meta
 from slmops.types.errors import ConfigError
 
 CHANGE_KEY = "change_version"
+CHANGE_CHANNEL = "slmops_fleet_change"  # PostgreSQL NOTIFY channel; the payload is the new change version
+MIGRATE_LOCK = int.from_bytes(b"slmops:M", "big")  # pg_advisory_xact_lock key that queues replicas' migrations
+_BUMP_NOTIFY = text(
+    "WITH bumped AS (UPDATE meta SET value = value + 1 WHERE key = :key RETURNING value) "
+    "SELECT pg_notify(:channel, value::text) FROM bumped"
+)
+# Alembic keeps the running migration in module globals: two migrations interleaved on one event loop (two
+# databases, or two Database objects on one) would trample each other's, so they take turns per loop.
+_migrating: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def database_url(configured: str, home: Path) -> str:
@@ -45,13 +58,19 @@ class Database:
         self._sqlite_writer = asyncio.Lock()  # SQLite has one writer; queueing here beats SQLITE_BUSY retries
 
     async def migrate(self) -> None:
-        """Bring the schema up to date."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        async with self.session() as s:
-            if await s.get(Meta, CHANGE_KEY) is None:
-                s.add(Meta(key=CHANGE_KEY, value=0))
-                await s.commit()
+        """Bring the schema up to date (Alembic ``upgrade head``) in one transaction. Replicas that start at once
+        queue on a lock (PostgreSQL: an advisory lock; SQLite: the write lock); the later ones find nothing to do."""
+        from slmops.fleet.control import migrations  # Alembic costs a third of a second to import: only here
+
+        lock = self._sqlite_writer if self.dialect == "sqlite" else contextlib.nullcontext()
+        turn = _migrating.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with turn, lock, self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
+            await conn.run_sync(migrations.upgrade)
+            await conn.commit()
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -79,8 +98,12 @@ class Database:
                 raise
 
     async def bump(self, s: AsyncSession) -> None:
-        """Mark a change, in the caller's transaction: replicas drop what they cached when they see it."""
-        await s.execute(update(Meta).where(Meta.key == CHANGE_KEY).values(value=Meta.value + 1))
+        """Mark a change, in the caller's transaction: replicas drop what they cached when they see it (on
+        PostgreSQL they are also told, at commit, in one round trip with the update)."""
+        if self.dialect == "postgresql":
+            await s.execute(_BUMP_NOTIFY, {"key": CHANGE_KEY, "channel": CHANGE_CHANNEL})
+        else:
+            await s.execute(update(Meta).where(Meta.key == CHANGE_KEY).values(value=Meta.value + 1))
 
     async def change_version(self) -> int:
         async with self.session() as s:

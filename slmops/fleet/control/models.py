@@ -11,11 +11,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
+# Constraint names fixed by convention, the same on SQLite and PostgreSQL, so a later migration can name the one it
+# drops or alters (SQLite's batch mode needs a name).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
@@ -128,7 +140,7 @@ class LedgerEntry(Base):
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     at: Mapped[float] = mapped_column(Float)
-    actor: Mapped[str] = mapped_column(String(64))  # key:<name>, device:<id>, system
+    actor: Mapped[str] = mapped_column(String(80))  # key:<name> (names up to 64), device:<id>, system
     action: Mapped[str] = mapped_column(String(64), index=True)
     subject: Mapped[str] = mapped_column(String(200), index=True)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)

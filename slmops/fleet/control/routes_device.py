@@ -1,15 +1,439 @@
-"""(being written)"""
+"""The devices' routes of ``/fleet/v1``: enrolment, the desired-state poll and reports.
+
+Polls are most of the control plane's traffic and almost all of them change nothing, so the poll answers 304 from
+memory: per device, the ETag of the state last computed, valid until the change feed reports that the database
+moved. Device public keys are cached the same way. Reports are queued and written in batches
+(``reports.ReportBatcher``); poll times are noted in memory and written with them. The device's identity comes
+only from its verified signature: there is no device id in a path, so a device can only read its own state.
+
+A signature whose only fault is its time is refused with 401 and the server's ``Date`` (and
+``WWW-Authenticate: Slmops-Device error="clock_skew"``), from which the agent corrects its clock offset.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+import email.utils
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-router = APIRouter(prefix="/fleet/v1")
+from slmops.api.fleet import DesiredState, EnrolRequest, EnrolResponse, ErrorBody, ReportRequest
+from slmops.fleet import deviceauth, hardware
+from slmops.fleet.control import changes, desired, ledger
+from slmops.fleet.control.models import Device, EnrolmentToken, Group
+from slmops.fleet.control.reports import ReportBatcher
+from slmops.fleet.control.routes_admin import token_hash
+from slmops.server.errors import validation_message
+from slmops.types.errors import InvalidInput, SlmopsError, TooLarge, Unauthenticated
+
+if TYPE_CHECKING:
+    from slmops.fleet.control.app import ControlPlane
+
+STATE = "routes_device"  # plane.extras key of this replica's DeviceSide
+OPTIONS = "routes_device.options"  # plane.extras key of DeviceOptions (tests and benchmarks set it)
+TOKEN_REFUSED = ("enrolment token is unknown, used or expired; ask an operator for a new one: "
+                 "`slmops fleet tokens create`")
+_devices = Device.__table__
+_tokens = EnrolmentToken.__table__
+_MAX_PROFILE = 64 * 1024  # bytes of JSON in a hardware profile
+_LIMITS = {"release": 160, "manifest_digest": 71, "slot": 64}  # the report columns they land in
+_JSON_PRIVATE = ((b"content-type", b"application/json"), (b"cache-control", b"private, no-cache"))
+_QUEUE_FULL = b'{"error":"the control plane\'s report queue is full; retry after a second"}'
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """Tuning of the device side; defaults suit production, tests and benchmarks put others in ``plane.extras``."""
+
+    flush_interval_s: float = 0.1  # reports: one transaction per this long
+    flush_at: int = 500  # ... or as soon as this many wait
+    queue_limit: int = 20_000  # reports waiting; beyond: 503
+    seen_interval_s: float = 5.0  # last-seen times are written this often
+    skew_s: float = 300.0  # signature timestamps this far from the server's clock are refused
+    max_report_bytes: int = 256 * 1024
+    fast_path: bool = True  # DeviceFastPath answers polls and reports; False: the FastAPI routes do (tests)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A response as plain values: what the FastAPI routes and the fast path both send."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+
+    def response(self) -> Response:
+        out = Response(self.body, status_code=self.status)
+        out.raw_headers.extend(self.headers)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    public_key: bytes
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    name: str
+    selector: dict[str, Any]
+
+
+class DeviceSide:
+    """This replica's device-facing state: caches of device keys, ETags, groups and channel releases, all
+    dropped together when the change version moves, and the report batcher. Caches are filled only by a lookup
+    that did not race with a drop (a generation counter), so nothing read before a change outlives it."""
+
+    def __init__(self, plane: ControlPlane, options: DeviceOptions):
+        self.db = plane.db
+        self.clock = plane.clock
+        self.options = options
+        self.batcher = ReportBatcher(plane.db, interval=options.flush_interval_s, flush_at=options.flush_at,
+                                     limit=options.queue_limit, seen_interval=options.seen_interval_s)
+        self.candidates = desired.Candidates()
+        self.etags: dict[str, str] = {}  # device id -> ETag of the state last computed
+        self.version = 0  # the change version the caches belong to
+        self._keys: dict[str, _Key] = {}
+        self._groups: list[_Group] | None = None
+        self._generation = 0
+        self.fast_answers = 0  # requests DeviceFastPath answered itself
+
+    def on_change(self, version: int) -> None:
+        """The change feed's callback: forget everything cached."""
+        if version == self.version:
+            return
+        self.version = version
+        self._generation += 1
+        self._keys.clear()
+        self.etags.clear()
+        self._groups = None
+        self.candidates.clear()
+
+    # -- authentication --------------------------------------------------------------------------------------
+    async def authenticate(self, authorization: str | None, method: str, target: str, body: bytes) -> str:
+        """The id of the device that signed this request (``target``: path and query as sent); Unauthenticated
+        (or ClockSkew) otherwise."""
+        signed = deviceauth.parse_authorization(authorization)
+        key = self._keys.get(signed.device_id) or await self._load_key(signed.device_id)
+        if key is None:
+            raise Unauthenticated(f"device {signed.device_id} is not enrolled with this control plane; enrol it "
+                                  "with a token from `slmops fleet tokens create`")
+        deviceauth.verify_request(signed, key.public_key, method, target, body, self.clock(), self.options.skew_s)
+        if key.revoked:
+            raise Unauthenticated(f"device {signed.device_id} was revoked; enrol it again with a new token")
+        return signed.device_id
+
+    async def _load_key(self, device_id: str) -> _Key | None:
+        generation = self._generation
+        async with self.db.read() as s:
+            row = (await s.execute(select(_devices.c.public_key, _devices.c.revoked_at)
+                                   .where(_devices.c.id == device_id))).first()
+        if row is None:
+            return None  # not cached: a device enrolled a moment ago must get in at once
+        key = _Key(bytes(row.public_key), row.revoked_at is not None)
+        if generation == self._generation:
+            self._keys[device_id] = key
+        return key
+
+    # -- the two device requests, as plain values (the routes and the fast path both answer through them) ------
+    async def poll(self, authorization: str | None, if_none_match: str | None, target: str) -> Answer:
+        """The calling device's desired state: 304 from memory when its ETag still holds, else 200 (or 304 when
+        a recomputation found the same state)."""
+        device_id = await self.authenticate(authorization, "GET", target, b"")
+        now = self.clock()
+        self.batcher.seen(device_id, now)
+        cached = self.etags.get(device_id)
+        if if_none_match is not None and cached is not None and _etag_matches(if_none_match, cached):
+            return Answer(304, ((b"etag", cached.encode()),))
+        computed, version, tag = await self.compute(device_id)
+        if if_none_match is not None and _etag_matches(if_none_match, tag):
+            return Answer(304, ((b"etag", tag.encode()),))
+        return Answer(200, ((b"etag", tag.encode()), *_JSON_PRIVATE), desired.seal(computed.document(version, now)))
+
+    async def report(self, authorization: str | None, target: str, body: bytes) -> Answer:
+        """Queue a report: 202, or 503 with Retry-After when the queue is full."""
+        device_id = await self.authenticate(authorization, "POST", target, body)
+        report = parse_report(body)
+        if not self.batcher.offer(device_id, self.clock(), report):
+            return Answer(503, ((b"retry-after", b"1"), (b"content-type", b"application/json")), _QUEUE_FULL)
+        return Answer(202)
+
+    # -- desired state -----------------------------------------------------------------------------------------
+    async def compute(self, device_id: str) -> tuple[desired.Computed, int, str]:
+        """The device's state, its version and ETag. The version moves forward (in the database, so every replica
+        agrees) only when the state's hash differs from the one last handed out."""
+        generation = self._generation
+        async with self.db.read() as s:
+            device = await s.get(Device, device_id)
+            if device is None:
+                raise Unauthenticated(f"device {device_id} is not enrolled with this control plane; enrol it again")
+            if self._groups is None:
+                groups = [_Group(g.name, dict(g.selector or {})) for g in (await s.execute(select(Group))).scalars()]
+                if generation == self._generation:
+                    self._groups = groups
+            else:
+                groups = self._groups
+            computed = await desired.compute(s, device, self.candidates, groups)
+            version, stored_hash = device.desired_version, device.desired_hash
+        if computed.hash != stored_hash:
+            version = await self._advance(device_id, computed.hash)
+        tag = desired.etag(version, computed.hash)
+        if generation == self._generation:
+            self.etags[device_id] = tag
+        return computed, version, tag
+
+    async def _advance(self, device_id: str, digest: str) -> int:
+        """Move the device's desired version one step for a state hashing to ``digest``; a replica that got there
+        first already did (the conditional update then changes nothing), so versions never skip or go back."""
+        async with self.db.write(bump=False) as s:
+            await s.execute(update(_devices).where(_devices.c.id == device_id, _devices.c.desired_hash != digest)
+                            .values(desired_version=_devices.c.desired_version + 1, desired_hash=digest))
+            return int((await s.execute(select(_devices.c.desired_version)
+                                        .where(_devices.c.id == device_id))).scalar_one())
+
+
+def path_qs(scope: dict[str, Any]) -> str:
+    """The request target as the device signed it: the raw path, and ``?query`` when there is one."""
+    raw = scope.get("raw_path")
+    path = raw.split(b"?", 1)[0].decode("latin-1") if raw else scope["path"]
+    query = scope.get("query_string") or b""
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    if if_none_match == etag:
+        return True
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def side_of(request: Request) -> DeviceSide:
+    return request.app.state.plane.extras[STATE]
+
+
+def skew_response(err: deviceauth.ClockSkew) -> JSONResponse:
+    return JSONResponse({"error": str(err)}, status_code=401, headers={
+        "Date": email.utils.formatdate(err.server_time, usegmt=True),
+        "WWW-Authenticate": f'{deviceauth.SCHEME} error="clock_skew"'})
+
+
+class DeviceRoute(APIRoute):
+    """Answers a clock-skewed signature with the server's ``Date``, which the app's error table cannot carry."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except deviceauth.ClockSkew as err:
+                return skew_response(err)
+
+        return handle
+
+
+router = APIRouter(prefix="/fleet/v1", tags=["devices"], route_class=DeviceRoute)
+_UNAUTHENTICATED = {401: {"model": ErrorBody, "description": "no valid device signature, a revoked device, or "
+                                                              "a clock too far off (then with the server's Date)"}}
 
 
 @contextlib.asynccontextmanager
-async def lifespan(plane) -> AsyncIterator[None]:  # type: ignore[no-untyped-def]
-    yield
+async def lifespan(plane: ControlPlane) -> AsyncIterator[None]:
+    """Start this replica's device side: its caches follow the change feed; the batcher writes reports until
+    shutdown, then writes what is still queued."""
+    side = DeviceSide(plane, plane.extras.get(OPTIONS) or DeviceOptions())
+    side.version = await plane.db.change_version()
+    plane.extras[STATE] = side
+    try:
+        async with changes.ChangeFeed(plane.db, on_change=side.on_change), side.batcher.running():
+            yield
+    finally:
+        plane.extras.pop(STATE, None)
+
+
+@router.post("/enrol", response_model=EnrolResponse, responses={401: {"model": ErrorBody}})
+async def enrol(body: EnrolRequest, request: Request) -> EnrolResponse:
+    """Enrol a device with a one-time token and its own public key (proved by a signature over the token)."""
+    plane: ControlPlane = request.app.state.plane
+    public_key = deviceauth.verify_proof(body.public_key, body.token, body.proof)
+    if len(json.dumps(body.hardware, default=str)) > _MAX_PROFILE:
+        raise InvalidInput(f"hardware: the profile is over {_MAX_PROFILE // 1024} KiB; send what `slmops hw --json` "
+                           "prints")
+    now = plane.clock()
+    device_id = deviceauth.new_device_id()
+    async with plane.db.write() as s:
+        token = (await s.execute(select(EnrolmentToken).where(EnrolmentToken.token_hash == token_hash(body.token))
+                                 )).scalar_one_or_none()
+        if token is None or token.used_at is not None or token.expires_at <= now:
+            raise Unauthenticated(TOKEN_REFUSED)
+        tags = {**body.tags, **(token.tags or {})}  # the operator's tags win over what the device says
+        hardware_class = hardware.hardware_class(body.hardware, tags)
+        claimed = await s.execute(update(_tokens).where(_tokens.c.id == token.id, _tokens.c.used_at.is_(None))
+                                  .values(used_at=now, used_by=device_id))
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]  # another enrolment used it meanwhile
+            raise Unauthenticated(TOKEN_REFUSED)
+        s.add(Device(id=device_id, name=body.name, public_key=public_key, hardware=body.hardware,
+                     hardware_class=hardware_class, agent_version=body.agent_version, tags=tags, enrolled_at=now,
+                     last_seen=now))
+        await s.flush()
+        await ledger.append(s, actor=f"device:{device_id}", action="device.enrol", subject=device_id,
+                            data={"name": body.name, "hardware_class": hardware_class, "tags": tags,
+                                  "token": token.id, "token_by": token.created_by}, at=now)
+    return EnrolResponse(device_id=device_id, hardware_class=hardware_class, poll_interval_s=plane.poll_interval_s,
+                         server_time=now)
+
+
+@router.get("/device/desired", response_model=DesiredState, responses={
+    304: {"description": "nothing changed since the ETag sent in If-None-Match"}, **_UNAUTHENTICATED})
+async def poll_desired(request: Request) -> Response:
+    """The calling device's desired state, with an ETag; 304 when ``If-None-Match`` still holds."""
+    answer = await side_of(request).poll(request.headers.get("authorization"), request.headers.get("if-none-match"),
+                                         path_qs(request.scope))
+    return answer.response()
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined, to stand alone inside the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+_REPORT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": _inline(ReportRequest.model_json_schema())}}}}
+
+
+@router.post("/device/reports", status_code=202, openapi_extra=_REPORT_BODY, responses={
+    202: {"description": "queued; written with the next batch"}, 400: {"model": ErrorBody},
+    503: {"model": ErrorBody, "description": "the queue is full; retry after Retry-After seconds"},
+    **_UNAUTHENTICATED})
+async def post_report(request: Request) -> Response:
+    """Report what the device runs and its aggregates (``ReportRequest``); queued and answered at once."""
+    side = side_of(request)
+    body = await read_body(request, side.options.max_report_bytes)
+    answer = await side.report(request.headers.get("authorization"), path_qs(request.scope), body)
+    return answer.response()
+
+
+class DeviceFastPath:
+    """ASGI middleware for the two requests that make nearly all of a control plane's traffic (polls and
+    reports): answered straight from :class:`DeviceSide`, without FastAPI's routing and dependency machinery
+    (most of a poll's cost otherwise). Only success is answered here; a request that fails is replayed through
+    the app, so errors are answered in one place and are the same on both paths. Everything else passes by."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) not in _FAST:
+            return await self.app(scope, receive, send)
+        side: DeviceSide | None = scope["app"].state.plane.extras.get(STATE)
+        if side is None or not side.options.fast_path:
+            return await self.app(scope, receive, send)
+        wanted = _wanted_headers(scope["headers"])
+        body = b""
+        if scope["method"] == "POST":
+            body, whole = await _receive_body(receive, side.options.max_report_bytes)
+            if not whole:
+                return await self.app(scope, _replay(body, receive), send)
+        try:
+            if scope["method"] == "GET":
+                answer = await side.poll(wanted.get(b"authorization"), wanted.get(b"if-none-match"), path_qs(scope))
+            else:
+                answer = await side.report(wanted.get(b"authorization"), path_qs(scope), body)
+        except SlmopsError:
+            return await self.app(scope, _replay(body, receive), send)
+        side.fast_answers += 1
+        headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode())] if answer.status != 304 \
+            else list(answer.headers)
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+
+
+_FAST = {("GET", "/fleet/v1/device/desired"), ("POST", "/fleet/v1/device/reports")}
+_FAST_HEADERS = (b"authorization", b"if-none-match")
+
+
+def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    return {k: v.decode("latin-1") for k, v in raw if k in _FAST_HEADERS}
+
+
+async def _receive_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    """The body, and whether it was read whole within ``limit`` (else what was read, for the app to refuse)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > limit:
+            return b"".join(chunks), False
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the app the body already read, then what the connection says (a disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past ``limit`` bytes without reading all of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"a report is at most {limit // 1024} KiB; send fewer windows per report")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"a report is at most {limit // 1024} KiB; send fewer windows per report")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_report(body: bytes) -> ReportRequest:
+    """A ``ReportRequest`` from JSON bytes; strings longer than the columns they land in are refused here, since
+    one such report would fail its whole batch's transaction on PostgreSQL."""
+    try:
+        report = ReportRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise InvalidInput(validation_message(err.errors())) from None
+    for name, limit in _LIMITS.items():
+        value = getattr(report.running, name)
+        if value is not None and len(value) > limit:
+            raise InvalidInput(f"running.{name}: at most {limit} characters")
+    return report
