@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from procs import ServerProcess, answered
 
 from slmops.store.catalog import Catalog
 from slmops.store.sources import default_sources
@@ -97,42 +98,16 @@ def link_home(src_home: Path, dst_home: Path) -> Path:
     return dst_home
 
 
-class Server:
-    """A real `slmops serve` process on a free loopback port."""
+class Server(ServerProcess):
+    """A real `slmops serve` process on a free loopback port, up (answering /health) once constructed."""
 
     def __init__(self, home: Path, args: tuple[str, ...] = (), verify: Any = True, **env: str):
-        import httpx
-        import time
         self.port = free_port()
         scheme = "https" if env.get("SLMOPS_TLS_CERT") or "--tls-cert" in args else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.home = home
         e = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_HOST": f"127.0.0.1:{self.port}", **env}
-        self.log = open(home / "server.log", "w")
-        self.proc = subprocess.Popen([str(BIN), "serve", *args], env=e, stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(300):
-            try:
-                httpx.get(self.url + "/health", timeout=1, verify=verify)
-                return
-            except httpx.HTTPError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-        raise RuntimeError(f"server did not start: {(home / 'server.log').read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__([BIN, "serve", *args], home / "server.log", f"{scheme}://127.0.0.1:{self.port}", env=e)
+        self.wait_ready(ready=answered, verify=verify)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ import json
 import secrets
 import shutil
 import ssl
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any, Callable
 import httpx
 
 from conftest import free_port
+from procs import ServerProcess
 
 BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -44,7 +44,7 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class Registry:
+class Registry(ServerProcess):
     """``docker-registry serve`` on a free loopback port. ``auth``: None, ``"htpasswd"`` (``users``: name ->
     password) or ``"token"`` (``token_realm``: a :class:`TokenServer` URL). ``storage``: share another registry's
     folder (what one uploaded, the other serves)."""
@@ -78,23 +78,9 @@ class Registry:
             config["auth"] = {"token": {"realm": token.url + "/token", "service": SERVICE, "issuer": ISSUER,
                                         "rootcertbundle": str(token.cert_path)}}
         (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
-        self.log_path = root / "registry.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
-                if httpx.get(self.url + "/v2/", timeout=1, verify=verify).status_code in (200, 401):
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not start: {self.log_path.read_text()[-2000:]}")
+        super().__init__([BINARY, "serve", root / "config.yml"], root / "registry.log", self.url)
+        verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+        self.wait_ready("/v2/", ready=lambda r: r.status_code in (200, 401), verify=verify, within=20)
 
     def requests(self, method: str = "GET", part: str = "/blobs/") -> list[tuple[str, int, int]]:
         """(path, status, bytes) of each ``method`` request whose path has ``part``, from the access log."""
@@ -109,21 +95,6 @@ class Registry:
     def blob_file(self, digest: str) -> Path:
         hexd = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> "Registry":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def upload(base_url: str, repo: str, ref: str, manifest: bytes, blobs: dict[str, bytes | Path],

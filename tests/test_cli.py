@@ -129,6 +129,17 @@ def test_version_and_env(tmp_path):
     assert f"SLMOPS_HOME={tmp_path}  (env)" in out and "SLMOPS_HOST=127.0.0.1:11434  (default)" in out
 
 
+def test_usage_errors_are_clicks_own_not_a_one_line_crash(tmp_path):
+    """typer bundles its own click, whose usage errors are not click.ClickException: they must still print the
+    usage and exit 2, and secret settings that are unset show as unset."""
+    r = run_cli("list", "--bogus", home=tmp_path)
+    assert r.returncode == 2
+    assert "Usage: slmops list" in r.stderr and "No such option: --bogus" in r.stderr
+    assert "NoSuchOption" not in r.stderr
+    out = run_cli("env", home=tmp_path, SLMOPS_FLEET_KEY="").stdout
+    assert "SLMOPS_FLEET_KEY=None  (default)" in out and "SLMOPS_FLEET_HOST=127.0.0.1:11500  (default)" in out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

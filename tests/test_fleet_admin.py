@@ -4,35 +4,29 @@ the effective config with provenance, revocation, and a ledger entry for every c
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
-import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator
 
 import httpx
+from fleet_app import BASE_URL, eventually, run, serving
 from fleet_db import fleet_db_url, postgres  # noqa: F401
 from sqlalchemy import func, select
 
 from slmops.fleet.control import membership, operators
-from slmops.fleet.control.app import ControlPlane, create_app
+from slmops.fleet.control.app import ControlPlane
 from slmops.fleet.control.db import Database
 from slmops.fleet.control.models import Blueprint, Device, EnrolmentToken, Group, LedgerEntry
 
-T = TypeVar("T")
 NOW = 1_750_000_000.0
 V1 = "/fleet/v1"
 
 
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 @dataclass
 class Fleet:
-    app: Any
+    transport: httpx.ASGITransport
     plane: ControlPlane
     keys: dict[str, str]  # role -> key
     clients: list[httpx.AsyncClient]
@@ -40,7 +34,7 @@ class Fleet:
     def as_(self, role: str | None = None, key: str | None = None) -> httpx.AsyncClient:
         """A client sending the key of ``role`` (or ``key``; neither: no key at all)."""
         key = key or (self.keys[role] if role else None)
-        c = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://fleet",
+        c = httpx.AsyncClient(transport=self.transport, base_url=BASE_URL,
                               headers={"Authorization": f"Bearer {key}"} if key else {})
         self.clients.append(c)
         return c
@@ -54,13 +48,12 @@ class Fleet:
 async def fleet(url: str, keys: bool = True) -> AsyncIterator[Fleet]:
     """One replica of the control plane over ``url``, started as a server starts it, with a key per role."""
     plane = ControlPlane(Database(url), clock=lambda: NOW)
-    app = create_app(plane)
-    async with app.router.lifespan_context(app):
+    async with serving(plane) as transport:
         made = {}
         if keys:
             for role in ("admin", "operator", "viewer"):
                 made[role] = await operators.create_key(plane.db, role, role, "host:test", now=NOW)
-        f = Fleet(app, plane, made, [])
+        f = Fleet(transport, plane, made, [])
         try:
             yield f
         finally:
@@ -101,14 +94,6 @@ async def ledger_rows(db: Database) -> list[LedgerEntry]:
 async def count(db: Database, model: Any) -> int:
     async with db.read() as s:
         return int((await s.execute(select(func.count()).select_from(model))).scalar_one())
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 30.0) -> None:
-    """Liveness, not speed: wait (generously) until ``check`` holds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 # -- keys and roles ---------------------------------------------------------------------------------------------

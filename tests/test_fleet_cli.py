@@ -11,43 +11,23 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import BIN, free_port
+from procs import ServerProcess
 
 DEVICE = "dev_00000000cafe"
 
 
-class ControlPlaneProcess:
-    def __init__(self, home: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_FLEET_HOST": f"127.0.0.1:{self.port}",
-                    "SLMOPS_CONFIG": "", "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": ""}
-        self.log = open(home / "fleet.log", "w")
-        self.proc = subprocess.Popen([str(BIN), "fleet", "serve"], env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"slmops fleet serve did not start: {(home / 'fleet.log').read_text()}")
-            time.sleep(0.1)
+class ControlPlaneProcess(ServerProcess):
+    """`slmops fleet serve` on a free loopback port named by SLMOPS_FLEET_HOST, up once constructed."""
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+    def __init__(self, home: Path):
+        port = free_port()
+        self.env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_FLEET_HOST": f"127.0.0.1:{port}",
+                    "SLMOPS_CONFIG": "", "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": ""}
+        super().__init__([BIN, "fleet", "serve"], home / "fleet.log", f"http://127.0.0.1:{port}", env=self.env)
+        self.wait_ready()
 
 
 @pytest.fixture
@@ -130,3 +110,38 @@ def test_an_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert one_line_error(done) == (f"Error: cannot reach the control plane at http://{env['SLMOPS_FLEET_HOST']}; "
                                     "start it with `slmops fleet serve` or set SLMOPS_FLEET_HOST")
+
+
+def test_a_device_enrols_and_polls_from_the_cli(plane: ControlPlaneProcess, tmp_path: Path) -> None:
+    """`slmops agent enrol` makes the device's key under its own SLMOPS_HOME (0600, never sent), enrols with a
+    one-time token and keeps its identity; `agent desired` is a signed poll; a second enrol is refused."""
+    admin = fleet(plane, "keys", "create", "root", "--role", "admin").stdout.strip()
+    token = fleet(plane, "tokens", "create", "--tag", "site=lyon", key=admin).stdout.strip()
+    device_home = tmp_path / "device"
+    env = {**os.environ, "SLMOPS_HOME": str(device_home), "SLMOPS_FLEET_HOST": plane.env["SLMOPS_FLEET_HOST"]}
+
+    def agent(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(BIN), "agent", *args], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == code, f"slmops agent {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done
+
+    assert "not enrolled" in one_line_error(agent("desired", code=1))
+    out = agent("enrol", "--token", token, "--name", "pi-1", "--tag", "tier=edge").stdout
+    ident = json.loads((device_home / "fleet" / "device.json").read_text())
+    assert ident["device_id"] in out and ident["hardware_class"] in out
+    assert (device_home / "fleet" / "device.key").stat().st_mode & 0o777 == 0o600
+    shown = json.loads(fleet(plane, "devices", "show", ident["device_id"], "--json", key=admin).stdout)
+    assert shown["name"] == "pi-1" and shown["tags"] == {"site": "lyon", "tier": "edge"}
+
+    fleet(plane, "groups", "put", "lyon", "--select", "site=lyon", key=admin)
+    (tmp_path / "base.yaml").write_text("performance: {keep_alive: 5m}\n")
+    fleet(plane, "blueprints", "put", "baseline", str(tmp_path / "base.yaml"), key=admin)
+    state = json.loads(agent("desired", "--json").stdout)
+    assert state["device_id"] == ident["device_id"] and state["release"] is None
+    assert state["config"] == {"performance": {"keep_alive": "5m"}} and state["version"] >= 1
+
+    assert "already enrolled" in one_line_error(agent("enrol", "--token", token, code=1))
+    other = tmp_path / "other"
+    reused = subprocess.run([str(BIN), "agent", "enrol", "--token", token], capture_output=True, text=True,
+                            timeout=120, env={**env, "SLMOPS_HOME": str(other)})
+    assert reused.returncode == 1 and "used or expired" in one_line_error(reused)

@@ -1,49 +1,49 @@
 """The devices' side of the control plane on SQLite and PostgreSQL, in-process (the app's lifespan run as the server
-runs it) through the device client: enrolment and its one-time tokens, signed requests and what is refused, the
-304 poll that never reaches the database, desired versions that only move forward, and reports written in batches
-with a ledger entry when what a device runs changes. Tokens, releases, channels and blueprints are written as
-rows here; their routes are tested with their owners."""
+runs it) through the device client: enrolment and its one-time tokens, signed requests, session tokens and what is
+refused, the 304 poll that never reaches the database, desired versions that only move forward, and reports written
+in batches (each window once) with a ledger entry when what a device runs changes. Tokens, releases, channels and
+blueprints are written as rows here; their routes are tested with their owners."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import itertools
+import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
+import msgspec
 import pytest
+from fleet_app import BASE_URL, eventually, run, serving
 from fleet_db import fleet_db_url, postgres  # noqa: F401
 from sqlalchemy import event, func, select, update
 
 from slmops.api.fleet import ReportRequest
-from slmops.client.device import DeviceClient
+from slmops.client import DeviceClient
 from slmops.fleet import deviceauth
 from slmops.fleet.control import ledger
-from slmops.fleet.control.app import ControlPlane, create_app
+from slmops.fleet.control.app import ControlPlane
 from slmops.fleet.control.db import Database
 from slmops.fleet.control.models import (Blueprint, Channel, Device, EnrolmentToken, LedgerEntry, Release, Report,
                                          Variant)
-from slmops.fleet.control.reports import Flushed, ReportBatcher
+from slmops.fleet.control.reports import Flushed, ReportBatcher, parse_report
 from slmops.fleet.control.routes_admin import token_hash
-from slmops.fleet.control.routes_device import OPTIONS, STATE, TOKEN_REFUSED, DeviceOptions, DeviceSide
+from slmops.fleet.control.routes_device import (OPTIONS, SERVER_TIME, STATE, TOKEN_REFUSED, DeviceOptions,
+                                                DeviceSide)
 from slmops.fleet.deviceauth import DeviceKey
-from slmops.types.errors import Busy, Unauthenticated
+from slmops.types.errors import Busy, InvalidInput, Unauthenticated
 
-T = TypeVar("T")
 PROFILE = {"cpu": {"architecture": "x86_64"}, "gpus": []}
 QUIET = DeviceOptions(flush_interval_s=3600)  # the batcher writes only when the test flushes
 # polls and reports are answered by DeviceFastPath; the FastAPI routes answer the same when it is off
 BOTH_PATHS = pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "routes"])
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Fleet:
     raw: httpx.AsyncClient  # unsigned requests, for what the device client would never send
 
     def device(self, key: DeviceKey | None = None, **kw: Any) -> DeviceClient:
-        return DeviceClient("http://fleet", key or DeviceKey.generate(), transport=self.transport, **kw)
+        return DeviceClient(BASE_URL, key or DeviceKey.generate(), transport=self.transport, **kw)
 
     async def enrolled(self, tags: dict[str, str] | None = None, **kw: Any) -> DeviceClient:
         client = self.device(**kw)
@@ -68,27 +68,12 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def fleet(url: str, options: DeviceOptions | None = None) -> AsyncIterator[Fleet]:
-    plane = ControlPlane(Database(url), extras={OPTIONS: options or DeviceOptions()})
-    app = create_app(plane)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as raw:
+async def fleet(url: str, options: DeviceOptions | None = None, clock: Callable[[], float] = time.time
+                ) -> AsyncIterator[Fleet]:
+    plane = ControlPlane(Database(url), clock=clock, extras={OPTIONS: options or DeviceOptions()})
+    async with serving(plane) as transport:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as raw:
             yield Fleet(plane, plane.extras[STATE], transport, raw)
-
-
-async def eventually(check: Callable[[], Any], what: str, deadline_s: float = 20.0) -> None:
-    """Poll ``check`` (sync or async) until it holds; a generous deadline, never a timing assertion."""
-    end = time.monotonic() + deadline_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(what)
-        await asyncio.sleep(0.05)
 
 
 async def token(plane: ControlPlane, tags: dict[str, str] | None = None, expires_in: float = 3600) -> str:
@@ -242,8 +227,9 @@ def test_signed_polls_and_what_is_refused(fleet_db_url, fast):
             skewed = await f.raw.get("/fleet/v1/device/desired",
                                      headers=signed_get(a.key, a.device_id, ts=int(time.time()) - 3600))
             assert skewed.status_code == 401 and 'error="clock_skew"' in skewed.headers["www-authenticate"]
-            offset = deviceauth.clock_offset(skewed.headers["date"], time.time() - 3600)
-            assert 3590 < offset < 3610
+            offset = deviceauth.server_time_offset(skewed.headers[SERVER_TIME], time.time() - 3600)
+            assert 3590 < offset < 3610 and abs(skewed.json()["server_time"] - time.time()) < 60
+            assert "date" not in skewed.headers  # the HTTP server adds the one Date (test_fleet_replicas.py)
 
             # a device whose clock is an hour behind corrects itself from the Date and keeps the offset
             late = f.device(a.key, device_id=a.device_id, clock=lambda: time.time() - 3600)
@@ -274,6 +260,164 @@ def test_a_revoked_device_is_refused_on_poll_and_report(fleet_db_url):
                 await a.report(ReportRequest(health="ok"))
             state, _ = await b.desired()  # the others go on
             assert state is not None
+
+    run(scenario())
+
+
+# -- sessions --------------------------------------------------------------------------------------------------------
+class Clock:
+    """A clock a test moves: the control plane's and a device's, to cross a session's expiry without waiting."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def session_header(token: str) -> dict[str, str]:
+    return {"authorization": f"{deviceauth.SESSION_SCHEME} {token}"}
+
+
+def test_a_session_is_issued_only_to_a_signed_request(fleet_db_url):
+    async def scenario() -> None:
+        async with fleet(fleet_db_url) as f:
+            a = await f.enrolled()
+            path = "/fleet/v1/device/session"
+
+            def signed(key: DeviceKey, device_id: str, body: bytes = b"") -> dict[str, str]:
+                return {"authorization": key.authorization(device_id, "POST", path, body, int(time.time()))}
+
+            good = await f.raw.post(path, headers=signed(a.key, a.device_id))
+            assert good.status_code == 200 and good.headers["cache-control"] == "no-store", good.text
+            answer = good.json()
+            assert answer["token"].startswith(a.device_id + ".")
+            assert abs(answer["expires_at"] - (time.time() + deviceauth.DEFAULT_SESSION_S)) < 60
+            sig = signed(a.key, a.device_id)["authorization"]
+            for headers in ({},  # nothing
+                            {"authorization": sig[:-3] + ("A" if sig[-3] != "A" else "B") + sig[-2:]},  # tampered
+                            signed(DeviceKey.generate(), a.device_id),  # a stranger's key
+                            session_header(answer["token"]),  # a session cannot renew itself
+                            {"authorization": a.key.authorization(a.device_id, "POST", "/fleet/v1/device/reports",
+                                                                  b"", int(time.time()))}):  # another route's
+                r = await f.raw.post(path, headers=headers)
+                assert r.status_code == 401 and "\n" not in r.json()["error"], (headers, r.text)
+            skewed = await f.raw.post(path, headers={"authorization": a.key.authorization(
+                a.device_id, "POST", path, b"", int(time.time()) - 3600)})
+            assert skewed.status_code == 401 and SERVER_TIME in skewed.headers
+
+            # the token it got works for polls and reports of that device
+            polled = await f.raw.get("/fleet/v1/device/desired", headers=session_header(answer["token"]))
+            assert polled.status_code == 200 and polled.json()["device_id"] == a.device_id
+            body = report("smol:1.0.0").model_dump_json().encode()
+            sent = await f.raw.post("/fleet/v1/device/reports", content=body, headers=session_header(answer["token"]))
+            assert sent.status_code == 202
+
+    run(scenario())
+
+
+@BOTH_PATHS
+def test_forged_expired_altered_and_foreign_tokens_are_refused(fleet_db_url, fast, tmp_path):
+    async def scenario() -> None:
+        clock = Clock()
+        async with fleet(fleet_db_url, DeviceOptions(fast_path=fast), clock=clock) as f:
+            a, b = await f.enrolled(clock=clock), await f.enrolled(clock=clock)
+            token = (await a.new_session()).token
+            device_id, expires, epoch, mac = token.split(".")
+            assert device_id == a.device_id and epoch == "1"
+            other = deviceauth.mint_session(b"\x00" * 32, 1, a.device_id, int(expires))
+            refused = {
+                "forged": other,  # MACed with another secret
+                "other device": f"{b.device_id}.{expires}.{epoch}.{mac}",  # a's MAC, b's id
+                "longer life": f"{device_id}.{int(expires) + 3600}.{epoch}.{mac}",
+                "unknown epoch": f"{device_id}.{expires}.2.{mac}",
+                "altered MAC": f"{device_id}.{expires}.{epoch}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BA'}",
+                "malformed": token + "x",
+            }
+            async with fleet(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}") as elsewhere:  # another control plane
+                c = await elsewhere.enrolled()
+                refused["another control plane"] = (await c.new_session()).token
+            body = report(None).model_dump_json().encode()
+            for what, bad in refused.items():
+                for r in (await f.raw.get("/fleet/v1/device/desired", headers=session_header(bad)),
+                          await f.raw.post("/fleet/v1/device/reports", content=body, headers=session_header(bad))):
+                    assert r.status_code == 401 and "session" in r.json()["error"], (what, r.text)
+            assert (await f.raw.get("/fleet/v1/device/desired", headers=session_header(token))).status_code == 200
+
+            clock.now = int(expires) + 1  # the control plane's clock (and the device's) past the expiry
+            late = await f.raw.get("/fleet/v1/device/desired", headers=session_header(token))
+            assert late.status_code == 401 and "expired" in late.json()["error"]
+            assert len(f.side.batcher) == 0  # nothing refused was queued
+
+    run(scenario())
+
+
+def test_a_revoked_device_is_refused_at_once_with_a_live_token(fleet_db_url):
+    async def scenario() -> None:
+        async with fleet(fleet_db_url) as f:
+            a = await f.enrolled()
+            token = (await a.new_session()).token
+            assert (await f.raw.get("/fleet/v1/device/desired", headers=session_header(token))).status_code == 200
+            async with f.plane.db.write() as s:
+                await s.execute(update(Device).where(Device.id == a.device_id).values(revoked_at=time.time()))
+            await f.settled()  # the change feed dropped the cached key: the next request reads the row again
+            r = await f.raw.get("/fleet/v1/device/desired", headers=session_header(token))
+            assert r.status_code == 401 and "revoked" in r.json()["error"]
+            with pytest.raises(Unauthenticated, match="revoked"):
+                await a.new_session()
+
+    run(scenario())
+
+
+def test_the_client_prefers_a_session_renews_it_and_signs_when_refused(fleet_db_url):
+    async def scenario() -> None:
+        server, device = Clock(), Clock()
+        async with fleet(fleet_db_url, DeviceOptions(session_s=100), clock=server) as f:
+            a = await f.enrolled(clock=device)
+            _, etag = await a.desired()
+            for _ in range(5):
+                assert await a.desired(etag) == (None, etag)
+                await a.report(report(None))
+            assert a.signed == 1 and a.session is not None  # one signed request: the session's
+            first = a.session.token
+
+            server.now += 81
+            device.now += 81  # past 80% of its lifetime: renewed before it runs out
+            assert await a.desired(etag) == (None, etag)
+            assert a.signed == 2 and a.session.token != first
+
+            # the device's clock falls 1000 s behind: its session, current by its clock, has expired by the control
+            # plane's; refused, the request is signed instead (corrected for the skew), then a session taken again
+            server.now += 1000
+            assert await a.desired(etag) == (None, etag)
+            assert a.signed == 4 and a.session is None and 990 < a.offset < 1010  # skewed, then signed again
+            await a.report(report(None))
+            assert a.signed == 5 and a.session is not None and a.session.expires_at > server.now
+
+            signing = f.device(a.key, device_id=a.device_id, clock=server, sessions=False)  # every request signed
+            for _ in range(3):
+                await signing.desired(etag)
+            assert signing.signed == 3 and signing.session is None
+
+    run(scenario())
+
+
+def test_replicas_share_the_session_secret(fleet_db_url):
+    """Two control planes (replicas) on one database: the first to start made the secret, the other found it, so a
+    token from one is good on the other."""
+    async def scenario() -> None:
+        async with fleet(fleet_db_url) as one, fleet(fleet_db_url) as two:
+            a = await one.enrolled()
+            token = (await a.new_session()).token
+            r = await two.raw.get("/fleet/v1/device/desired", headers=session_header(token))
+            assert r.status_code == 200 and r.json()["device_id"] == a.device_id
+            from slmops.fleet.control.models import ServerSecret
+            async with one.plane.db.read() as s:
+                rows = (await s.execute(select(ServerSecret))).scalars().all()
+            assert [(x.purpose, x.epoch, len(x.value)) for x in rows] == [("session", 1, 32)]
+        async with fleet(fleet_db_url) as again:  # a restart keeps it: tokens outlive a restart
+            r = await again.raw.get("/fleet/v1/device/desired", headers=session_header(token))
+            assert r.status_code == 200
 
     run(scenario())
 
@@ -366,10 +510,17 @@ def window(i: int, **kw: Any) -> dict[str, Any]:
             **kw}
 
 
-def report(release: str | None, windows: int = 2, health: str = "ok") -> ReportRequest:
+_WINDOWS = itertools.count()
+
+
+def report(release: str | None, windows: int = 2, health: str = "ok", first: int | None = None,
+           applied: int = 0) -> ReportRequest:
+    """A report of ``windows`` windows, from window ``first`` on (by default ones no report used before)."""
     digest = None if release is None else "sha256:" + "ab" * 32
+    start = next(_WINDOWS) * 100 if first is None else first
     return ReportRequest.model_validate({"running": {"release": release, "manifest_digest": digest},
-                                         "health": health, "windows": [window(i) for i in range(windows)]})
+                                         "health": health, "desired_version": applied,
+                                         "windows": [window(start + i) for i in range(windows)]})
 
 
 @BOTH_PATHS
@@ -408,6 +559,73 @@ def test_reports_are_written_in_batches_with_a_ledger_entry_per_change(fleet_db_
                 assert (await ledger.verify(s)).ok
 
     run(scenario())
+
+
+@BOTH_PATHS
+def test_a_window_is_stored_once_and_the_applied_version_only_moves_forward(fleet_db_url, fast):
+    async def scenario() -> None:
+        async with fleet(fleet_db_url, replace(QUIET, fast_path=fast)) as f:
+            a, b = await f.enrolled(), await f.enrolled()
+            await a.report(report("smol:1.0.0", windows=3, first=0, applied=2))
+            await a.report(report("smol:1.0.0", windows=3, first=1, applied=2))  # windows 1, 2 again, and 3
+            await b.report(report("smol:1.0.0", windows=2, first=0))  # the same starts, another device
+            assert (await f.side.batcher.flush()).rows == 6  # the batch itself: each window once
+
+            # a replay of the very same signed request, within the skew window: accepted, not stored twice
+            body = report("smol:1.0.0", windows=2, first=3, applied=3).model_dump_json().encode()
+            headers = {"authorization": a.key.authorization(a.device_id, "POST", "/fleet/v1/device/reports", body,
+                                                            int(time.time())), "content-type": "application/json"}
+            for _ in range(2):
+                assert (await f.raw.post("/fleet/v1/device/reports", content=body, headers=headers)).status_code == 202
+                await f.side.batcher.flush()  # the second against the stored rows
+            await a.report(report("smol:1.0.0", windows=1, first=0, applied=1))  # late: an older version applied
+            await f.side.batcher.flush()
+            async with f.plane.db.read() as s:
+                rows = (await s.execute(select(Report.device_id, Report.window_start))).all()
+            assert sorted(rows) == sorted([(a.device_id, 1000.0 + 10 * i) for i in range(5)] +
+                                          [(b.device_id, 1000.0), (b.device_id, 1010.0)])
+            assert (await row(f.plane, a.device_id)).applied_version == 3
+            assert (await row(f.plane, b.device_id)).applied_version == 0
+
+    run(scenario())
+
+
+REPORT_BODIES = [
+    b"{}", b'{"health": "ok", "desired_version": 7}',
+    (b'{"running": {"release": "smol:1", "manifest_digest": "sha256:ab", "slot": "a"}, "windows": [{"start": 1, '
+     b'"end": 2.5, "requests": 3, "errors": 0, "load_failures": 1, "oom": 0, "ttft_p50_ms": 1.5, "ttft_p95_ms": 2, '
+     b'"itl_p50_ms": 0, "itl_p95_ms": 0.5, "tokens_per_s": 30, "golden_score": 1, "memory_bytes": 123456789}]}'),
+    b'{"windows": [{"start": 1, "end": 2, "golden_score": 1.01}]}',
+    b'{"windows": [{"start": 1, "end": 2, "requests": -1}]}',
+    b'{"windows": [{"start": 1, "end": 2, "requests": 2147483648}]}',
+    b'{"windows": [{"start": 1, "end": 2, "memory_bytes": 9223372036854775808}]}',
+    b'{"windows": [{"start": 1e999, "end": 2}]}', b'{"windows": [{"start": NaN, "end": 2}]}',
+    b'{"windows": [{"end": 2}]}', b'{"windows": [{"start": 1, "end": 2, "requests": 2.0}]}',
+    b'{"windows": [{"start": 1, "end": 2, "requests": "2"}]}', b'{"windows": [{"start": 1, "end": 2, "x": 1}]}',
+    b'{"desired_version": -1}', b'{"desired_version": 99999999999999999999}', b'{"desired_version": true}',
+    b'{"health": "great"}', b'{"running": {"release": "' + b"x" * 161 + b'"}}',
+    b'{"running": {"release": "' + b"x" * 160 + b'"}}', b'{"running": {"slot": 5}}', b'{"running": null}',
+    b'{"windows": ' + json.dumps([{"start": i, "end": i + 1} for i in range(65)]).encode() + b"}",
+    b'{"windows": ' + json.dumps([{"start": i, "end": i + 1} for i in range(64)]).encode() + b"}",
+    b"[]", b"not json", b"", b'{"windows": null}', b'{"extra": 1}',
+]
+
+
+@pytest.mark.parametrize("body", REPORT_BODIES, ids=range(len(REPORT_BODIES)))
+def test_the_fast_report_decoder_agrees_with_the_wire_type(body):
+    """Reports are decoded with msgspec and, when it refuses, with pydantic: the result is what pydantic alone
+    makes of the body (the same report, or the same refusal)."""
+    try:
+        expected: Any = ReportRequest.model_validate_json(body).model_dump()
+    except ValueError:
+        expected = None
+    try:
+        decoded = parse_report(body)
+    except InvalidInput:
+        assert expected is None
+        return
+    got = decoded.model_dump() if isinstance(decoded, ReportRequest) else msgspec.to_builtins(decoded)
+    assert got == expected
 
 
 def test_the_batcher_writes_on_its_own_and_at_shutdown(fleet_db_url):
@@ -469,6 +687,31 @@ def test_a_full_queue_answers_503_and_bad_reports_400(fleet_db_url, fast):
             assert r.status_code == 413 and "KiB" in r.json()["error"]
 
     run(scenario())
+
+
+# -- the clients' one error table ------------------------------------------------------------------------------------
+def test_answers_map_to_the_error_tree_with_the_servers_message():
+    from slmops.client import errors
+    from slmops.types import errors as e
+
+    def answer(status: int, body: bytes = b'{"error": "what to do"}', **headers: str) -> httpx.Response:
+        return httpx.Response(status, content=body, headers=headers)
+
+    for status, cls in ((400, e.InvalidInput), (401, e.Unauthenticated), (403, e.Forbidden), (404, e.NotFound),
+                        (409, e.Conflict), (413, e.TooLarge), (503, e.Busy)):
+        err = errors.error_for(answer(status), "http://cp")
+        assert type(err) is cls and str(err) == "what to do", status
+    limited = errors.error_for(answer(429, **{"retry-after": "7"}), "http://cp")
+    assert isinstance(limited, e.RateLimited) and str(limited) == "what to do"
+    for status in (500, 502, 418):
+        err = errors.error_for(answer(status, b"<html>oops</html>"), "http://cp")
+        assert type(err) is e.SourceError
+        assert str(err) == f"control plane at http://cp answered {status}: <html>oops</html>"
+    assert str(errors.error_for(answer(404, b""), "http://cp")) == "Not Found"  # no body: the reason phrase
+    ok = answer(200)
+    assert errors.checked(ok, "http://cp") is ok
+    with pytest.raises(e.Forbidden, match="what to do"):
+        errors.checked(answer(403), "http://cp")
 
 
 # -- the batcher on its own (a real SQLite database) ----------------------------------------------------------------

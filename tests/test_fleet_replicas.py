@@ -1,7 +1,7 @@
 """Two real `slmops fleet serve` processes on one PostgreSQL database, as behind a load balancer: what one replica
-is told is what the other serves. A device enrolled through one polls the other; a blueprint change and a
-revocation made through one reach the other's cached ETags and keys through the change feed (deadlines are
-generous; nothing here times how fast)."""
+is told is what the other serves. A device enrolled through one polls the other, with a session token the first
+issued; a blueprint change and a revocation made through one reach the other's cached ETags and keys through the
+change feed (deadlines are generous; nothing here times how fast)."""
 
 from __future__ import annotations
 
@@ -19,46 +19,22 @@ import pytest
 from fleet_db import postgres  # noqa: F401
 
 from conftest import BIN, free_port
-from slmops.client.device import DeviceClient
-from slmops.client.fleet import FleetClient
+from procs import ServerProcess
+from slmops.client import DeviceClient, FleetClient
 from slmops.fleet.deviceauth import DeviceKey
 from slmops.types.errors import Unauthenticated
 
 DEADLINE_S = 30.0
 
 
-class Replica:
-    """One `slmops fleet serve` process on a free loopback port."""
+class Replica(ServerProcess):
+    """One `slmops fleet serve` process on a free loopback port; ``wait_ready()`` once all have started."""
 
     def __init__(self, home: Path, db_url: str, name: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = home / f"{name}.log"
-        self._log = self.log_path.open("w")
+        port = free_port()
         env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_FLEET_DB": db_url}
-        self.proc = subprocess.Popen([str(BIN), "fleet", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                if self.proc.poll() is not None:
-                    break
-            time.sleep(0.1)
-        raise RuntimeError(f"replica did not start: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
+        super().__init__([BIN, "fleet", "serve", "--host", "127.0.0.1", "--port", str(port)], home / f"{name}.log",
+                         f"http://127.0.0.1:{port}", env=env)
 
 
 @pytest.fixture
@@ -103,10 +79,18 @@ def test_a_change_through_one_replica_is_served_by_the_other(replicas):
         device_key = DeviceKey.generate()
         async with DeviceClient(a.url, device_key) as via_a:
             enrolled = await via_a.enrol(secret, name="edge-1", hardware={"cpu": {"architecture": "aarch64"}})
+            session = await via_a.new_session()  # made by a, under the secret both replicas share
+        async with httpx.AsyncClient() as raw:
+            skewed = await raw.get(a.url + "/fleet/v1/device/desired", headers={
+                "authorization": device_key.authorization(enrolled.device_id, "GET", "/fleet/v1/device/desired",
+                                                          b"", int(time.time()) - 3600)})
+        assert skewed.status_code == 401 and len(skewed.headers.get_list("date")) == 1  # the server's, once
         async with DeviceClient(b.url, device_key, enrolled.device_id) as via_b:
+            via_b.use_session(session)  # a's token, on b
             first, etag = await via_b.desired()
             assert first is not None and first.version == 1 and first.config == {}
             assert (await via_b.desired(etag)) == (None, etag)  # cached on b now
+            assert via_b.signed == 0 and via_b.session is session  # b took a's session token as it was
 
             with FleetClient(a.url, key) as ops_a:  # a blueprint change through a ...
                 ops_a.put_blueprint("baseline", {"performance": {"keep_alive": "7m"}})

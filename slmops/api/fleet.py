@@ -95,35 +95,51 @@ class DesiredState(_Response):
     config: dict[str, Any] = Field(default_factory=dict)  # the effective deployment config
 
 
+# Bounds of the columns reports land in: one value out of them would fail a whole batch's transaction on PostgreSQL.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
 class Running(_Request):
-    release: str | None = None
-    manifest_digest: str | None = None
-    slot: str | None = None
+    release: str | None = Field(None, max_length=160)
+    manifest_digest: str | None = Field(None, max_length=71)
+    slot: str | None = Field(None, max_length=64)
 
 
 class Window(_Request):
-    """Aggregates over one window; no text of any prompt or answer."""
+    """Aggregates over one window; no text of any prompt or answer. ``start`` identifies the window: a device
+    reports each window once, and one sent again is not counted again."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     start: float
     end: float
-    requests: int = Field(0, ge=0)
-    errors: int = Field(0, ge=0)
-    load_failures: int = Field(0, ge=0)
-    oom: int = Field(0, ge=0)
+    requests: int = Field(0, ge=0, le=INT32_MAX)
+    errors: int = Field(0, ge=0, le=INT32_MAX)
+    load_failures: int = Field(0, ge=0, le=INT32_MAX)
+    oom: int = Field(0, ge=0, le=INT32_MAX)
     ttft_p50_ms: float | None = Field(None, ge=0)
     ttft_p95_ms: float | None = Field(None, ge=0)
     itl_p50_ms: float | None = Field(None, ge=0)
     itl_p95_ms: float | None = Field(None, ge=0)
     tokens_per_s: float | None = Field(None, ge=0)
     golden_score: float | None = Field(None, ge=0, le=1)
-    memory_bytes: int | None = Field(None, ge=0)
+    memory_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
 
 
 class ReportRequest(_Request):
     running: Running = Field(default_factory=Running)
     health: Health = "unknown"
-    desired_version: int = 0  # the desired state the device has applied
+    desired_version: int = Field(0, ge=0, le=INT64_MAX, description="the desired state the device has applied")
     windows: list[Window] = Field(default_factory=list, max_length=64)
+
+
+class SessionResponse(_Response):
+    """A session token for ``Authorization: Slmops-Session <token>``, valid until ``expires_at`` (the control
+    plane's clock); renew it before then with another signed ``POST /fleet/v1/device/session``."""
+
+    token: str
+    expires_at: float
 
 
 # -- operators ----------------------------------------------------------------------------------------------

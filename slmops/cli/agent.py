@@ -88,7 +88,7 @@ def enrol(token: str = typer.Option(..., "--token", help="One-time enrolment tok
     with atomic_writer(folder / "device.json") as f:
         f.write(json.dumps(ident, indent=2).encode())
     console.print(f"enrolled as {enrolled.device_id} (hardware class {enrolled.hardware_class}) with {url}",
-                  markup=False)
+                  markup=False, soft_wrap=True)
 
 
 @app.command("desired")
@@ -101,7 +101,7 @@ def desired(json_: bool = typer.Option(False, "--json", help="Print as JSON.")) 
     key = DeviceKey.load(identity_dir() / "device.key")
 
     async def go() -> Any:
-        async with DeviceClient(ident["control"], key, ident["device_id"]) as cp:
+        async with DeviceClient(ident["control"], key, ident["device_id"], sessions=False) as cp:  # one request
             state, _ = await cp.desired(None)
             return state
 
@@ -110,7 +110,7 @@ def desired(json_: bool = typer.Option(False, "--json", help="Print as JSON.")) 
         print(state.model_dump_json(indent=2))
         return
     target = state.release
-    console.print(f"device {state.device_id}, desired version {state.version}", markup=False)
+    console.print(f"device {state.device_id}, desired version {state.version}", markup=False, soft_wrap=True)
     console.print(f"release  {target.release} ({target.variant}: {target.reference})" if target else
-                  "release  none (no channel in its blueprint, or no variant for its hardware class)", markup=False)
+                  "release  none (no channel in its blueprint, or no variant for its hardware class)", markup=False, soft_wrap=True)
     console.print("config   " + json.dumps(state.config, sort_keys=True), markup=False, soft_wrap=True)

@@ -3,29 +3,26 @@
 ``serve`` and ``keys`` act on the control plane's database (they run on its host: the first admin key has no API
 to come from); every other command talks to a running control plane through :class:`slmops.client.FleetClient`
 at ``SLMOPS_FLEET_HOST`` with the key in ``SLMOPS_FLEET_KEY`` (or ``--key``). Release and channel commands live
-in ``cli/fleet_releases.py`` and register onto ``app``; they get their client from :func:`client` too.
+in ``cli/fleet_releases.py`` and register onto ``app``; they get their client from :func:`client` too. Both print
+through ``cli/fleet_output.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
-import io
 import json
-import socket
 import sys
 from contextvars import ContextVar
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from slmops.cli.common import console, err_console, human_ago, settings
-from slmops.types.errors import ConfigError, InvalidInput, Unauthenticated
+from slmops.cli.common import console, err_console, settings
+from slmops.cli.fleet_output import JSON_OPT, ago, listing, print_json, tag_text, table, when
+from slmops.cli.serving import check_port, run_app
+from slmops.types.errors import InvalidInput, Unauthenticated
 
 if TYPE_CHECKING:
     from slmops.client.fleet import FleetClient
@@ -49,7 +46,6 @@ app.add_typer(groups_app, name="groups")
 app.add_typer(blueprints_app, name="blueprints")
 app.add_typer(ledger_app, name="ledger")
 
-JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
 DB_OPT = typer.Option(None, "--db", help="Database URL (or SLMOPS_FLEET_DB; default SQLite in SLMOPS_HOME).")
 
 
@@ -113,85 +109,36 @@ def _pairs(items: Iterable[str], what: str, removable: bool = False) -> dict[str
     return out
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _ago(ts: float) -> str:
-    return human_ago(datetime.fromtimestamp(ts, timezone.utc))
-
-
-def _tags(tags: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-"
-
-
-def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
-    """Columns as the rest of the CLI prints them; off a terminal, as wide as the rows (never cut)."""
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    head = list(header)
-    for name in head:
-        table.add_column(name, no_wrap=True)
-    rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    for row in rows:
-        table.add_row(*(Text(c) for c in row))
-    if console.is_terminal:
-        console.print(table)
-        return
-    wide = Console(width=sum(max(len(x) for x in col) for col in zip(head, *rows)) + 2 * len(head),
-                   file=io.StringIO(), highlight=False, color_system=None)
-    wide.print(table)
-    for line in wide.file.getvalue().splitlines():  # type: ignore[attr-defined]
-        print(line.rstrip())
-
-
-def _json(value: Any) -> None:
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    elif isinstance(value, list):
-        value = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in value]
-    print(json.dumps(value, indent=2, sort_keys=False))
-
-
 # -- serve --------------------------------------------------------------------------------------------------
 
 @app.command("serve")
 def serve(host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default: SLMOPS_FLEET_HOST)."),
           port: Optional[int] = typer.Option(None, "--port", help="Port (default: SLMOPS_FLEET_HOST's, 11500)."),
-          db: Optional[str] = DB_OPT) -> None:
+          db: Optional[str] = DB_OPT,
+          insecure_registries: bool = typer.Option(False, "--insecure-registries",
+                                                   help="Check release variants in registries over plain HTTP.")
+          ) -> None:
     """Start the control plane (its database is migrated at start)."""
-    import importlib.util
-
-    import uvicorn
     from sqlalchemy.engine import make_url
 
     from slmops.fleet.control.app import ControlPlane, create_app
     from slmops.fleet.control.db import Database
+    from slmops.store.registry_auth import RegistryConfig
 
     cfg = settings()
     bind_host, bind_port = cfg["SLMOPS_FLEET_HOST"]
     bind_host, bind_port = host or bind_host, port or bind_port
     url = _db_url(db)
-    _check_port(bind_host, bind_port)
+    check_port(bind_host, bind_port, "pass --port or set SLMOPS_FLEET_HOST")
     plane = ControlPlane(Database(url), trusted_keys=tuple(cfg["SLMOPS_FLEET_TRUSTED_KEYS"]),
-                         allow_private_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"])
+                         allow_private_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"],
+                         registry_insecure=insecure_registries)
+    # registry logins as `slmops pull` has them (registries.json under SLMOPS_HOME, or SLMOPS_REGISTRY_*)
+    plane.extras["registry_config"] = RegistryConfig.from_settings(cfg, insecure=insecure_registries)
     shown = f"[{bind_host}]" if ":" in bind_host else bind_host
     err_console.print(f"slmops fleet control plane on http://{shown}:{bind_port} (database "
                       f"{make_url(url).render_as_string(hide_password=True)})", markup=False, soft_wrap=True)
-    has = importlib.util.find_spec
-    uvicorn.run(create_app(plane), host=bind_host, port=bind_port, access_log=False,
-                log_level="debug" if cfg["SLMOPS_DEBUG"] else "warning",
-                loop="uvloop" if has("uvloop") else "asyncio", http="httptools" if has("httptools") else "h11")
-
-
-def _check_port(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as err:
-            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); stop what uses it, or pass --port "
-                              "or set SLMOPS_FLEET_HOST") from None
+    run_app(create_app(plane), bind_host, bind_port, cfg["SLMOPS_DEBUG"], access_log=False)
 
 
 # -- keys (on the control-plane host) -----------------------------------------------------------------------
@@ -226,10 +173,8 @@ def keys_list(db: Optional[str] = DB_OPT, remote: bool = REMOTE_OPT, as_json: bo
     else:
         from slmops.fleet.control.operators import list_keys
         found = _on_db(db, list_keys)
-    if as_json:
-        return _json(found)
-    _table(("NAME", "ROLE", "ID", "CREATED", "STATE"),
-           [(k.name, k.role, k.id, _when(k.created_at), "revoked" if k.revoked else "active") for k in found])
+    listing(found, as_json, ("NAME", "ROLE", "ID", "CREATED", "STATE"),
+            lambda k: (k.name, k.role, k.id, when(k.created_at), "revoked" if k.revoked else "active"))
 
 
 @keys_app.command("revoke")
@@ -254,7 +199,7 @@ def tokens_create(expires: str = typer.Option("1h", "--expires", help="Lifetime:
     """Make a one-time enrolment token and print it (shown this once)."""
     with client() as c:
         made = c.create_token(expires, _pairs(tag, "tag"))
-    err_console.print(f"token {made.id}, valid until {_when(made.expires_at)} UTC, for one device:", markup=False)
+    err_console.print(f"token {made.id}, valid until {when(made.expires_at)} UTC, for one device:", markup=False)
     print(made.token)
 
 
@@ -263,10 +208,8 @@ def tokens_list(as_json: bool = JSON_OPT) -> None:
     """List tokens: expiry, tags, whether used (never the secret)."""
     with client() as c:
         found = c.tokens()
-    if as_json:
-        return _json(found)
-    _table(("ID", "EXPIRES", "TAGS", "USED BY", "CREATED BY"),
-           [(t.id, _when(t.expires_at), _tags(t.tags), t.used_by, t.created_by) for t in found])
+    listing(found, as_json, ("ID", "EXPIRES", "TAGS", "USED BY", "CREATED BY"),
+            lambda t: (t.id, when(t.expires_at), tag_text(t.tags), t.used_by, t.created_by))
 
 
 @tokens_app.command("revoke")
@@ -302,11 +245,9 @@ def devices_list(group: Optional[str] = GROUP_OPT, hardware_class: Optional[str]
     with client() as c:
         found = list(c.all_devices(group=group, hardware_class=hardware_class, release=release, health=health,
                                    seen_within=seen_within))
-    if as_json:
-        return _json(found)
-    _table(("ID", "NAME", "CLASS", "RELEASE", "HEALTH", "LAST SEEN", "GROUPS", "TAGS"),
-           [(d.id, d.name + (" (revoked)" if d.revoked else ""), d.hardware_class, d.running_release, d.health,
-             _ago(d.last_seen), ",".join(d.groups) or "-", _tags(d.tags)) for d in found])
+    listing(found, as_json, ("ID", "NAME", "CLASS", "RELEASE", "HEALTH", "LAST SEEN", "GROUPS", "TAGS"),
+            lambda d: (d.id, d.name + (" (revoked)" if d.revoked else ""), d.hardware_class, d.running_release,
+                       d.health, ago(d.last_seen), ",".join(d.groups) or "-", tag_text(d.tags)))
 
 
 @devices_app.command("show")
@@ -315,14 +256,14 @@ def devices_show(device_id: str = typer.Argument(...), as_json: bool = JSON_OPT)
     with client() as c:
         d = c.device(device_id)
     if as_json:
-        return _json(d)
+        return print_json(d)
     _show_device(d)
 
 
 def _show_device(d: Any) -> None:
     rows = [("id", d.id), ("name", d.name), ("hardware class", d.hardware_class), ("agent", d.agent_version or "-"),
-            ("tags", _tags(d.tags)), ("groups", ", ".join(d.groups) or "-"), ("enrolled", _when(d.enrolled_at)),
-            ("last seen", f"{_when(d.last_seen)} ({_ago(d.last_seen)})"), ("running", d.running_release or "-"),
+            ("tags", tag_text(d.tags)), ("groups", ", ".join(d.groups) or "-"), ("enrolled", when(d.enrolled_at)),
+            ("last seen", f"{when(d.last_seen)} ({ago(d.last_seen)})"), ("running", d.running_release or "-"),
             ("health", d.health), ("desired version", str(d.desired_version)),
             ("revoked", "yes" if d.revoked else "no")]
     for k, v in rows:
@@ -335,7 +276,7 @@ def devices_tag(device_id: str = typer.Argument(...),
     """Set or remove tags (the `class` tag overrides the hardware class)."""
     with client() as c:
         d = c.tag_device(device_id, _pairs(tags, "tag", removable=True))
-    console.print(f"{d.id}: tags {_tags(d.tags)}; groups {', '.join(d.groups) or '-'}", markup=False)
+    console.print(f"{d.id}: tags {tag_text(d.tags)}; groups {', '.join(d.groups) or '-'}", markup=False)
 
 
 @devices_app.command("revoke")
@@ -355,7 +296,7 @@ def groups_put(name: str = typer.Argument(...),
     """Create or change a group."""
     with client() as c:
         g = c.put_group(name, _pairs(select, "--select"))
-    console.print(f"group {g.name}: {_tags(g.selector) if g.selector else 'every device'} ({g.devices} devices)",
+    console.print(f"group {g.name}: {tag_text(g.selector) if g.selector else 'every device'} ({g.devices} devices)",
                   markup=False)
 
 
@@ -364,9 +305,7 @@ def groups_list(as_json: bool = JSON_OPT) -> None:
     """List groups with their selectors and device counts."""
     with client() as c:
         found = c.groups()
-    if as_json:
-        return _json(found)
-    _table(("NAME", "SELECTOR", "DEVICES"), [(g.name, _tags(g.selector), g.devices) for g in found])
+    listing(found, as_json, ("NAME", "SELECTOR", "DEVICES"), lambda g: (g.name, tag_text(g.selector), g.devices))
 
 
 @groups_app.command("show")
@@ -376,9 +315,9 @@ def groups_show(name: str = typer.Argument(...), as_json: bool = JSON_OPT) -> No
         g = c.group(name)
         members = list(c.all_devices(group=name))
     if as_json:
-        return _json({**g.model_dump(mode="json"), "members": [d.id for d in members]})
-    console.print(f"group {g.name}: {_tags(g.selector) if g.selector else 'every device'}", markup=False)
-    _table(("ID", "NAME", "CLASS", "RELEASE", "HEALTH"),
+        return print_json({**g.model_dump(mode="json"), "members": [d.id for d in members]})
+    console.print(f"group {g.name}: {tag_text(g.selector) if g.selector else 'every device'}", markup=False)
+    table(("ID", "NAME", "CLASS", "RELEASE", "HEALTH"),
            [(d.id, d.name, d.hardware_class, d.running_release, d.health) for d in members])
 
 
@@ -425,11 +364,8 @@ def blueprints_list(as_json: bool = JSON_OPT) -> None:
     """List layers, lowest precedence first."""
     with client() as c:
         found = c.blueprints()
-    if as_json:
-        return _json(found)
-    _table(("LAYER", "PRIORITY", "KEYS", "UPDATED", "BY"),
-           [(b.layer, b.priority, ", ".join(sorted(_leaves(b.config))), _when(b.updated_at), b.updated_by)
-            for b in found])
+    listing(found, as_json, ("LAYER", "PRIORITY", "KEYS", "UPDATED", "BY"),
+            lambda b: (b.layer, b.priority, ", ".join(sorted(_leaves(b.config))), when(b.updated_at), b.updated_by))
 
 
 @blueprints_app.command("show")
@@ -439,7 +375,7 @@ def blueprints_show(layer: str = typer.Argument(...), as_json: bool = JSON_OPT) 
     with client() as c:
         b = c.blueprint(layer)
     if as_json:
-        return _json(b)
+        return print_json(b)
     print(yaml.safe_dump(b.config, sort_keys=False, default_flow_style=False).rstrip() if b.config else "{}")
 
 
@@ -470,14 +406,14 @@ def config_cmd(device_id: str = typer.Argument(...), as_json: bool = JSON_OPT) -
     with client() as c:
         eff = c.device_config(device_id)
     if as_json:
-        return _json(eff)
+        return print_json(eff)
     rows = []
     for key, value in sorted(_leaves(eff.config).items()):
         rows.append((key, json.dumps(value) if not isinstance(value, str) else value, _source(eff.sources, key)))
     if not rows:
         console.print(f"{device_id}: no blueprint layer applies (defaults everywhere)", markup=False)
         return
-    _table(("KEY", "VALUE", "LAYER"), rows)
+    table(("KEY", "VALUE", "LAYER"), rows)
 
 
 def _source(sources: dict[str, str], key: str) -> str:
@@ -509,10 +445,8 @@ def ledger_list(after: int = AFTER_OPT, limit: int = LIMIT_OPT, subject: Optiona
     """Entries oldest first: who did what to which subject."""
     with client() as c:
         found = c.ledger(after, limit, subject)
-    if as_json:
-        return _json(found)
-    _table(("SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT"),
-           [(x.seq, _when(x.at), x.actor, x.action, x.subject) for x in found])
+    listing(found, as_json, ("SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT"),
+            lambda x: (x.seq, when(x.at), x.actor, x.action, x.subject))
 
 
 @ledger_app.command("verify")

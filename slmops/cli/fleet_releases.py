@@ -16,7 +16,8 @@ import typer
 from pydantic import ValidationError
 
 from slmops.cli.common import console
-from slmops.cli.fleet import JSON_OPT, _json, _table, _when, app, client
+from slmops.cli.fleet import app, client
+from slmops.cli.fleet_output import JSON_OPT, listing, print_json, when
 from slmops.types.errors import InvalidInput
 
 releases_app = typer.Typer(no_args_is_help=True, help="Releases: NAME:VERSION, one model per hardware variant in "
@@ -82,7 +83,7 @@ def releases_create(release: str = typer.Argument(..., help="NAME:VERSION"),
     with client() as c:
         made = c.create_release(name, version, _variants(variant), _golden(golden) if golden else [], notes)
     if as_json:
-        return _json(made)
+        return print_json(made)
     console.print(f"release {made.release} created", markup=False)
     _print_variants(made)
 
@@ -101,11 +102,9 @@ def releases_list(name: Optional[str] = typer.Option(None, "--name", help="Only 
     """Releases, oldest first."""
     with client() as c:
         found = c.releases(name)
-    if as_json:
-        return _json(found)
-    _table(("RELEASE", "VARIANTS", "GOLDEN", "CREATED", "BY"),
-           [(r.release, ",".join(v.hardware for v in r.variants), len(r.golden), _when(r.created_at), r.created_by)
-            for r in found])
+    listing(found, as_json, ("RELEASE", "VARIANTS", "GOLDEN", "CREATED", "BY"),
+            lambda r: (r.release, ",".join(v.hardware for v in r.variants), len(r.golden), when(r.created_at),
+                       r.created_by))
 
 
 @releases_app.command("show")
@@ -115,8 +114,8 @@ def releases_show(release: str = typer.Argument(..., help="NAME:VERSION"), as_js
     with client() as c:
         r = c.release(name, version)
     if as_json:
-        return _json(r)
-    console.print(f"release {r.release}, created {_when(r.created_at)} UTC by {r.created_by}", markup=False)
+        return print_json(r)
+    console.print(f"release {r.release}, created {when(r.created_at)} UTC by {r.created_by}", markup=False)
     _print_variants(r)
     for g in r.golden:
         expect = f"expect {g.expect!r}" if g.expect is not None else f"expect_regex {g.expect_regex!r}"
@@ -139,6 +138,4 @@ def channels_list(as_json: bool = JSON_OPT) -> None:
     """Channels and the release each points at."""
     with client() as c:
         found = c.channels()
-    if as_json:
-        return _json(found)
-    _table(("CHANNEL", "RELEASE", "UPDATED"), [(ch.name, ch.release, _when(ch.updated_at)) for ch in found])
+    listing(found, as_json, ("CHANNEL", "RELEASE", "UPDATED"), lambda ch: (ch.name, ch.release, when(ch.updated_at)))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import typer
+import typer.exceptions
 
 import slmops
 from slmops.cli import agent, fleet, hw, importing, models, ops, run, security, serve
@@ -81,9 +82,8 @@ def main() -> None:
     except (typer.Abort, typer.Exit) as exc:
         sys.exit(getattr(exc, "exit_code", 1))
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        import click
-
-        if isinstance(err, click.ClickException):
+        # typer bundles its own click: its usage errors derive from TyperException, not from click's classes
+        if isinstance(err, typer.exceptions.TyperException) and hasattr(err, "show"):
             err.show()
             sys.exit(err.exit_code)
         if engine_missing(err):  # a model command in the control-plane install

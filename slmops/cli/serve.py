@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -11,20 +10,8 @@ import typer
 
 from slmops.cli.common import (audit_log, console, engine_config, err_console, key_store, placement, settings,
                                store, use_config)
+from slmops.cli.serving import check_port, run_app
 from slmops.types.errors import ConfigError, SlmopsError
-
-
-def _check_port(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as err:
-            if err.errno == 98:
-                raise ConfigError(
-                    f"address {host}:{port} is already in use; stop the other server or set SLMOPS_HOST") from None
-            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; check SLMOPS_HOST") from None
 
 
 def serve(
@@ -36,8 +23,6 @@ def serve(
                                                "(or SLMOPS_CONFIG); SLMOPS_* variables override it."),
 ) -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
-    import uvicorn
-
     from slmops.security.limits import RateLimiter
     from slmops.server.access import AccessPolicy
     from slmops.server.app import ServerConfig, create_app, is_loopback
@@ -57,7 +42,7 @@ def serve(
     for p in (tls_cert, tls_key):
         if p is not None and not p.is_file():
             raise ConfigError(f"TLS file {p} does not exist or is not a file")
-    _check_port(host, port)
+    check_port(host, port, "set SLMOPS_HOST")
     access = AccessPolicy(keys, required=cfg["SLMOPS_AUTH"] == "required",
                           limiter=RateLimiter(cfg["SLMOPS_RATE_LIMIT"], cfg["SLMOPS_TOKEN_LIMIT"]),
                           audit=audit_log(), audit_content=cfg["SLMOPS_AUDIT_CONTENT"])
@@ -83,9 +68,8 @@ def serve(
     scheme = "https" if tls_cert else "http"
     auth = "API keys required" if access.auth_on() else "no API keys (loopback)"
     console.print(f"slmops listening on {scheme}://{host}:{port} ({auth})", markup=False)
-    uvicorn.run(app, host=host, port=port, log_level="debug" if cfg["SLMOPS_DEBUG"] else "warning",
-                timeout_graceful_shutdown=5, ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    run_app(app, host, port, cfg["SLMOPS_DEBUG"], timeout_graceful_shutdown=5,
+            ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
 
 
 def _log_config(cfg) -> None:  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@ install without llama.cpp."""
 
 from __future__ import annotations
 
+from slmops.client.device import DeviceClient
 from slmops.client.fleet import FleetClient
 
-__all__ = ["FleetClient"]
+__all__ = ["DeviceClient", "FleetClient"]

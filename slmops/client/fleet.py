@@ -2,8 +2,9 @@
 
 One method per route, returning the pydantic types of :mod:`slmops.api.fleet`. Every call goes through
 :meth:`FleetClient._call`, which turns the control plane's answers into the slmops error tree with the server's
-one-line message (400 InvalidInput, 401 Unauthenticated, 403 Forbidden, 404 NotFound, 409 Conflict, 5xx
-SourceError), so the CLI and scripts handle errors the way the rest of slmops does.
+one-line message (:mod:`slmops.client.errors`: 400 InvalidInput, 401 Unauthenticated, 403 Forbidden, 404 NotFound,
+409 Conflict, 503 Busy, other 5xx SourceError), so the CLI and scripts handle errors the way the rest of slmops
+does.
 
     with FleetClient("http://127.0.0.1:11500", key) as fleet:
         token = fleet.create_token("1h", {"site": "lyon"})
@@ -21,12 +22,9 @@ from pydantic import TypeAdapter
 
 from slmops.api.fleet import (BlueprintInfo, DeviceInfo, DevicePage, EffectiveConfig, EnrolmentTokenResponse,
                               GroupInfo, KeyInfo, LedgerInfo, LedgerVerdict, TokenInfo)
-from slmops.types import errors as e
+from slmops.client import errors
 
 T = TypeVar("T")
-
-_BY_STATUS: dict[int, type[e.SlmopsError]] = {400: e.InvalidInput, 401: e.Unauthenticated, 403: e.Forbidden,
-                                              404: e.NotFound, 409: e.Conflict, 413: e.TooLarge}
 
 
 class FleetClient:
@@ -52,30 +50,14 @@ class FleetClient:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             r = self._http.request(method, "/fleet/v1" + path, json=json, params=query)
-        except httpx.ConnectError:
-            raise e.SourceError(f"cannot reach the control plane at {self.base_url}; start it with "
-                                "`slmops fleet serve` or set SLMOPS_FLEET_HOST") from None
-        except httpx.TimeoutException:
-            raise e.SourceError(f"the control plane at {self.base_url} did not answer in time; check that it "
-                                "runs and that SLMOPS_FLEET_HOST names it") from None
         except httpx.HTTPError as err:
-            raise e.SourceError(f"control plane at {self.base_url}: {type(err).__name__}: {err}") from None
-        if r.status_code >= 400:
-            raise self._error(r)
+            raise errors.transport_error(err, self.base_url, "start it with `slmops fleet serve` or set "
+                                         "SLMOPS_FLEET_HOST", "check that it runs and that SLMOPS_FLEET_HOST names "
+                                         "it") from None
+        errors.checked(r, self.base_url)
         if model is None or r.status_code == 204:
             return None
         return TypeAdapter(model).validate_python(r.json())
-
-    def _error(self, r: httpx.Response) -> e.SlmopsError:
-        try:
-            message = str(r.json()["error"])
-        except (ValueError, KeyError, TypeError):
-            message = r.text.strip()[:200] or r.reason_phrase
-        if r.status_code == 429:
-            return e.RateLimited(message, float(r.headers.get("retry-after", "1") or 1))
-        if r.status_code >= 500 or r.status_code not in _BY_STATUS:
-            return e.SourceError(f"control plane at {self.base_url} answered {r.status_code}: {message}")
-        return _BY_STATUS[r.status_code](message)
 
     # -- enrolment tokens ------------------------------------------------------------------------------------
     def create_token(self, expires_in: str = "1h", tags: dict[str, str] | None = None) -> EnrolmentTokenResponse:

@@ -8,7 +8,8 @@ A device makes its own Ed25519 key and never lets the private half leave it; the
 where ``sig`` signs ``METHOD\\nPATH?QUERY\\nTS\\nsha256-hex(body)``. The method is an upper-case token and the body
 enters as a fixed-length hash, so the four fields parse back one way only. A timestamp more than ``skew`` seconds
 from the server's clock is refused with :class:`ClockSkew`, which carries the server's time: the agent corrects
-its offset (:func:`clock_offset` reads it from the ``Date`` header too) and retries.
+its offset (:func:`server_time_offset` reads it from the answer's ``Slmops-Server-Time``, :func:`clock_offset`
+from its ``Date``) and retries.
 
 The enrolment proof signs ``ENROL_CONTEXT + token``. The context starts with a lower-case letter and holds a NUL
 byte, neither of which a request's signing input can start with or contain before the path, so a captured request
@@ -16,6 +17,27 @@ signature can never pass as a proof of possession, nor a proof as a request.
 
 Verification runs on every poll: public keys are parsed once per distinct raw key (an LRU cache), and the header
 is matched by one compiled expression.
+
+Sessions. An Ed25519 verification costs 130-350 µs of server CPU, more than the rest of a poll, so a device proves
+itself once per session instead of once per request: a signed ``POST /fleet/v1/device/session`` returns a token
+that later requests carry as
+
+    Authorization: Slmops-Session dev_0123456789ab.1733200900.1.<base64url HMAC-SHA256, no padding>
+
+The token is the device id, its expiry (server seconds) and the epoch of the server secret that MACs them
+(``session_input``); checking it is one HMAC and a constant-time compare, a few µs. The secret is random, kept in
+the control plane's database so every replica shares it, and never logged nor written to the ledger; epochs let a
+new secret take over while tokens made under the old one run out. Whoever can read that table can make tokens for
+any device, so it is as sensitive as the database itself (whoever can write the database can do more). A token is
+refused once it expires, when its MAC does not hold (forged, altered, another secret), and, since the control
+plane checks its device's row on every request as it does for signatures, as soon as the device is revoked.
+
+What a stolen token allows: requests as that one device (its own desired state, its own reports) until it
+expires, 15 minutes (``DEFAULT_SESSION_S``) after it was made; nothing else, and it cannot be renewed: a new token
+needs a fresh Ed25519 signature, so the private key. Tokens travel only in the Authorization header, over TLS like
+every request to a deployed control plane. The private key still never leaves the device: the token is the
+server's statement about the device, made after the device proved itself with the key, not a copy of anything
+secret the device holds.
 """
 
 from __future__ import annotations
@@ -25,6 +47,8 @@ import binascii
 import datetime
 import email.utils
 import hashlib
+import hmac
+import math
 import os
 import re
 import secrets
@@ -44,11 +68,18 @@ from slmops.store.atomic import atomic_writer
 from slmops.types.errors import ConfigError, InvalidInput, Unauthenticated
 
 SCHEME = "Slmops-Device"
+SESSION_SCHEME = "Slmops-Session"
 ENROL_CONTEXT = b"slmops fleet enrolment proof v1\x00"
+SESSION_CONTEXT = b"slmops fleet session v1\x00"
 DEFAULT_SKEW = 300
+DEFAULT_SESSION_S = 900  # a session token's lifetime
 DEVICE_ID_RE = re.compile(r"^dev_[0-9a-f]{12}$")
 _HEADER_RE = re.compile(r'^(?i:slmops-device)[ ]+id="(dev_[0-9a-f]{12})",[ ]*ts="([0-9]{1,12})",[ ]*'
                         r'sig="([A-Za-z0-9_-]{86})"[ ]*$')
+_SESSION_RE = re.compile(r"^(?i:slmops-session)[ ]+((dev_[0-9a-f]{12})\.([0-9]{1,12})\.([0-9]{1,9}))\."
+                         r"([A-Za-z0-9_-]{43})[ ]*$")
+_SESSION_HINT = ("renew the session: POST /fleet/v1/device/session signed with the device's key "
+                 f"({SCHEME} Authorization), then send {SESSION_SCHEME} <token>")
 _METHOD_RE = re.compile(r"^[A-Z]{1,16}$")
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 _FORMAT_HINT = (f'send Authorization: {SCHEME} id="dev_<12 hex>",ts="<unix seconds>",sig="<base64url Ed25519 '
@@ -224,4 +255,63 @@ def clock_offset(date_header: str, local_now: float) -> float:
     except (TypeError, ValueError, IndexError):
         raise InvalidInput(f"Date header {date_header!r} is not an HTTP date; the server must send RFC 9110 "
                            "dates") from None
+    return server - local_now
+
+
+# -- sessions -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A verified session token's fields."""
+
+    device_id: str
+    expires_at: int
+    epoch: int
+
+
+def is_session(authorization: str | None) -> bool:
+    """Whether an ``Authorization`` value uses the session scheme (else it should be a signature)."""
+    return authorization is not None and authorization[:15].lower() == "slmops-session "
+
+
+def session_input(device_id: str, expires_at: int, epoch: int) -> bytes:
+    """The bytes a session token's MAC covers; the context keeps it apart from anything else the secret could MAC."""
+    return SESSION_CONTEXT + f"{device_id}.{expires_at}.{epoch}".encode()
+
+
+def mint_session(secret: bytes, epoch: int, device_id: str, expires_at: int) -> str:
+    """A session token for ``device_id`` until ``expires_at`` (server seconds), MACed with the epoch's secret."""
+    if not DEVICE_ID_RE.match(device_id):
+        raise InvalidInput(f"device id {device_id!r} is not dev_<12 hex>")
+    mac = hmac.digest(secret, session_input(device_id, int(expires_at), epoch), "sha256")
+    return f"{device_id}.{int(expires_at)}.{epoch}.{b64url(mac)}"
+
+
+def verify_session(authorization: str | None, secrets_by_epoch: dict[int, bytes], now: float) -> Session:
+    """The session an ``Authorization: Slmops-Session <token>`` value proves, or :class:`Unauthenticated`: a token
+    that is malformed, names an unknown secret, carries a MAC that does not hold, or has expired. The MAC is
+    checked before the expiry, so only a token the server made learns that it merely expired."""
+    m = _SESSION_RE.match(authorization) if authorization else None
+    if m is None:
+        raise Unauthenticated(f"no valid session token: {_SESSION_HINT}")
+    secret = secrets_by_epoch.get(int(m[4]))
+    if secret is not None:
+        expected = hmac.digest(secret, SESSION_CONTEXT + m[1].encode(), "sha256")
+        if hmac.compare_digest(b64url(expected), m[5]):
+            expires_at = int(m[3])
+            if now >= expires_at:
+                raise Unauthenticated(f"session token of {m[2]} expired at {expires_at}; {_SESSION_HINT}")
+            return Session(m[2], expires_at, int(m[4]))
+    raise Unauthenticated(f"session token does not hold (forged, altered, or from another control plane); "
+                          f"{_SESSION_HINT}")
+
+
+def server_time_offset(value: str, local_now: float) -> float:
+    """Seconds to add to the local clock, from a clock-skew answer's ``Slmops-Server-Time`` (unix seconds)."""
+    try:
+        server = float(value)
+    except (TypeError, ValueError):
+        server = math.nan
+    if not math.isfinite(server):
+        raise InvalidInput(f"Slmops-Server-Time {value!r} is not a number of seconds; the server must send unix "
+                           "seconds")
     return server - local_now

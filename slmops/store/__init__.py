@@ -5,8 +5,9 @@ The names below load on first use (PEP 562): the registry client and the key sto
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from slmops._lazy import lazy_names
 
 if TYPE_CHECKING:
     from slmops.store.catalog import Catalog, CatalogEntry
@@ -28,14 +29,4 @@ _LAZY = {
 __all__ = ["Catalog", "CatalogEntry", "GGUFInfo", "Layer", "Manifest", "ModelRecord", "Store", "inspect_gguf"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'slmops.store' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

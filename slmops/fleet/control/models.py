@@ -51,6 +51,8 @@ class Device(Base):
     # what it was last told: the version only moves forward (anti-rollback); the hash says whether it changed
     desired_version: Mapped[int] = mapped_column(BigInteger, default=0)
     desired_hash: Mapped[str] = mapped_column(String(64), default="")
+    # the desired version the device last reported applied (rollouts count devices that reached a version)
+    applied_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class EnrolmentToken(Base):
@@ -152,11 +154,14 @@ class Report(Base):
     """One device's aggregates for one window. No prompt or output text has a column here."""
 
     __tablename__ = "reports"
-    __table_args__ = (Index("ix_reports_release_class", "release", "hardware_class", "window_end"),)
+    __table_args__ = (Index("ix_reports_release_class", "release", "hardware_class", "window_end"),
+                      # one row per device and window: a replayed report adds nothing (reports.py inserts with
+                      # ON CONFLICT DO NOTHING); also the index of a device's reports
+                      UniqueConstraint("device_id", "window_start"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    device_id: Mapped[str] = mapped_column(String(32), index=True)
+    device_id: Mapped[str] = mapped_column(String(32))
     received_at: Mapped[float] = mapped_column(Float)
     window_start: Mapped[float] = mapped_column(Float)
     window_end: Mapped[float] = mapped_column(Float)
@@ -183,3 +188,16 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ServerSecret(Base):
+    """The control plane's own secrets, shared by its replicas through the database. ``session``: the HMAC keys of
+    device session tokens (``deviceauth``), one per epoch, the newest making new tokens. Never logged, never in
+    the ledger, never served."""
+
+    __tablename__ = "server_secrets"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary(64))
+    created_at: Mapped[float] = mapped_column(Float)

@@ -51,6 +51,15 @@ def _plane(request: Request) -> "ControlPlane":
     return request.app.state.plane
 
 
+async def _delete(s: AsyncSession, row: Any, actor: Actor, kind: str, name: str, data: dict[str, Any],
+                  at: float) -> None:
+    """Delete ``row`` and append its ``<kind>.delete`` entry about ``<kind>:<name>``, in the caller's transaction."""
+    await s.delete(row)
+    await s.flush()
+    await ledger.append(s, actor=actor.ledger_name, action=f"{kind}.delete", subject=f"{kind}:{name}", data=data,
+                        at=at)
+
+
 def token_hash(token: str) -> str:
     """What the table stores of an enrolment token: sha256 hex of its whole text."""
     return hashlib.sha256(token.strip().encode()).hexdigest()
@@ -105,10 +114,7 @@ async def delete_token(token_id: str, request: Request, actor: Actor = Depends(o
         row = await s.get(EnrolmentToken, token_id)
         if row is None:
             raise NotFound(f'no enrolment token "{token_id}"; `slmops fleet tokens list` shows them')
-        await s.delete(row)
-        await s.flush()
-        await ledger.append(s, actor=actor.ledger_name, action="token.delete", subject=f"token:{token_id}",
-                            data={"used": row.used_at is not None}, at=plane.clock())
+        await _delete(s, row, actor, "token", token_id, {"used": row.used_at is not None}, plane.clock())
     return Response(status_code=204)
 
 
@@ -266,10 +272,7 @@ async def delete_group(name: str, request: Request, actor: Actor = Depends(opera
         if await s.get(Blueprint, f"group:{name}") is not None:
             raise Conflict(f'group "{name}" has a blueprint layer; remove it first with '
                            f"`slmops fleet blueprints rm group:{name}`")
-        await s.delete(row)
-        await s.flush()
-        await ledger.append(s, actor=actor.ledger_name, action="group.delete", subject=f"group:{name}",
-                            data={"selector": row.selector}, at=plane.clock())
+        await _delete(s, row, actor, "group", name, {"selector": row.selector}, plane.clock())
     return Response(status_code=204)
 
 
@@ -346,10 +349,7 @@ async def delete_blueprint(layer: str, request: Request, actor: Actor = Depends(
     plane = _plane(request)
     async with plane.db.write() as s:
         row = await _blueprint(s, layer)
-        await s.delete(row)
-        await s.flush()
-        await ledger.append(s, actor=actor.ledger_name, action="blueprint.delete", subject=f"blueprint:{layer}",
-                            data={"priority": row.priority}, at=plane.clock())
+        await _delete(s, row, actor, "blueprint", layer, {"priority": row.priority}, plane.clock())
     return Response(status_code=204)
 
 

@@ -1,38 +1,48 @@
-"""The devices' routes of ``/fleet/v1``: enrolment, the desired-state poll and reports.
+"""The devices' routes of ``/fleet/v1``: enrolment, sessions, the desired-state poll and reports.
 
 Polls are most of the control plane's traffic and almost all of them change nothing, so the poll answers 304 from
 memory: per device, the ETag of the state last computed, valid until the change feed reports that the database
 moved. Device public keys are cached the same way. Reports are queued and written in batches
 (``reports.ReportBatcher``); poll times are noted in memory and written with them. The device's identity comes
-only from its verified signature: there is no device id in a path, so a device can only read its own state.
+only from its verified signature or session token: there is no device id in a path, so a device can only read its
+own state.
 
-A signature whose only fault is its time is refused with 401 and the server's ``Date`` (and
-``WWW-Authenticate: Slmops-Device error="clock_skew"``), from which the agent corrects its clock offset.
+Polls and reports carry a session token (``deviceauth``: one HMAC, a few µs) or, as before, an Ed25519 signature
+(130-350 µs); ``POST /device/session`` answers a signed request only, so a token is never renewed without the
+device's key. The session secret lives in the database (``server_secrets``), made by the first replica to start,
+read by every other one. Either way the device's row is looked up in the key cache on every request, so a revoked
+device is refused at once, with a live token too.
+
+A signature whose only fault is its time is refused with 401, ``WWW-Authenticate: Slmops-Device
+error="clock_skew"`` and ``Slmops-Server-Time`` (the server's clock, in seconds), from which the agent corrects its
+clock offset. The answer sets no ``Date`` of its own: the HTTP server adds one (uvicorn does), and a second one would
+make two.
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slmops.api.fleet import DesiredState, EnrolRequest, EnrolResponse, ErrorBody, ReportRequest
+from slmops.api.fleet import (DesiredState, EnrolRequest, EnrolResponse, ErrorBody, ReportRequest,
+                              SessionResponse)
 from slmops.fleet import deviceauth, hardware
 from slmops.fleet.control import changes, desired, ledger
-from slmops.fleet.control.models import Device, EnrolmentToken, Group
-from slmops.fleet.control.reports import ReportBatcher
+from slmops.fleet.control.db import Database
+from slmops.fleet.control.models import Device, EnrolmentToken, Group, ServerSecret
+from slmops.fleet.control.reports import ReportBatcher, parse_report
 from slmops.fleet.control.routes_admin import token_hash
-from slmops.server.errors import validation_message
 from slmops.types.errors import InvalidInput, SlmopsError, TooLarge, Unauthenticated
 
 if TYPE_CHECKING:
@@ -44,8 +54,9 @@ TOKEN_REFUSED = ("enrolment token is unknown, used or expired; ask an operator f
                  "`slmops fleet tokens create`")
 _devices = Device.__table__
 _tokens = EnrolmentToken.__table__
+_secrets = ServerSecret.__table__
 _MAX_PROFILE = 64 * 1024  # bytes of JSON in a hardware profile
-_LIMITS = {"release": 160, "manifest_digest": 71, "slot": 64}  # the report columns they land in
+SESSION_SECRET = "session"  # ServerSecret.purpose of the session tokens' HMAC keys
 _JSON_PRIVATE = ((b"content-type", b"application/json"), (b"cache-control", b"private, no-cache"))
 _QUEUE_FULL = b'{"error":"the control plane\'s report queue is full; retry after a second"}'
 
@@ -59,6 +70,7 @@ class DeviceOptions:
     queue_limit: int = 20_000  # reports waiting; beyond: 503
     seen_interval_s: float = 5.0  # last-seen times are written this often
     skew_s: float = 300.0  # signature timestamps this far from the server's clock are refused
+    session_s: float = deviceauth.DEFAULT_SESSION_S  # lifetime of a session token
     max_report_bytes: int = 256 * 1024
     fast_path: bool = True  # DeviceFastPath answers polls and reports; False: the FastAPI routes do (tests)
 
@@ -94,7 +106,7 @@ class DeviceSide:
     dropped together when the change version moves, and the report batcher. Caches are filled only by a lookup
     that did not race with a drop (a generation counter), so nothing read before a change outlives it."""
 
-    def __init__(self, plane: ControlPlane, options: DeviceOptions):
+    def __init__(self, plane: ControlPlane, options: DeviceOptions, session_secrets: dict[int, bytes]):
         self.db = plane.db
         self.clock = plane.clock
         self.options = options
@@ -107,6 +119,8 @@ class DeviceSide:
         self._groups: list[_Group] | None = None
         self._generation = 0
         self.fast_answers = 0  # requests DeviceFastPath answered itself
+        self._session_secrets = session_secrets  # epoch -> HMAC key; the newest makes new tokens
+        self._session_epoch = max(session_secrets)
 
     def on_change(self, version: int) -> None:
         """The change feed's callback: forget everything cached."""
@@ -120,18 +134,35 @@ class DeviceSide:
         self.candidates.clear()
 
     # -- authentication --------------------------------------------------------------------------------------
-    async def authenticate(self, authorization: str | None, method: str, target: str, body: bytes) -> str:
-        """The id of the device that signed this request (``target``: path and query as sent); Unauthenticated
-        (or ClockSkew) otherwise."""
-        signed = deviceauth.parse_authorization(authorization)
-        key = self._keys.get(signed.device_id) or await self._load_key(signed.device_id)
+    async def authenticate(self, authorization: str | None, method: str, target: str, body: bytes,
+                           session: bool = True) -> str:
+        """The id of the device that sent this request: its session token when it carries one (and ``session``
+        allows it), else its signature (``target``: path and query as signed); Unauthenticated (or ClockSkew)
+        otherwise. The device must be enrolled and not revoked either way."""
+        if session and deviceauth.is_session(authorization):
+            device_id = deviceauth.verify_session(authorization, self._session_secrets, self.clock()).device_id
+            key = self._keys.get(device_id) or await self._load_key(device_id)
+        else:
+            signed = deviceauth.parse_authorization(authorization)
+            device_id = signed.device_id
+            key = self._keys.get(device_id) or await self._load_key(device_id)
+            if key is not None:
+                deviceauth.verify_request(signed, key.public_key, method, target, body, self.clock(),
+                                          self.options.skew_s)
         if key is None:
-            raise Unauthenticated(f"device {signed.device_id} is not enrolled with this control plane; enrol it "
+            raise Unauthenticated(f"device {device_id} is not enrolled with this control plane; enrol it "
                                   "with a token from `slmops fleet tokens create`")
-        deviceauth.verify_request(signed, key.public_key, method, target, body, self.clock(), self.options.skew_s)
         if key.revoked:
-            raise Unauthenticated(f"device {signed.device_id} was revoked; enrol it again with a new token")
-        return signed.device_id
+            raise Unauthenticated(f"device {device_id} was revoked; enrol it again with a new token")
+        return device_id
+
+    async def session(self, authorization: str | None, target: str, body: bytes) -> SessionResponse:
+        """A session token for the device that signed this request (a session token cannot renew itself)."""
+        device_id = await self.authenticate(authorization, "POST", target, body, session=False)
+        expires_at = int(self.clock() + self.options.session_s)
+        token = deviceauth.mint_session(self._session_secrets[self._session_epoch], self._session_epoch, device_id,
+                                        expires_at)
+        return SessionResponse(token=token, expires_at=expires_at)
 
     async def _load_key(self, device_id: str) -> _Key | None:
         generation = self._generation
@@ -224,14 +255,18 @@ def side_of(request: Request) -> DeviceSide:
     return request.app.state.plane.extras[STATE]
 
 
+SERVER_TIME = "Slmops-Server-Time"
+
+
 def skew_response(err: deviceauth.ClockSkew) -> JSONResponse:
-    return JSONResponse({"error": str(err)}, status_code=401, headers={
-        "Date": email.utils.formatdate(err.server_time, usegmt=True),
-        "WWW-Authenticate": f'{deviceauth.SCHEME} error="clock_skew"'})
+    """401 with the server's time for the agent to correct its offset from: in ``Slmops-Server-Time`` (ms
+    resolution) and in the ``Date`` the HTTP server adds, not set here (two would reach the device)."""
+    return JSONResponse({"error": str(err), "server_time": err.server_time}, status_code=401, headers={
+        SERVER_TIME: f"{err.server_time:.3f}", "WWW-Authenticate": f'{deviceauth.SCHEME} error="clock_skew"'})
 
 
 class DeviceRoute(APIRoute):
-    """Answers a clock-skewed signature with the server's ``Date``, which the app's error table cannot carry."""
+    """Answers a clock-skewed signature with the server's time, which the app's error table cannot carry."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -246,15 +281,17 @@ class DeviceRoute(APIRoute):
 
 
 router = APIRouter(prefix="/fleet/v1", tags=["devices"], route_class=DeviceRoute)
-_UNAUTHENTICATED = {401: {"model": ErrorBody, "description": "no valid device signature, a revoked device, or "
-                                                              "a clock too far off (then with the server's Date)"}}
+_UNAUTHENTICATED = {401: {"model": ErrorBody, "description": "no valid device signature or session token, a "
+                                                              "revoked device, or a clock too far off (then with "
+                                                              "Slmops-Server-Time)"}}
 
 
 @contextlib.asynccontextmanager
 async def lifespan(plane: ControlPlane) -> AsyncIterator[None]:
     """Start this replica's device side: its caches follow the change feed; the batcher writes reports until
     shutdown, then writes what is still queued."""
-    side = DeviceSide(plane, plane.extras.get(OPTIONS) or DeviceOptions())
+    keys = await session_secrets(plane.db, plane.clock())
+    side = DeviceSide(plane, plane.extras.get(OPTIONS) or DeviceOptions(), keys)
     side.version = await plane.db.change_version()
     plane.extras[STATE] = side
     try:
@@ -294,6 +331,28 @@ async def enrol(body: EnrolRequest, request: Request) -> EnrolResponse:
                                   "token": token.id, "token_by": token.created_by}, at=now)
     return EnrolResponse(device_id=device_id, hardware_class=hardware_class, poll_interval_s=plane.poll_interval_s,
                          server_time=now)
+
+
+async def session_secrets(db: Database, now: float) -> dict[int, bytes]:
+    """The session tokens' HMAC keys by epoch; the first replica to start makes epoch 1 (32 random bytes), the
+    others find it (insert-if-absent, so replicas starting at once agree). Never logged."""
+    insert = (sqlite if db.dialect == "sqlite" else postgresql).insert
+    async with db.write(bump=False) as s:
+        await s.execute(insert(_secrets).values(purpose=SESSION_SECRET, epoch=1, value=secrets.token_bytes(32),
+                                                created_at=now).on_conflict_do_nothing())
+    async with db.read() as s:
+        rows = await s.execute(select(_secrets.c.epoch, _secrets.c.value).where(_secrets.c.purpose == SESSION_SECRET))
+        return {int(epoch): bytes(value) for epoch, value in rows}
+
+
+@router.post("/device/session", response_model=SessionResponse, responses=_UNAUTHENTICATED)
+async def new_session(request: Request) -> Response:
+    """A session token for the device that signed this request: later polls and reports send
+    ``Authorization: Slmops-Session <token>`` (one HMAC to check instead of a signature) until it expires."""
+    side = side_of(request)
+    body = await read_body(request, 1024, "a session request has an empty body; send none")
+    answer = await side.session(request.headers.get("authorization"), path_qs(request.scope), body)
+    return Response(answer.model_dump_json(), media_type="application/json", headers={"cache-control": "no-store"})
 
 
 @router.get("/device/desired", response_model=DesiredState, responses={
@@ -411,29 +470,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refused (413) past ``limit`` bytes without reading all of it."""
+async def read_body(request: Request, limit: int,
+                    refusal: str = "a report is at most {kib} KiB; send fewer windows per report") -> bytes:
+    """The request's body, refused (413, ``refusal``) past ``limit`` bytes without reading all of it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"a report is at most {limit // 1024} KiB; send fewer windows per report")
+        raise TooLarge(refusal.format(kib=limit // 1024))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"a report is at most {limit // 1024} KiB; send fewer windows per report")
+            raise TooLarge(refusal.format(kib=limit // 1024))
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def parse_report(body: bytes) -> ReportRequest:
-    """A ``ReportRequest`` from JSON bytes; strings longer than the columns they land in are refused here, since
-    one such report would fail its whole batch's transaction on PostgreSQL."""
-    try:
-        report = ReportRequest.model_validate_json(body)
-    except ValidationError as err:
-        raise InvalidInput(validation_message(err.errors())) from None
-    for name, limit in _LIMITS.items():
-        value = getattr(report.running, name)
-        if value is not None and len(value) > limit:
-            raise InvalidInput(f"running.{name}: at most {limit} characters")
-    return report

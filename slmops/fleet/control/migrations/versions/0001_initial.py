@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 # Indexes created here: (table, column). Named ix_<table>_<column> as models.py's naming convention does.
 _INDEXES = [
     ("devices", "hardware_class"), ("devices", "last_seen"), ("devices", "running_release"), ("devices", "health"),
-    ("ledger", "action"), ("ledger", "subject"), ("reports", "device_id"), ("variants", "release_id"),
+    ("ledger", "action"), ("ledger", "subject"), ("variants", "release_id"),
 ]
 
 
@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("health", sa.String(16), nullable=False),
         sa.Column("desired_version", sa.BigInteger(), nullable=False),
         sa.Column("desired_hash", sa.String(64), nullable=False),
+        sa.Column("applied_version", sa.BigInteger(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_devices"),
     )
     op.create_table(
@@ -152,6 +153,15 @@ def upgrade() -> None:
         sa.Column("golden_score", sa.Float(), nullable=True),
         sa.Column("memory_bytes", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_reports"),
+        sa.UniqueConstraint("device_id", "window_start", name="uq_reports_device_id_window_start"),
+    )
+    op.create_table(
+        "server_secrets",
+        sa.Column("purpose", sa.String(32), nullable=False),
+        sa.Column("epoch", sa.Integer(), nullable=False),
+        sa.Column("value", sa.LargeBinary(64), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("purpose", "epoch", name="pk_server_secrets"),
     )
     meta = op.create_table(
         "meta",
@@ -170,6 +180,6 @@ def downgrade() -> None:
     op.drop_index("ix_reports_release_class", table_name="reports")
     for table, column in reversed(_INDEXES):
         op.drop_index(f"ix_{table}_{column}", table_name=table)
-    for table in ("meta", "reports", "ledger", "operator_keys", "blueprints", "channels", "variants", "releases",
+    for table in ("meta", "server_secrets", "reports", "ledger", "operator_keys", "blueprints", "channels", "variants", "releases",
                   "groups", "enrolment_tokens", "devices"):
         op.drop_table(table)
