@@ -125,8 +125,10 @@ def test_llm_with_llm_ollama_and_its_own_options(url, tmp_path):
     r = subprocess.run([str(llm), "-m", f"ollama/{M}", "-o", "draft_num_predict", "0", "-o", "num_predict", "8", "Hi"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    schema = subprocess.run([str(llm), "-m", f"ollama/{M}", "--schema", "name, age int", "-o", "num_predict", "60",
-                             "Invent a person."], env=env, capture_output=True, text=True, timeout=120)
+    # greedy: a sampled name can run on past the token budget and leave the JSON unterminated
+    schema = subprocess.run([str(llm), "-m", f"ollama/{M}", "--schema", "name, age int", "-o", "num_predict", "120",
+                             "-o", "temperature", "0", "Invent a person."], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert schema.returncode == 0, schema.stderr
     jsonschema.validate(json.loads(schema.stdout), PERSON)
 
