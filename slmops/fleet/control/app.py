@@ -38,10 +38,23 @@ class ControlPlane:
     poll_interval_s: float = 30.0
     clock: Callable[[], float] = time.time
     extras: dict = field(default_factory=dict)  # per-module state (caches, batchers), keyed by module
+    watchers: list[Callable[[int], None]] = field(default_factory=list)  # told of every change version seen
+
+    def watch(self, on_change: Callable[[int], None]) -> None:
+        """Have ``on_change(version)`` called when the database's change version moves (a mutation here or on
+        another replica). One feed per replica serves every watcher: one poll loop, one LISTEN connection."""
+        self.watchers.append(on_change)
+
+    def changed(self, version: int) -> None:
+        for on_change in list(self.watchers):
+            try:
+                on_change(version)
+            except Exception:  # noqa: BLE001 - one cache's failure must not keep the others stale
+                log.exception("change watcher %r failed on version %d", on_change, version)
 
 
 def create_app(plane: ControlPlane) -> FastAPI:
-    from slmops.fleet.control import routes_admin, routes_device, routes_releases
+    from slmops.fleet.control import changes, routes_admin, routes_device, routes_releases
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,7 +62,9 @@ def create_app(plane: ControlPlane) -> FastAPI:
         async with contextlib.AsyncExitStack() as stack:
             for hook in (routes_admin.lifespan, routes_releases.lifespan, routes_device.lifespan):
                 await stack.enter_async_context(hook(plane))
+            await stack.enter_async_context(changes.ChangeFeed(plane.db, on_change=plane.changed))  # stops first
             yield
+        plane.watchers.clear()
         await plane.db.close()
 
     app = FastAPI(title="slmops fleet control plane", version=slmops.__version__, lifespan=lifespan,

@@ -23,7 +23,7 @@ from slmops.api.fleet import (NAME_RE, BlueprintInfo, BlueprintRequest, DeviceIn
                               EnrolmentTokenRequest, EnrolmentTokenResponse, GroupInfo, GroupRequest, Health,
                               KeyInfo, KeyRequest, LedgerInfo, LedgerVerdict, Tags, TagsRequest, TokenInfo)
 from slmops.config.settings import parse_duration
-from slmops.fleet.control import changes, ledger, membership, operators
+from slmops.fleet.control import ledger, membership, operators
 from slmops.fleet.control.blueprints import BASELINE, check_layer
 from slmops.fleet.control.models import Blueprint, Device, EnrolmentToken, Group, LedgerEntry
 from slmops.fleet.control.operators import Actor, admin, operator, viewer
@@ -43,8 +43,8 @@ SCAN = 500  # devices read at once when a filter runs in Python
 @contextlib.asynccontextmanager
 async def lifespan(plane: "ControlPlane") -> AsyncIterator[None]:
     """Drop this replica's cached operator keys whenever the database changes (a revocation elsewhere)."""
-    async with changes.ChangeFeed(plane.db, on_change=operators.key_cache(plane).drop):
-        yield
+    plane.watch(operators.key_cache(plane).drop)
+    yield
 
 
 def _plane(request: Request) -> "ControlPlane":

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from slmops.api.fleet import (DesiredState, EnrolRequest, EnrolResponse, ErrorBody, ReportRequest,
                               SessionResponse)
 from slmops.fleet import deviceauth, hardware
-from slmops.fleet.control import changes, desired, ledger
+from slmops.fleet.control import desired, ledger
 from slmops.fleet.control.db import Database
 from slmops.fleet.control.models import Device, EnrolmentToken, Group, ServerSecret
 from slmops.fleet.control.reports import ReportBatcher, parse_report
@@ -295,7 +295,8 @@ async def lifespan(plane: ControlPlane) -> AsyncIterator[None]:
     side.version = await plane.db.change_version()
     plane.extras[STATE] = side
     try:
-        async with changes.ChangeFeed(plane.db, on_change=side.on_change), side.batcher.running():
+        plane.watch(side.on_change)
+        async with side.batcher.running():
             yield
     finally:
         plane.extras.pop(STATE, None)
