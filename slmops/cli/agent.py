@@ -30,10 +30,13 @@ def identity_dir() -> Path:
 
 
 def control_url(given: str | None) -> str:
+    """``--control`` as given (``http://`` added to a bare host:port), else SLMOPS_FLEET_HOST as the operators'
+    commands reach it."""
+    from slmops.cli.fleet import base_url
+
     if given:
         return given.rstrip("/") if "://" in given else f"http://{given}"
-    host, port = settings()["SLMOPS_FLEET_HOST"]
-    return f"http://{host}:{port}"
+    return base_url()
 
 
 def load_identity() -> dict[str, Any]:
