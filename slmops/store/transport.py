@@ -14,6 +14,7 @@ import httpcore
 import httpx
 
 READ_BYTES = 1 << 20
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)  # httpx's defaults
 
 
 class _BulkStream(httpcore.NetworkStream):
@@ -56,12 +57,11 @@ class _BulkBackend(httpcore.NetworkBackend):
 
 class BulkTransport(httpx.HTTPTransport):
     """``httpx.HTTPTransport`` over :class:`_BulkBackend`. httpx takes no network backend, so the pool it built
-    is replaced by one with the same limits (httpx's defaults) and the backend."""
+    is replaced by one with the same limits and the backend."""
 
     def __init__(self, ssl_context: ssl.SSLContext):
-        super().__init__(verify=ssl_context)
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        super().__init__(verify=ssl_context, limits=LIMITS)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=ssl_context, max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+            ssl_context=ssl_context, max_connections=LIMITS.max_connections,
+            max_keepalive_connections=LIMITS.max_keepalive_connections, keepalive_expiry=LIMITS.keepalive_expiry,
             network_backend=_BulkBackend())
