@@ -67,6 +67,8 @@ class EnrolResponse(_Response):
     hardware_class: str
     poll_interval_s: float
     server_time: float
+    trust_root: dict[str, Any] | None = Field(None, description="the fleet's root metadata (TUF root.json): the "
+                                              "keys the device trusts to sign its desired state")
 
 
 class Golden(_Request):
@@ -91,6 +93,7 @@ class DesiredState(_Response):
     device_id: str
     version: int  # only moves forward for a device
     issued_at: float
+    expires: float | None = None  # after this (control plane time) the document activates nothing
     release: ReleaseTarget | None = None
     config: dict[str, Any] = Field(default_factory=dict)  # the effective deployment config
 
@@ -114,6 +117,9 @@ class Window(_Request):
 
     start: float
     end: float
+    release: str | None = Field(None, max_length=160, description="the release these numbers are about when not "
+                                "the running one: a device that failed to load or smoke-test a release reports "
+                                "the failure against it while it keeps serving the one before")
     requests: int = Field(0, ge=0, le=INT32_MAX)
     errors: int = Field(0, ge=0, le=INT32_MAX)
     load_failures: int = Field(0, ge=0, le=INT32_MAX)
@@ -125,6 +131,9 @@ class Window(_Request):
     tokens_per_s: float | None = Field(None, ge=0)
     golden_score: float | None = Field(None, ge=0, le=1)
     memory_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
+    # counts per slmops.fleet.histogram bucket (trailing zeros dropped): the control plane sums them per class
+    ttft_hist: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(default_factory=list, max_length=64)
+    itl_hist: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(default_factory=list, max_length=64)
 
 
 class ReportRequest(_Request):
@@ -296,3 +305,65 @@ class TokenInfo(_Response):
 class DevicePage(_Response):
     devices: list[DeviceInfo]
     next: str | None = Field(None, description="pass as ?after= for the next page; null on the last one")
+
+
+# -- signed desired state (TUF-style metadata) -------------------------------------------------------------
+
+class MetadataSignature(_Response):
+    keyid: str
+    sig: str  # hex, as TUF writes signatures
+
+
+class SignedDesired(_Response):
+    """What ``GET /device/desired`` serves: ``signed`` is a :class:`DesiredState` document with ``_type``
+    ``"slmops-desired"``; ``signatures`` are over its canonical JSON (OLPC canonical JSON, as TUF signs) by keys
+    of the ``targets`` role of the root the device was enrolled with."""
+
+    signed: dict[str, Any]
+    signatures: list[MetadataSignature]
+
+
+# -- rollouts -----------------------------------------------------------------------------------------------
+
+class RolloutRequest(_Request):
+    release: str = Field(description="NAME:VERSION of a release")
+    group: str = Field(description="the group whose devices take the release")
+    waves: list[float] | None = Field(None, min_length=1, max_length=32,
+                                      description="cumulative percent of each hardware class per wave, such as "
+                                                  "[1, 10, 50, 100]")
+    base_percent: float | None = Field(None, gt=0, le=100, description="IoT-Jobs style: the first wave's percent "
+                                                                        "(instead of waves)")
+    increment_factor: float | None = Field(None, gt=1, le=100, description="each next wave is this many times "
+                                                                            "the one before, up to 100%")
+    bake: str = Field("60s", description="how long each wave must pass its gates before the next one starts")
+    min_devices: int = Field(1, ge=1, description="devices of a class that must report before it is judged")
+    min_requests: int = Field(0, ge=0, description="requests they must have served")
+    gates: list[str] | None = Field(None, max_length=32,
+                                    description='gates such as "error_rate < 0.02" or "ttft_p95 <= 1.2 x previous"; '
+                                                "the defaults when absent")
+
+
+class RolloutClass(_Response):
+    hardware_class: str
+    status: str  # active | done | failed | aborted
+    wave: int  # 1-based
+    share: float  # the share of the class's devices targeted now
+    devices: dict[str, int] = Field(default_factory=dict,
+                                    description="total, targeted, applied (reached the version), running the "
+                                                "release, failing")
+    gates: list[dict[str, Any]] = Field(default_factory=list, description="the latest gate results")
+
+
+class RolloutInfo(_Response):
+    id: str
+    release: str
+    group: str
+    status: str  # running | paused | completed | aborted
+    created_at: float
+    created_by: str
+    plan: dict[str, Any]
+    classes: list[RolloutClass]
+
+
+class PromoteRequest(_Request):
+    hardware_class: str | None = Field(None, description="one class to take to the last wave; all when absent")
