@@ -120,7 +120,7 @@ def test_a_valid_layer_is_kept_partial_and_normalised_as_the_deploy_file_reads_i
     ({"performance": {"keep_alivee": "1h"}}, "unknown key performance.keep_alivee; did you mean performance.keep_alive?"),
     ({"optimisation": {}}, "unknown key optimisation; did you mean optimization?"),
     ({"chanel": "stable"}, "unknown key chanel; did you mean channel?"),
-    ({"zzz": 1}, "unknown key zzz; known keys: model, hardware, optimization, api, performance, channel"),
+    ({"zzz": 1}, "unknown key zzz; known keys: model, hardware, optimization, api, performance, privacy, channel"),
     ({"channel": "Stable"}, ("channel: must be a channel name (lowercase letters, digits and ._-, 64 at most) "
                              "such as stable; got 'Stable'")),
     ({"channel": ""}, "channel: must be a channel name"),

@@ -308,7 +308,7 @@ def test_a_session_is_issued_only_to_a_signed_request(fleet_db_url):
 
             # the token it got works for polls and reports of that device
             polled = await f.raw.get("/fleet/v1/device/desired", headers=session_header(answer["token"]))
-            assert polled.status_code == 200 and polled.json()["device_id"] == a.device_id
+            assert polled.status_code == 200 and polled.json()["signed"]["device_id"] == a.device_id
             body = report("smol:1.0.0").model_dump_json().encode()
             sent = await f.raw.post("/fleet/v1/device/reports", content=body, headers=session_header(answer["token"]))
             assert sent.status_code == 202
@@ -410,10 +410,10 @@ def test_replicas_share_the_session_secret(fleet_db_url):
             a = await one.enrolled()
             token = (await a.new_session()).token
             r = await two.raw.get("/fleet/v1/device/desired", headers=session_header(token))
-            assert r.status_code == 200 and r.json()["device_id"] == a.device_id
+            assert r.status_code == 200 and r.json()["signed"]["device_id"] == a.device_id
             from slmops.fleet.control.models import ServerSecret
             async with one.plane.db.read() as s:
-                rows = (await s.execute(select(ServerSecret))).scalars().all()
+                rows = (await s.execute(select(ServerSecret).where(ServerSecret.purpose == "session"))).scalars().all()
             assert [(x.purpose, x.epoch, len(x.value)) for x in rows] == [("session", 1, 32)]
         async with fleet(fleet_db_url) as again:  # a restart keeps it: tokens outlive a restart
             r = await again.raw.get("/fleet/v1/device/desired", headers=session_header(token))
@@ -448,8 +448,13 @@ def test_an_unchanged_state_is_answered_304_without_the_database(fleet_db_url, f
                     assert again is None and tag == etag
                 assert statements == []
                 assert (f.side.fast_answers >= 25) is fast  # the fast path answered them, or the routes did
-                full, _ = await a.desired()  # control: without an ETag the state is computed, and that is seen
-                assert full is not None and full.version == state.version and statements
+                full, _ = await a.desired()  # without an ETag: the signed answer cached with the ETag
+                assert full is not None and full.version == state.version and statements == []
+                await set_layer(f.plane, "group:elsewhere", {"performance": {"keep_alive": "1m"}})  # a change ...
+                await f.settled()
+                statements.clear()
+                again, tag = await a.desired(etag)  # control: ... drops the cache: recomputed (seen), still 304
+                assert again is None and tag == etag and statements
             finally:
                 event.remove(f.plane.db.engine.sync_engine, "before_cursor_execute", count)
 

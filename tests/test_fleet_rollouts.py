@@ -143,3 +143,11 @@ def test_waves_are_nested_stable_and_never_empty():
     assert wave_members(list(reversed(ids)), "r1", 0.1) == w2
     assert wave_members(ids, "r2", 0.1) != w2  # another rollout draws other devices first
     assert len(wave_members(ids[:3], "r1", 0.01)) == 1
+
+
+def test_a_variant_that_loads_nowhere_fails_without_requests_but_request_gates_wait_for_them():
+    r = Rollout.start("r1", plan(min_requests=50), ["cpu"], now=0)
+    slow = obs(requests=3, **{**GOOD, "error_rate": 0.5})  # 3 requests: too few to judge an error rate
+    assert r.step({"cpu": slow}, {}, now=1) == []
+    dead = obs(requests=0, **{**GOOD, "load_failure_rate": 1.0})  # nothing served: it never loaded
+    assert [d.action for d in r.step({"cpu": dead}, {}, now=2)] == ["gate_failed", "revert", "completed"]

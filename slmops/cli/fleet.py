@@ -135,6 +135,12 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="Address to bi
                          registry_insecure=insecure_registries)
     # registry logins as `slmops pull` has them (registries.json under SLMOPS_HOME, or SLMOPS_REGISTRY_*)
     plane.extras["registry_config"] = RegistryConfig.from_settings(cfg, insecure=insecure_registries)
+    plane.rollout_tick_s = cfg["SLMOPS_FLEET_TICK"]
+    plane.root_key = cfg["SLMOPS_FLEET_ROOT_KEY"] or cfg["SLMOPS_HOME"] / "fleet-root.key"
+    plane.metadata_ttl_s = cfg["SLMOPS_FLEET_METADATA_TTL"]
+    if plane.root_key.exists():  # a bad key file: one line here rather than a failed startup
+        from slmops.fleet.control.trust import load_root_key
+        load_root_key(plane.root_key)
     shown = f"[{bind_host}]" if ":" in bind_host else bind_host
     err_console.print(f"slmops fleet control plane on http://{shown}:{bind_port} (database "
                       f"{make_url(url).render_as_string(hide_password=True)})", markup=False, soft_wrap=True)
@@ -463,3 +469,9 @@ def ledger_verify() -> None:
 
 # `slmops fleet releases …` and `slmops fleet channels …` register onto `app` there.
 from slmops.cli import fleet_releases  # noqa: E402,F401
+from slmops.cli import fleet_rollouts  # noqa: E402
+from slmops.cli import fleet_feedback  # noqa: E402
+from slmops.cli import fleet_sim  # noqa: E402,F401  (registers `slmops fleet simulate` onto app)
+
+app.add_typer(fleet_rollouts.rollout_app, name="rollout")
+app.add_typer(fleet_feedback.app, name="feedback")

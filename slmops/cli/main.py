@@ -13,7 +13,7 @@ import typer
 import typer.exceptions
 
 import slmops
-from slmops.cli import agent, fleet, hw, importing, models, ops, run, security, serve
+from slmops.cli import agent, feedback, fleet, hw, importing, models, ops, run, security, serve
 from slmops.cli.common import CONTROL_PLANE_ONLY, console, engine_missing, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -45,6 +45,7 @@ app.command("optimize")(ops.optimize_cmd)
 app.command("hw")(hw.hw_cmd)
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(agent.app, name="agent")
+app.add_typer(feedback.app, name="feedback")
 
 
 @app.command("version")

@@ -60,7 +60,8 @@ def serve(
     runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
     server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"],
                                  max_blob_bytes=cfg["SLMOPS_MAX_BLOB_SIZE"],
-                                 openai=cfg["SLMOPS_OPENAI_COMPATIBLE"], preload=cfg["SLMOPS_MODEL"] or None)
+                                 openai=cfg["SLMOPS_OPENAI_COMPATIBLE"], preload=cfg["SLMOPS_MODEL"] or None,
+                                 home=cfg.home, feedback=cfg["SLMOPS_FEEDBACK"])
     app = create_app(s, runtime, server_config, access=access)
     if not is_loopback(host) and not keys:
         err_console.print(f"WARNING: serving on {host} without API keys (--insecure): anyone who can reach this "

@@ -11,12 +11,14 @@ False.
 
 A device whose clock is off (a board without a real-time clock, booted before NTP) gets 401 with
 ``WWW-Authenticate: Slmops-Device error="clock_skew"`` and the server's time (``Slmops-Server-Time``, else
-``Date``): the client corrects its offset from it, retries once, and keeps the offset for later requests. Answers
-map to the slmops error tree with the server's one-line message (:mod:`slmops.client.errors`).
+``Date``): the client corrects its offset from it, retries once, and keeps the offset for later requests. The offset
+serves requests only: the expiry of signed desired state is judged by the device's own clock (``desired(etag,
+trust)``), since the offset comes from the server being judged. Answers map to the slmops error tree with the
+server's one-line message (:mod:`slmops.client.errors`).
 
     async with DeviceClient("https://cp.example:11500", DeviceKey.load(path)) as cp:
-        enrolled = await cp.enrol(token, name="pi-17", hardware=profile)
-        state, etag = await cp.desired(etag)        # (None, etag) when nothing changed
+        enrolled = await cp.enrol(token, name="pi-17", hardware=profile)  # .trust_root: the device's root.json
+        state, etag = await cp.desired(etag, trust)  # (None, etag) when nothing changed; checked with the trust store
         await cp.report(ReportRequest(health="ok"))
 """
 
@@ -25,15 +27,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+from pydantic import ValidationError
 
-from slmops.api.fleet import DesiredState, EnrolRequest, EnrolResponse, ReportRequest, SessionResponse
+from slmops.api.fleet import (DesiredState, EnrolRequest, EnrolResponse, ReportRequest, SessionResponse,
+                              SignedDesired)
 from slmops.client import errors
 from slmops.fleet import deviceauth
 from slmops.fleet.deviceauth import DeviceKey
 from slmops.types import errors as e
+
+if TYPE_CHECKING:
+    from slmops.fleet.agent.trust import TrustStore
 
 PREFIX = "/fleet/v1"
 SESSION_PATH = "/device/session"
@@ -70,7 +77,9 @@ class DeviceClient:
     # -- the routes ------------------------------------------------------------------------------------------
     async def enrol(self, token: str, name: str, hardware: dict[str, Any] | None = None, agent_version: str = "",
                     tags: dict[str, str] | None = None) -> EnrolResponse:
-        """Enrol with a one-time token; the device id is kept for the signed requests that follow."""
+        """Enrol with a one-time token; the device id is kept for the signed requests that follow. The answer's
+        ``trust_root`` is the root.json to keep (``TrustStore(answer.trust_root, folder=…).save()``): the only keys
+        whose signatures on desired state the device will ever accept."""
         body = EnrolRequest(token=token, public_key=self.key.public_b64, proof=self.key.prove(token), name=name,
                             hardware=hardware or {}, agent_version=agent_version, tags=tags or {})
         request = self._http.build_request("POST", PREFIX + "/enrol", content=body.model_dump_json().encode(),
@@ -80,13 +89,26 @@ class DeviceClient:
         self.session = None
         return answer
 
-    async def desired(self, etag: str | None = None) -> tuple[DesiredState | None, str | None]:
-        """The desired state and its ETag; ``(None, etag)`` when it is unchanged since ``etag``."""
+    async def desired(self, etag: str | None = None, trust: TrustStore | None = None
+                      ) -> tuple[DesiredState | None, str | None]:
+        """The desired state and its ETag; ``(None, etag)`` when it is unchanged since ``etag``. With ``trust``
+        (the device's :class:`~slmops.fleet.agent.trust.TrustStore`) the signed document is checked first
+        (signature by the enrolled root's keys, device, version, expiry by the device's own clock) and
+        ``Refused`` raised when it fails; recording the version is the caller's, once it acts on the state.
+        Without, the state is read from the document unchecked: for operators' tools, never to activate."""
         headers = {"if-none-match": etag} if etag else None
         r = await self._device("GET", "/device/desired", b"", headers)
         if r.status_code == 304:
             return None, r.headers.get("etag", etag)
-        return DesiredState.model_validate_json(r.content), r.headers.get("etag")
+        if trust is not None:
+            if self.device_id is None:
+                raise e.ConfigError("this device has no id yet; enrol it first")
+            return trust.check(r.content, self.device_id, self._clock()), r.headers.get("etag")
+        try:
+            return DesiredState.model_validate(SignedDesired.model_validate_json(r.content).signed), r.headers.get("etag")
+        except ValidationError:
+            raise e.SourceError(f"the control plane at {self.base_url} answered a desired state this client cannot "
+                                "read; upgrade the agent or the control plane") from None
 
     async def report(self, report: ReportRequest) -> None:
         """Send one report; the control plane queues it (202) and writes it with its next batch."""
@@ -159,6 +181,15 @@ class DeviceClient:
             return await self._http.send(request)
         except httpx.HTTPError as err:
             raise errors.transport_error(err, self.base_url, _UNREACHABLE, "the agent will retry") from None
+
+    async def feedback(self, records: list[Any]) -> Any:
+        """Upload rated feedback (``FeedbackRecord``s, at most 100) and return the ``FeedbackUploaded`` answer;
+        Forbidden when the device's blueprint does not opt in (nothing is stored then)."""
+        from slmops.api.feedback import FeedbackUpload, FeedbackUploaded
+
+        body = FeedbackUpload.model_construct(records=records).model_dump_json().encode()  # the control plane checks
+        r = await self._device("POST", "/device/feedback", body, _JSON)
+        return FeedbackUploaded.model_validate_json(r.content)
 
 
 def _clock_skew(r: httpx.Response) -> bool:

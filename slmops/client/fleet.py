@@ -21,10 +21,12 @@ import httpx
 from pydantic import TypeAdapter
 
 from slmops.api.fleet import (BlueprintInfo, DeviceInfo, DevicePage, EffectiveConfig, EnrolmentTokenResponse,
-                              GroupInfo, KeyInfo, LedgerInfo, LedgerVerdict, TokenInfo)
+                              GroupInfo, KeyInfo, LedgerInfo, LedgerVerdict, RolloutInfo, RolloutRequest, TokenInfo)
 from slmops.client import errors
+from slmops.types.errors import InvalidInput
 
 T = TypeVar("T")
+ROLLOUT_ACTIONS = ("pause", "resume", "promote", "abort")
 
 
 class FleetClient:
@@ -182,6 +184,28 @@ class FleetClient:
     def channel(self, channel: str) -> Any:
         from slmops.api.fleet import ChannelInfo
         return self._call("GET", f"/channels/{_seg(channel)}", model=ChannelInfo)
+
+    # -- rollouts --------------------------------------------------------------------------------------------
+    def start_rollout(self, req: RolloutRequest) -> RolloutInfo:
+        """Roll a release out to a group in waves, per hardware class; Conflict while another is under way there."""
+        return self._call("POST", "/rollouts", req.model_dump(mode="json", exclude_none=True), model=RolloutInfo)
+
+    def rollouts(self, group: str | None = None, status: str | None = None, limit: int = 100) -> list[RolloutInfo]:
+        """Newest first."""
+        return self._call("GET", "/rollouts", params={"group": group, "status": status, "limit": limit},
+                          model=list[RolloutInfo])
+
+    def rollout(self, rollout_id: str) -> RolloutInfo:
+        """One rollout with devices per state and gate values computed now."""
+        return self._call("GET", f"/rollouts/{_seg(rollout_id)}", model=RolloutInfo)
+
+    def rollout_action(self, rollout_id: str, action: str, hardware_class: str | None = None) -> RolloutInfo:
+        """``pause``, ``resume``, ``promote`` (``hardware_class``: one class; all active ones without) or
+        ``abort``."""
+        if action not in ROLLOUT_ACTIONS:
+            raise InvalidInput(f"unknown rollout action {action!r}; use one of {', '.join(ROLLOUT_ACTIONS)}")
+        body = {"hardware_class": hardware_class} if action == "promote" and hardware_class else None
+        return self._call("POST", f"/rollouts/{_seg(rollout_id)}/{action}", body, model=RolloutInfo)
 
 
 def _seg(value: str) -> str:

@@ -7,6 +7,7 @@ deployment:                       # optional wrapper, as in the seed
   optimization: {quantization: auto, batch_size: 512, max_context: 4096}
   api: {host: 127.0.0.1, port: 11434, openai_compatible: true}
   performance: {parallel_requests: 4, kv_cache_type: f16, kv_cache_budget: 1GiB, keep_alive: 10m}
+  privacy: {feedback: false}      # true: collect rated feedback (prompt and answer text); off by default
 ```
 
 The file only supplies values for settings that exist anyway, so one precedence rule covers everything
@@ -88,6 +89,12 @@ class Performance(_Section):
         return v
 
 
+class Privacy(_Section):
+    # true: keep rated feedback with its prompt and answer text (/api/feedback) and, on a fleet device, send it to
+    # the control plane; the only way any text leaves a device
+    feedback: bool | None = Field(None, description="true or false")
+
+
 def _scalar(v: Any) -> str:
     """Text for a number or string field; booleans are refused, since YAML reads ``yes`` as one."""
     if isinstance(v, bool) or not isinstance(v, (str, int, float)):
@@ -101,6 +108,7 @@ class DeployConfig(_Section):
     optimization: Optimization = Field(default_factory=Optimization)
     api: Api = Field(default_factory=Api)
     performance: Performance = Field(default_factory=Performance)
+    privacy: Privacy = Field(default_factory=Privacy)
 
     @field_validator("model")
     @classmethod
@@ -127,7 +135,7 @@ def load_deploy(path: Path) -> DeployConfig:
         data, prefix = data["deployment"], "deployment."
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: the top level must be a mapping of sections (model, hardware, optimization, "
-                          "api, performance)")
+                          "api, performance, privacy)")
     try:
         return DeployConfig.model_validate(data)
     except ValidationError as err:
@@ -139,7 +147,7 @@ def check_deploy(data: Any, where: str) -> DeployConfig:
     is the one-line :class:`ConfigError` a file gets, with ``where`` in place of the file name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections (model, hardware, optimization, "
-                          "api, performance)")
+                          "api, performance, privacy)")
     try:
         return DeployConfig.model_validate(data)
     except ValidationError as err:
@@ -256,4 +264,5 @@ def to_settings(cfg: DeployConfig) -> dict[str, str]:
     put("SLMOPS_KV_CACHE_TYPE", cfg.performance.kv_cache_type)
     put("SLMOPS_KV_BUDGET", cfg.performance.kv_cache_budget)
     put("SLMOPS_KEEP_ALIVE", cfg.performance.keep_alive)
+    put("SLMOPS_FEEDBACK", cfg.privacy.feedback)
     return out

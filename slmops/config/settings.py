@@ -136,6 +136,13 @@ def _gpu_layers(text: str) -> int:
     return value
 
 
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be a positive duration such as 30m or 1h")
+    return value
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
@@ -217,13 +224,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_KV_BUDGET", parse_size, "1GiB", "Memory the KV cache may take when choosing parallel sequences."),
     Setting("SLMOPS_PREFIX_CACHE", parse_size, "256MiB", "Host memory for cached prompt prefixes evicted from the KV cache; 0: none."),
     Setting("SLMOPS_OPENAI_COMPATIBLE", _bool, "true", "Serve the OpenAI-compatible /v1 API beside /api."),
+    Setting("SLMOPS_FEEDBACK", _bool, "false", "Collect rated feedback with its prompt and answer text "
+            "(/api/feedback; config privacy.feedback); on a fleet device the blueprint decides."),
     Setting("SLMOPS_FLEET_DB", str, "",
             "Fleet control-plane database URL (postgresql+asyncpg://...); empty: SQLite at SLMOPS_HOME/fleet.db."),
     Setting("SLMOPS_FLEET_HOST", lambda s: _host(s, 11500), "127.0.0.1:11500",
             "Address `slmops fleet serve` binds and the fleet CLI and agent talk to."),
     Setting("SLMOPS_FLEET_KEY", str, "", "Operator API key the fleet CLI sends to the control plane.", secret=True),
+    Setting("SLMOPS_FLEET_TICK", _positive_duration, "1s",
+            "How often the control plane judges running rollouts' gates and moves their waves (seconds or 500ms)."),
     Setting("SLMOPS_FLEET_TRUSTED_KEYS", _paths, "",
             "Public keys (PEM, comma-separated) whose signatures the control plane accepts on release variants."),
+    Setting("SLMOPS_FLEET_ROOT_KEY", _optional_path, "",
+            "The fleet's root signing key (made on the control plane's first start); empty: SLMOPS_HOME/fleet-root.key."),
+    Setting("SLMOPS_FLEET_METADATA_TTL", _positive_duration, "1h",
+            "How long signed desired state stays valid; the control plane re-issues it when half is left."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -157,24 +157,8 @@ class DeviceKey:
     @classmethod
     def load(cls, path: Path) -> DeviceKey:
         """The key saved at ``path``; refuses a file others can read, as ssh does."""
-        path = Path(path)
-        try:
-            st = path.stat()
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no device key there; enrol this device first") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the device key ({err.strerror}); check its owner") from None
-        if os.name == "posix" and st.st_mode & 0o077:
-            raise ConfigError(f"{path}: the device key is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                              f"run chmod 600 {path}")
-        try:
-            private = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
-            private = None
-        if not isinstance(private, Ed25519PrivateKey):
-            raise ConfigError(f"{path}: not an Ed25519 device key; remove it and enrol this device again")
-        return cls(private)
+        return cls(read_private_key(Path(path), "device key", missing="no device key there; enrol this device first",
+                                    wrong="not an Ed25519 device key; remove it and enrol this device again"))
 
     def save(self, path: Path) -> None:
         """Write atomically with mode 0600 (the folder is made 0700 if it does not exist)."""
@@ -315,3 +299,25 @@ def server_time_offset(value: str, local_now: float) -> float:
         raise InvalidInput(f"Slmops-Server-Time {value!r} is not a number of seconds; the server must send unix "
                            "seconds")
     return server - local_now
+
+
+def read_private_key(path: Path, what: str, *, missing: str, wrong: str) -> Ed25519PrivateKey:
+    """An Ed25519 private key (PKCS#8 PEM) from ``path``, refusing a file others can read, as ssh does. ``missing``
+    and ``wrong``: what to tell the user when the file is absent or holds something else."""
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror}); check its owner") from None
+    if os.name == "posix" and st.st_mode & 0o077:
+        raise ConfigError(f"{path}: the {what} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                          f"run chmod 600 {path}")
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        private = None
+    if not isinstance(private, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: {wrong}")
+    return private

@@ -46,6 +46,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/completions"): INFERENCE,
     ("POST", "/v1/embeddings"): INFERENCE,
     ("POST", "/v1/responses"): INFERENCE,
+    ("POST", "/api/feedback"): INFERENCE,  # who may ask may rate the answer
     ("POST", "/api/pull"): MANAGE,
     ("POST", "/api/push"): MANAGE,
     ("POST", "/api/create"): MANAGE,
@@ -53,6 +54,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/api/delete"): MANAGE,
     ("HEAD", "/api/blobs/{digest}"): MANAGE,
     ("POST", "/api/blobs/{digest}"): MANAGE,
+    ("GET", "/api/slots"): READ,  # what /api/ps shows anyway: which stored model a served name runs on
+    ("PUT", "/api/slots/{model:path}"): MANAGE,
+    ("DELETE", "/api/slots/{model:path}"): MANAGE,
 }
 
 

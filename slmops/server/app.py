@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,13 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import slmops
-from slmops.server import errors, ollama, openai, responses
+from slmops.server import access as request_access
+from slmops.server import errors, feedback, ollama, openai, responses, slots
 from slmops.server.access import Access, AccessPolicy, Recorder, authorize
 from slmops.server.guards import LOCAL_ORIGINS, BodyLimit, HeaderCheck, OriginCheck, is_loopback
 from slmops.server.metrics import Metrics
 from slmops.server.runtime import ModelRuntime
+from slmops.server.slots import SlotTable
 from slmops.store.store import Store
-from slmops.types.errors import SlmopsError
+from slmops.types.errors import EngineError, IntegrityError, SlmopsError
+from slmops.types.name import ModelName
 
 log = logging.getLogger("slmops.server")
 __all__ = ["ServerConfig", "create_app", "is_loopback"]
@@ -40,6 +44,8 @@ class ServerConfig:
     extra_hosts: tuple[str, ...] = field(default_factory=tuple)
     openai: bool = True  # mount /v1 (SLMOPS_OPENAI_COMPATIBLE)
     preload: str | None = None  # a model to load at start (SLMOPS_MODEL)
+    home: Path | None = None  # SLMOPS_HOME (the feedback log, the fleet's privacy file); None: the store's parent
+    feedback: bool = False  # collect rated feedback without a fleet's say (SLMOPS_FEEDBACK)
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
@@ -70,6 +76,9 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     if config.openai:
         app.include_router(openai.router)
         app.include_router(responses.router)
+    feedback.install(app, config.home or store.root.parent, config.feedback)
+    runtime.slots = SlotTable.load((config.home or store.root.parent) / "slots.json")
+    app.include_router(slots.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
 
@@ -131,6 +140,19 @@ def _add_ops_routes(app: FastAPI) -> None:
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+async def _count_failure(request: Request, err: SlmopsError) -> None:
+    """A request's model failed on the server's side: counted per stored model (a served name through the slot
+    table) for the fleet agent's health window. Needs the request's context, which the access layer opens."""
+    ctx = request_access.current()
+    if ctx is None or not ctx.model or not isinstance(err, (EngineError, IntegrityError)):
+        return
+    rt: ModelRuntime = request.app.state.runtime
+    slot = rt.slots.get(ModelName.parse(ctx.model)) if rt.slots is not None else None
+    model = slot.model if slot is not None else ctx.model
+    loaded = await asyncio.get_running_loop().run_in_executor(None, rt.engine.loaded)
+    request.app.state.metrics.failure(model, err, any(m.name == model for m in loaded))
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     def reply(request: Request, status: int, message: str, code: str | None = None,
               headers: list[tuple[bytes, bytes]] | None = None) -> JSONResponse:
@@ -138,6 +160,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SlmopsError)
     async def slmops_error(request: Request, err: SlmopsError):
+        await _count_failure(request, err)
         return reply(request, errors.status_for(err), str(err), errors.openai_code(err), errors.headers_for(err))
 
     @app.exception_handler(RequestValidationError)

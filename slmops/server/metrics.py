@@ -1,13 +1,22 @@
-"""Prometheus metrics, ``slmops_`` prefixed, in a registry owned by the app (no process-global state)."""
+"""Prometheus metrics, ``slmops_`` prefixed, in a registry owned by the app (no process-global state).
+
+Time to first token and time per output token count into the fleet's quarter-octave buckets
+(:data:`slmops.fleet.histogram.BOUNDS_S`): the edge agent diffs the cumulative counts per report window into the
+bucket counts the control plane sums per hardware class, so a p95 gate can tell a 20% regression apart (the
+usual 2-2.5x buckets cannot). Requests for a model that fail on the server's side are counted per stored model and
+kind (``load``: the model could not be made ready; ``crash``: its runner died; ``error``: anything else the engine
+raised), which is what the agent's health window watches after a switch.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from slmops.engine.outputs import Stats
+from slmops.fleet.histogram import BOUNDS_S
+from slmops.types.errors import EngineError, IntegrityError, RunnerCrashed, SlmopsError
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
@@ -23,9 +32,9 @@ class Metrics:
         self.cached_tokens = Counter("slmops_cached_prompt_tokens", "Prompt tokens served from the KV cache",
                                      ["model"], registry=r)
         self.ttft = Histogram("slmops_time_to_first_token_seconds", "Time from request to first token", ["model"],
-                              buckets=_LATENCY, registry=r)
+                              buckets=BOUNDS_S, registry=r)
         self.tpot = Histogram("slmops_time_per_output_token_seconds", "Decode time per generated token",
-                              ["model"], buckets=_PER_TOKEN, registry=r)
+                              ["model"], buckets=BOUNDS_S, registry=r)
         self.loaded_models = Gauge("slmops_loaded_models", "Models loaded now", registry=r)
         self.queue_depth = Gauge("slmops_queue_depth", "Requests waiting for a busy model", registry=r)
         self.batch_max = Gauge("slmops_batch_max_sequences", "Most sequences decoded in one step, per loaded model",
@@ -35,6 +44,8 @@ class Metrics:
         self.in_flight = Gauge("slmops_requests_in_flight", "Model requests running or waiting", registry=r)
         self.cancelled = Counter("slmops_cancelled_generations", "Generations stopped because the client left",
                                  ["model"], registry=r)
+        self.failures = Counter("slmops_model_failures", "Requests that failed on the server's side, per stored "
+                                "model and kind (load, crash, error)", ["model", "kind"], registry=r)
 
     def generation(self, model: str, stats: Stats, ttft_s: float | None) -> None:
         self.prompt_tokens.labels(model).inc(stats.prompt_eval_count)
@@ -44,3 +55,16 @@ class Metrics:
             self.ttft.labels(model).observe(ttft_s)
         if stats.eval_count > 1:
             self.tpot.labels(model).observe(stats.eval_duration / 1e9 / stats.eval_count)
+
+    def failure(self, model: str, err: SlmopsError, loaded: bool) -> None:
+        """Count a request for ``model`` that failed with ``err``; ``loaded``: whether the model is loaded after
+        it. Client mistakes (bad input, refusals, a full queue) are not failures of the model."""
+        if isinstance(err, RunnerCrashed):
+            kind = "crash"
+        elif isinstance(err, IntegrityError) or (isinstance(err, EngineError) and not loaded):
+            kind = "load"  # damaged or untrusted blobs, or an engine error that left the model unloaded
+        elif isinstance(err, EngineError):
+            kind = "error"
+        else:
+            return
+        self.failures.labels(model, kind).inc()

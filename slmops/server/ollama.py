@@ -175,7 +175,8 @@ async def ps(request: Request) -> oa.ProcessResponse:
         except SlmopsError:
             digest, det = "", oa.ModelDetails()
         expires = "9999-12-31T23:59:59Z" if info.expires_at == float("inf") else convert.iso(info.expires_at)
-        models.append(oa.ProcessModel(name=info.name, model=info.name, size=info.size, digest=digest, details=det,
+        shown = (rt.slots.served_as(info.name) if rt.slots is not None else None) or info.name  # as clients ask
+        models.append(oa.ProcessModel(name=shown, model=shown, size=info.size, digest=digest, details=det,
                                       expires_at=expires, size_vram=0, context_length=info.context_length))
     return oa.ProcessResponse(models=models)
 

@@ -17,7 +17,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from slmops.config.settings import parse_duration
 from slmops.engine.client import (Cancel, Emit, EngineClient, ModelSpec, ModelStatus, ModelUnloaded, Request,
@@ -27,8 +27,11 @@ from slmops.security import roles
 from slmops.server import access
 from slmops.store.store import Store
 from slmops.types import options as opts
-from slmops.types.errors import Forbidden, InvalidInput, ModelNotFound
+from slmops.types.errors import Forbidden, InvalidInput, ModelNotFound, NotFound
 from slmops.types.name import ModelName
+
+if TYPE_CHECKING:
+    from slmops.server.slots import SlotTable
 
 
 log = logging.getLogger("slmops.server")
@@ -86,19 +89,28 @@ class ModelRuntime:
         self._starters = ThreadPoolExecutor(max_workers=8, thread_name_prefix="start")
         self._unloading: set[str] = set()
         self._warned: set[str] = set()  # unknown option names already logged
+        self.slots: SlotTable | None = None  # served name -> stored model (fleet A/B slots); the app sets it
 
     async def _on_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     # -- resolution ----------------------------------------------------------------------------------------
     def resolve(self, name: str) -> tuple[ModelName, ModelSpec]:
+        """The stored model a request for ``name`` runs on, and its spec. A served name goes through the slot
+        table first, once: the request keeps this spec to its end, whatever the table says meanwhile."""
         if not name:
             raise InvalidInput("model is required")
         model = ModelName.parse(name)
         ctx = access.current()
         if ctx is not None:
             ctx.model = model.display
-        if not self.store.exists(model):
+        slot = self.slots.get(model) if self.slots is not None else None
+        if slot is not None:
+            model = ModelName.parse(slot.model)
+            if not self.store.exists(model):
+                raise NotFound(f'model "{name}" is served from {slot.model}, which is not in the store; the agent '
+                               f"stages it again, or DELETE /api/slots/{slot.served} stops serving it")
+        elif not self.store.exists(model):
             raise ModelNotFound(name)
         return model, spec_from_store(self.store, model)
 

@@ -36,6 +36,9 @@ class ControlPlane:
     allow_private_registries: bool = False
     registry_insecure: bool = False
     poll_interval_s: float = 30.0
+    root_key: Path | None = None  # the fleet root key's file (made if absent); None: in memory only (embedding, tests)
+    metadata_ttl_s: float = 3600.0  # signed desired state expires this long after it is issued
+    rollout_tick_s: float = 1.0  # rollouts are judged this often (SLMOPS_FLEET_TICK); 0: never (tests tick by hand)
     clock: Callable[[], float] = time.time
     extras: dict = field(default_factory=dict)  # per-module state (caches, batchers), keyed by module
     watchers: list[Callable[[int], None]] = field(default_factory=list)  # told of every change version seen
@@ -54,13 +57,14 @@ class ControlPlane:
 
 
 def create_app(plane: ControlPlane) -> FastAPI:
-    from slmops.fleet.control import changes, routes_admin, routes_device, routes_releases
+    from slmops.fleet.control import changes, routes_admin, routes_device, routes_releases, routes_rollouts, trust
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await plane.db.migrate()
         async with contextlib.AsyncExitStack() as stack:
-            for hook in (routes_admin.lifespan, routes_releases.lifespan, routes_device.lifespan):
+            for hook in (routes_admin.lifespan, routes_releases.lifespan, trust.lifespan, routes_device.lifespan,
+                         routes_rollouts.lifespan):
                 await stack.enter_async_context(hook(plane))
             await stack.enter_async_context(changes.ChangeFeed(plane.db, on_change=plane.changed))  # stops first
             yield
@@ -75,6 +79,9 @@ def create_app(plane: ControlPlane) -> FastAPI:
     app.include_router(routes_device.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_releases.router)
+    from slmops.fleet.control import routes_feedback
+    app.include_router(routes_feedback.router)
+    app.include_router(routes_rollouts.router)
     app.add_middleware(routes_device.DeviceFastPath)  # polls and reports: answered before FastAPI's routing
 
     @app.get("/health", include_in_schema=False)

@@ -1,32 +1,33 @@
-"""A device's desired state: the release its channel points at, in the variant for its hardware, and its
-effective configuration.
+"""A device's desired state: the release its channel points at, or the rollout's while a rollout holds the device
+(a live assignment: ``rollout_driver``), in the variant for its hardware, and its effective configuration.
 
 The state is computed from the database (membership, blueprints, channels, releases) and compared by hash, not
 by time: ``desired_version`` moves forward exactly when what the device is told changes, which is what lets a
 device refuse an older document (anti-rollback) and lets the poll route answer 304 from memory. Everything here
 reads the caller's session; the route decides when to compute and what to cache.
 
-Signing: every served document goes through :func:`seal`. Signed, expiring desired-state metadata (TUF-style: an
-online key signs the versioned document with an expiry) plugs in there; until then a device trusts the document
-as far as it trusts its TLS connection to the control plane (its own signature authenticates the request only).
+Signing: every served document goes through :func:`seal`: TUF-style metadata, the versioned document with an
+expiry signed by the online key that the device's root of trust names, so a device trusts no document for its TLS
+connection alone (``slmops.fleet.metadata``; the device's checks: ``slmops.fleet.agent.trust``).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from securesystemslib.signer import Signer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from slmops.api.fleet import Golden
-from slmops.fleet import hardware
+from slmops.fleet import hardware, metadata
 from slmops.fleet.control import blueprints, membership
 from slmops.fleet.control.membership import Selecting
-from slmops.fleet.control.models import Channel, Device, Release, Variant
+from slmops.fleet.control.models import Channel, Device, Release, Rollout, RolloutAssignment, Variant
 
 _encode = msgspec.json.Encoder().encode
 
@@ -68,8 +69,10 @@ async def candidate(s: AsyncSession, channel: str) -> Candidate | None:
     """The release ``channel`` points at with its variants, or None for a channel that does not exist."""
     release = (await s.execute(select(Release).join(Channel, Channel.release_id == Release.id)
                                .where(Channel.name == channel))).scalar_one_or_none()
-    if release is None:
-        return None
+    return await _candidate_of(s, release) if release is not None else None
+
+
+async def _candidate_of(s: AsyncSession, release: Release) -> Candidate:
     rows = (await s.execute(select(Variant).where(Variant.release_id == release.id)
                             .order_by(Variant.hardware))).scalars()
     variants = tuple((v.hardware, v.reference, v.manifest_digest,
@@ -78,37 +81,123 @@ async def candidate(s: AsyncSession, channel: str) -> Candidate | None:
     return Candidate(f"{release.name}:{release.version}", golden, variants)
 
 
+@dataclass(frozen=True)
+class LiveRollout:
+    """A rollout as its devices' desired states need it, shared by every device it targets."""
+
+    id: str
+    created_at: float
+    status: str  # running | paused | completed | aborted
+    updated_at: float  # for a completed rollout: when it completed
+    release: Candidate
+
+
+def prevailing(held: Iterable[LiveRollout], channel_moved_at: float | None) -> LiveRollout | None:
+    """Of the rollouts holding a live assignment of a device, the one whose release it gets: the newest (by
+    start). A completed rollout keeps its devices on its release until an operator moves their channel (the
+    channel's ``updated_at`` after the rollout completed); then the channel decides again."""
+    kept = [r for r in held if not (r.status == "completed" and channel_moved_at is not None
+                                    and channel_moved_at > r.updated_at)]
+    return max(kept, key=lambda r: (r.created_at, r.id), default=None)
+
+
+async def release_candidate(s: AsyncSession, release_id: int) -> Candidate | None:
+    """A release by id with its variants, as a channel's :func:`candidate` is."""
+    release = await s.get(Release, release_id)
+    return await _candidate_of(s, release) if release is not None else None
+
+
+async def _live_rollout(s: AsyncSession, rollout_id: str) -> LiveRollout | None:
+    row = await s.get(Rollout, rollout_id)
+    found = await release_candidate(s, row.release_id) if row is not None else None
+    if row is None or found is None:
+        return None
+    return LiveRollout(row.id, row.created_at, row.status, row.updated_at, found)
+
+
+async def _holds(s: AsyncSession, device_id: str | None = None) -> dict[str, tuple[str, ...]]:
+    """Device id -> the rollouts holding a live assignment of it (of one device when given)."""
+    a = RolloutAssignment
+    q = select(a.device_id, a.rollout_id).where(a.reverted_at.is_(None))
+    if device_id is not None:
+        q = q.where(a.device_id == device_id)
+    out: dict[str, tuple[str, ...]] = {}
+    for device, rollout_id in await s.execute(q):
+        out[device] = (*out.get(device, ()), rollout_id)
+    return out
+
+
+async def _channel_moved(s: AsyncSession, channel: str) -> float | None:
+    return (await s.execute(select(Channel.updated_at).where(Channel.name == channel))).scalar_one_or_none()
+
+
 class Candidates:
-    """Channel -> candidate, shared by every device's computation until the next change; ``clear`` on change."""
+    """What every device's computation shares until the next change: channel -> candidate, rollout -> its
+    release, channel -> when it last moved, and which rollouts hold which devices (one read per change rather
+    than a query per device: after a wave moves every device polls again). ``clear`` on change: rollout decisions
+    bump the change version too."""
 
     def __init__(self) -> None:
-        self._by_channel: dict[str, Candidate | None] = {}
+        self._cache: dict[tuple[str, str], Any] = {}
         self._generation = 0
 
     def clear(self) -> None:
-        self._by_channel.clear()
+        self._cache.clear()
         self._generation += 1
 
-    async def get(self, s: AsyncSession, channel: str) -> Candidate | None:
-        if channel in self._by_channel:
-            return self._by_channel[channel]
+    async def _cached(self, key: tuple[str, str], load: Callable[[], Awaitable[Any]]) -> Any:
+        if key in self._cache:
+            return self._cache[key]
         generation = self._generation
-        found = await candidate(s, channel)
+        found = await load()
         if generation == self._generation:  # read before a change that raced with us: do not keep it
-            self._by_channel[channel] = found
+            self._cache[key] = found
         return found
+
+    async def get(self, s: AsyncSession, channel: str) -> Candidate | None:
+        return await self._cached(("channel", channel), lambda: candidate(s, channel))
+
+    async def rollout(self, s: AsyncSession, rollout_id: str) -> LiveRollout | None:
+        return await self._cached(("rollout", rollout_id), lambda: _live_rollout(s, rollout_id))
+
+    async def holds(self, s: AsyncSession) -> dict[str, tuple[str, ...]]:
+        return await self._cached(("holds", ""), lambda: _holds(s))
+
+    async def channel_moved(self, s: AsyncSession, channel: str) -> float | None:
+        return await self._cached(("moved", channel), lambda: _channel_moved(s, channel))
+
+
+async def rollout_of(s: AsyncSession, device: Device, channel: str | None, candidates: Candidates | None
+                     ) -> LiveRollout | None:
+    """The rollout whose release the device gets now, if any. Without shared ``candidates`` (one device's
+    computation) its assignments are one indexed query."""
+    if candidates is None:
+        candidates, ids = Candidates(), (await _holds(s, device.id)).get(device.id, ())
+    else:
+        ids = (await candidates.holds(s)).get(device.id, ())
+    held = [r for r in [await candidates.rollout(s, i) for i in ids] if r is not None]
+    if not held:
+        return None
+    moved = None
+    if channel is not None and any(r.status == "completed" for r in held):
+        moved = await candidates.channel_moved(s, channel)
+    return prevailing(held, moved)
 
 
 async def compute(s: AsyncSession, device: Device, candidates: Candidates | None = None,
                   groups: Iterable[Selecting] | None = None) -> Computed:
-    """The device's desired state, from its effective configuration (``channel`` picks the release). No channel,
-    an unknown one, or a release with no variant for the device's class: no release; the config still goes."""
+    """The device's desired state, from its effective configuration (``channel`` picks the release) unless a
+    rollout holds it (a live assignment: the rollout's release). No channel, an unknown one, or a release with no
+    variant for the device's class: no release; the config still goes."""
     effective = await membership.effective_config(s, device, groups)
     channel = effective.channel
-    found = None
-    if channel is not None:
+    release = None
+    rollout = await rollout_of(s, device, channel, candidates)
+    if rollout is not None:
+        release = rollout.release.target(device.hardware_class)
+    if release is None and channel is not None:
         found = await (candidates.get(s, channel) if candidates else candidate(s, channel))
-    release = found.target(device.hardware_class) if found else None
+        release = found.target(device.hardware_class) if found else None
     body = {"device_id": device.id, "release": release, "config": effective.config}
     return Computed(device.id, release, effective.config, blueprints.effective_hash(body))
 
@@ -118,7 +207,7 @@ def etag(version: int, digest: str) -> str:
     return f'"{version}.{digest[:24]}"'
 
 
-def seal(document: dict[str, Any]) -> bytes:
-    """The served bytes of a desired-state document. The hook for signed, expiring metadata (TUF-style): sign
-    the canonical document here with the online key and wrap it with its signature and expiry; not done yet."""
-    return _encode(document)
+def seal(document: dict[str, Any], signer: Signer, expires: float) -> bytes:
+    """The served bytes of a desired-state document: ``SignedDesired`` JSON, signed by the online ``targets`` key
+    (``control/trust.py``) with an expiry (``slmops.fleet.metadata``); the device checks both before acting."""
+    return metadata.seal(signer, document, expires)

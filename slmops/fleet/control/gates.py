@@ -29,6 +29,7 @@ from slmops.types.errors import InvalidInput
 
 METRICS = ("load_failure_rate", "error_rate", "oom_rate", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95",
            "tokens_per_s", "golden_score")
+DEVICE_METRICS = frozenset({"load_failure_rate", "oom_rate", "golden_score"})  # judged per device, not request
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _GATE = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*"

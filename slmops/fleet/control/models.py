@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, SmallInteger, String,
+                        Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -180,6 +180,61 @@ class Report(Base):
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
+class ReportBucket(Base):
+    """One nonzero latency histogram bucket of one report window (``slmops.fleet.histogram``'s buckets): gates sum
+    the counts per hardware class and bucket in SQL and read percentiles from the sums. ``release``,
+    ``hardware_class`` and ``window_end`` repeat the window's, so the sums need no join; the index also carries
+    metric, bucket and count, so they read the index alone (half the time of a lookup per row on SQLite)."""
+
+    __tablename__ = "report_buckets"
+    __table_args__ = (Index("ix_report_buckets_release_class", "release", "hardware_class", "window_end", "metric",
+                            "bucket", "count"),)
+
+    device_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    window_start: Mapped[float] = mapped_column(Float, primary_key=True)
+    metric: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # 0 ttft, 1 itl
+    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    release: Mapped[str | None] = mapped_column(String(160))
+    hardware_class: Mapped[str] = mapped_column(String(64))
+    window_end: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class Rollout(Base):
+    """A wave rollout of a release to a group. ``state`` is ``rollouts.Rollout.to_json()`` (plan, classes, waves);
+    ``status`` repeats its status for queries; ``previous``: per hardware class, the release its devices' channel
+    gave them when the rollout started (what relative gates compare with)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # ro_<12 hex>
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), index=True)
+    group: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | paused | completed | aborted
+    state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    previous: Mapped[dict[str, Any]] = mapped_column(default=dict)  # hardware class -> NAME:VERSION or null
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(80))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RolloutAssignment(Base):
+    """A device a rollout targeted (put in a wave). Live until ``reverted_at`` is set; a live assignment gives the
+    device the rollout's release. ``from_version``: the device's desired version when it was assigned, so a
+    device that reports a later version applied has seen the release."""
+
+    __tablename__ = "rollout_assignments"
+    __table_args__ = (Index("ix_rollout_assignments_device_live", "device_id", "reverted_at"),)
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hardware_class: Mapped[str] = mapped_column(String(64))
+    wave: Mapped[int] = mapped_column(Integer)  # 1-based
+    assigned_at: Mapped[float] = mapped_column(Float)
+    from_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    reverted_at: Mapped[float | None] = mapped_column(Float, default=None)
+
+
 class Meta(Base):
     """``change_version``: bumped in the same transaction as every mutation; replicas poll it (or are told by
     PostgreSQL's NOTIFY) to drop what they cached."""
@@ -201,3 +256,26 @@ class ServerSecret(Base):
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary(64))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Feedback(Base):
+    """A rated answer a device uploaded because its blueprint opted in (``privacy.feedback: true``): the one table
+    that holds prompt and answer text. One row per device and record id, so an upload sent again adds nothing;
+    exports read a release's rows in ``id`` order."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (Index("ix_feedback_release_id", "release", "id"), UniqueConstraint("device_id", "record_id"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(32))
+    record_id: Mapped[str] = mapped_column(String(32))  # fb_<24 hex>, made by the device
+    release: Mapped[str] = mapped_column(String(160))
+    model: Mapped[str] = mapped_column(String(160))
+    hardware_class: Mapped[str] = mapped_column(String(64))
+    rating: Mapped[int] = mapped_column(Integer)  # 1 good, -1 bad
+    at: Mapped[float] = mapped_column(Float)  # when it was rated (the device's clock)
+    received_at: Mapped[float] = mapped_column(Float)
+    messages: Mapped[list[Any]] = mapped_column(default=list)  # [{role, content}], the rated answer last
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+    tags: Mapped[list[Any]] = mapped_column(default=list)

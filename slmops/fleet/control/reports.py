@@ -15,6 +15,10 @@ The queue is bounded: when it is full the route answers 503 and the agent retrie
 costs memory up to a limit, never without one. A write that fails goes back to the queue for the next tick (up to
 ``retries`` times); one interrupted at shutdown is written by the last flush.
 
+A window's numbers are about ``window.release`` when the device names one (a release it failed to load or
+smoke-test while serving another), else the release it runs. Its latency histograms go to ``report_buckets``, one
+row per nonzero bucket, which the gates sum per hardware class (``observations.py``).
+
 A window is stored once per device and start (a unique index, inserts with ON CONFLICT DO NOTHING, and the batch
 itself deduplicated): a report sent twice (a retry after a lost answer, a replay within the signature's skew or a
 session's lifetime) adds no row. A device's ``applied_version`` only moves forward, since a device never applies
@@ -75,6 +79,18 @@ def _insert_sql(dialect: str) -> str:
 
 
 _INSERT = {dialect: _insert_sql(dialect) for dialect in ("sqlite", "postgresql")}
+_BUCKET_ROW = ("device_id", "window_start", "metric", "bucket", "release", "hardware_class", "window_end", "count")
+TTFT, ITL = 0, 1  # report_buckets.metric
+
+
+def _bucket_insert_sql(dialect: str) -> str:
+    """The histogram bucket rows' INSERT, as :func:`_insert_sql`: a bucket already stored (a replay) is skipped."""
+    marks = ", ".join("?" if dialect == "sqlite" else f"${i}" for i in range(1, len(_BUCKET_ROW) + 1))
+    return (f"INSERT INTO report_buckets ({', '.join(_BUCKET_ROW)}) VALUES ({marks}) "
+            "ON CONFLICT (device_id, window_start, metric, bucket) DO NOTHING")
+
+
+_INSERT_BUCKETS = {dialect: _bucket_insert_sql(dialect) for dialect in ("sqlite", "postgresql")}
 
 
 # -- decoding: msgspec mirrors of api.fleet's ReportRequest, Running and Window ------------------------------------
@@ -88,9 +104,13 @@ class _Running(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     slot: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
+_Hist = Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]], msgspec.Meta(max_length=64)]
+
+
 class _Window(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     start: float
     end: float
+    release: Annotated[str, msgspec.Meta(max_length=160)] | None = None
     requests: _Count = 0
     errors: _Count = 0
     load_failures: _Count = 0
@@ -102,6 +122,8 @@ class _Window(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tokens_per_s: _Amount | None = None
     golden_score: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     memory_bytes: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] | None = None
+    ttft_hist: _Hist = []
+    itl_hist: _Hist = []
 
 
 class DecodedReport(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -266,6 +288,7 @@ async def write_batch(s: AsyncSession, batch: list[Queued], seen: dict[str, floa
     stored = {i: (r.health, r.running_release, r.running_digest, r.applied_version) for i, r in known.items()}
     state = dict(stored)
     reports: list[tuple[Any, ...]] = []
+    buckets: list[tuple[Any, ...]] = []
     windows: set[tuple[str, float]] = set()
     entries: list[dict[str, Any]] = []
     for q in batch:
@@ -278,8 +301,11 @@ async def write_batch(s: AsyncSession, batch: list[Queued], seen: dict[str, floa
             if (q.device_id, w.start) in windows:
                 continue
             windows.add((q.device_id, w.start))
-            reports.append((q.device_id, q.received_at, w.start, w.end, release, device.hardware_class,
+            about = w.release or release  # a failure to load a release is counted against that release
+            reports.append((q.device_id, q.received_at, w.start, w.end, about, device.hardware_class,
                             *_window_values(w)))  # in _ROW's order
+            if w.ttft_hist or w.itl_hist:
+                _bucket_rows(buckets, q.device_id, w, about, device.hardware_class)
         before = state[q.device_id]
         if before[1] != release:
             entries.append({"actor": f"device:{q.device_id}", "action": "device.running", "subject": q.device_id,
@@ -290,6 +316,8 @@ async def write_batch(s: AsyncSession, batch: list[Queued], seen: dict[str, floa
     if reports:
         conn = await s.connection()
         await conn.exec_driver_sql(_INSERT[conn.dialect.name], reports)
+        if buckets:
+            await conn.exec_driver_sql(_INSERT_BUCKETS[conn.dialect.name], buckets)
     if changed:
         await s.execute(_SET_STATE, changed)
     if seen:
@@ -297,3 +325,11 @@ async def write_batch(s: AsyncSession, batch: list[Queued], seen: dict[str, floa
     if entries:
         await ledger.append_many(s, entries)  # last: on PostgreSQL it holds the ledger's lock until commit
     return Flushed(len(batch), len(reports), len(entries), len(seen))
+
+
+def _bucket_rows(out: list[tuple[Any, ...]], device_id: str, w: Any, release: str | None, hardware_class: str) -> None:
+    """The window's nonzero histogram buckets as ``report_buckets`` rows (in ``_BUCKET_ROW``'s order)."""
+    for metric, counts in ((TTFT, w.ttft_hist), (ITL, w.itl_hist)):
+        for i, count in enumerate(counts):
+            if count:
+                out.append((device_id, w.start, metric, i, release, hardware_class, w.end, count))

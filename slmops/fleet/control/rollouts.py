@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
-from slmops.fleet.control.gates import Gate, Observation, evaluate, verdict
+from slmops.fleet.control.gates import DEVICE_METRICS, Gate, Observation, evaluate, verdict
 from slmops.types.errors import Conflict, InvalidInput
 
 RolloutStatus = Literal["running", "paused", "completed", "aborted"]
@@ -102,14 +102,19 @@ class Rollout:
                now: float) -> list[Decision]:
         results = [evaluate(g, obs, prev) for g in self.plan.gates]
         state.last = [r.to_json() for r in results]
-        enough = obs.devices >= self.plan.min_devices and obs.requests >= self.plan.min_requests
+        devices_enough = obs.devices >= self.plan.min_devices
+        enough = devices_enough and obs.requests >= self.plan.min_requests
         numbers = {"wave": state.wave + 1, "share": self.plan.waves[state.wave], "devices": obs.devices,
                    "requests": obs.requests, "gates": state.last}
-        outcome = verdict(results)
-        if outcome == "fail" and enough:
+        # A gate on what devices do (load, golden prompts, OOM) fails on enough devices alone: a variant that loads
+        # nowhere serves no request, and waiting for requests would never stop it. Gates on requests also need the
+        # minimum of requests before they can fail.
+        failed = [r for g, r in zip(self.plan.gates, results) if r.outcome == "fail"
+                  and (enough or (devices_enough and g.metric in DEVICE_METRICS))]
+        if failed:
             state.status = "failed"
             return [Decision("gate_failed", name, numbers), Decision("revert", name, {"reason": "gate_failed"})]
-        if outcome != "pass" or not enough or now - state.wave_started < self.plan.bake_s:
+        if verdict(results) != "pass" or not enough or now - state.wave_started < self.plan.bake_s:
             return []
         if state.wave == len(self.plan.waves) - 1:
             state.status = "done"

@@ -13,6 +13,11 @@ device's key. The session secret lives in the database (``server_secrets``), mad
 read by every other one. Either way the device's row is looked up in the key cache on every request, so a revoked
 device is refused at once, with a live token too.
 
+Every desired-state document is signed (``control/trust.py``'s online key, ``slmops.fleet.metadata``'s format) with
+an expiry ``SLMOPS_FLEET_METADATA_TTL`` ahead, and its ETag carries that expiry, so any replica can tell from a poll
+alone whether the device's document is still fresh: a 304 only while more than half its lifetime is left, else the
+same state is re-issued under a new version. The signed answer is cached per device like the ETag.
+
 A signature whose only fault is its time is refused with 401, ``WWW-Authenticate: Slmops-Device
 error="clock_skew"`` and ``Slmops-Server-Time`` (the server's clock, in seconds), from which the agent corrects its
 clock offset. The answer sets no ``Date`` of its own: the HTTP server adds one (uvicorn does), and a second one would
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -35,14 +41,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slmops.api.fleet import (DesiredState, EnrolRequest, EnrolResponse, ErrorBody, ReportRequest,
-                              SessionResponse)
+from slmops.api.fleet import (EnrolRequest, EnrolResponse, ErrorBody, ReportRequest, SessionResponse,
+                              SignedDesired)
 from slmops.fleet import deviceauth, hardware
 from slmops.fleet.control import desired, ledger
 from slmops.fleet.control.db import Database
 from slmops.fleet.control.models import Device, EnrolmentToken, Group, ServerSecret
 from slmops.fleet.control.reports import ReportBatcher, parse_report
 from slmops.fleet.control.routes_admin import token_hash
+from slmops.fleet.control.trust import STATE as TRUST
+from slmops.fleet.control.trust import Trust
 from slmops.types.errors import InvalidInput, SlmopsError, TooLarge, Unauthenticated
 
 if TYPE_CHECKING:
@@ -90,6 +98,19 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
+class _Issued:
+    """The signed document a device holds as far as this replica knows: the one it sealed for it (``answer``), or
+    the one the device's ETag names (no ``answer``). Polls naming it get 304 until ``refresh_at``, half its
+    lifetime before it expires; from then on it is re-issued under a new version."""
+
+    version: int
+    digest: str  # the state's hash, as far as the ETag carries it
+    tag: str
+    refresh_at: float
+    answer: Answer | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Key:
     public_key: bytes
     revoked: bool
@@ -106,14 +127,16 @@ class DeviceSide:
     dropped together when the change version moves, and the report batcher. Caches are filled only by a lookup
     that did not race with a drop (a generation counter), so nothing read before a change outlives it."""
 
-    def __init__(self, plane: ControlPlane, options: DeviceOptions, session_secrets: dict[int, bytes]):
+    def __init__(self, plane: ControlPlane, options: DeviceOptions, session_secrets: dict[int, bytes], trust: Trust):
         self.db = plane.db
         self.clock = plane.clock
         self.options = options
+        self.trust = trust
+        self._half_life = trust.ttl_s / 2  # a document with less left than this is re-issued
         self.batcher = ReportBatcher(plane.db, interval=options.flush_interval_s, flush_at=options.flush_at,
                                      limit=options.queue_limit, seen_interval=options.seen_interval_s)
         self.candidates = desired.Candidates()
-        self.etags: dict[str, str] = {}  # device id -> ETag of the state last computed
+        self.issued: dict[str, _Issued] = {}  # device id -> the signed document it holds
         self.version = 0  # the change version the caches belong to
         self._keys: dict[str, _Key] = {}
         self._groups: list[_Group] | None = None
@@ -129,7 +152,7 @@ class DeviceSide:
         self.version = version
         self._generation += 1
         self._keys.clear()
-        self.etags.clear()
+        self.issued.clear()
         self._groups = None
         self.candidates.clear()
 
@@ -178,18 +201,53 @@ class DeviceSide:
 
     # -- the two device requests, as plain values (the routes and the fast path both answer through them) ------
     async def poll(self, authorization: str | None, if_none_match: str | None, target: str) -> Answer:
-        """The calling device's desired state: 304 from memory when its ETag still holds, else 200 (or 304 when
-        a recomputation found the same state)."""
+        """The calling device's desired state, signed: 304 from memory when its ETag names the current state in a
+        document with more than half its lifetime left, the cached signed answer when there is one, else computed
+        (:meth:`issue`)."""
         device_id = await self.authenticate(authorization, "GET", target, b"")
         now = self.clock()
         self.batcher.seen(device_id, now)
-        cached = self.etags.get(device_id)
-        if if_none_match is not None and cached is not None and _etag_matches(if_none_match, cached):
-            return Answer(304, ((b"etag", cached.encode()),))
-        computed, version, tag = await self.compute(device_id)
-        if if_none_match is not None and _etag_matches(if_none_match, tag):
-            return Answer(304, ((b"etag", tag.encode()),))
-        return Answer(200, ((b"etag", tag.encode()), *_JSON_PRIVATE), desired.seal(computed.document(version, now)))
+        issued = self.issued.get(device_id)
+        if issued is not None and now < issued.refresh_at:
+            if if_none_match == issued.tag:
+                return Answer(304, ((b"etag", issued.tag.encode()),))
+            held = held_document(if_none_match, issued.version, issued.digest) if if_none_match else None
+            if held is not None and now < held[1] - self._half_life:  # the same state, signed by another replica
+                return Answer(304, ((b"etag", held[0].encode()),))
+            if held is None and issued.answer is not None:  # (held: its copy is near expiry, issue a new version)
+                return issued.answer
+        return await self.issue(device_id, if_none_match, now, issued)
+
+    async def issue(self, device_id: str, if_none_match: str | None, now: float, issued: _Issued | None) -> Answer:
+        """Compute the device's state. 304 when the device's ETag names it in a document that is still fresh;
+        else a newly signed document, valid ``ttl_s``. When the document of the current state that is out there
+        (the device's, or the one cached here) has less than half its lifetime left, it is re-issued under a new
+        version, as a change would be: a device never waits for an expired document to be replaced."""
+        generation = self._generation
+        computed, version = await self.compute(device_id)
+        digest = computed.hash[:_DIGEST_CHARS]
+        held = held_document(if_none_match, version, digest) if if_none_match is not None else None
+        if held is not None and now < held[1] - self._half_life:
+            self._keep(generation, device_id, _Issued(version, digest, held[0], held[1] - self._half_life, None))
+            return Answer(304, ((b"etag", held[0].encode()),))
+        if held is not None or (issued is not None and now >= issued.refresh_at
+                                and (issued.version, issued.digest) == (version, digest)):
+            reissued = await self._reissue(device_id, version, computed.hash)
+            if reissued is None:  # the state changed under us: what is current now
+                computed, version = await self.compute(device_id)
+                digest = computed.hash[:_DIGEST_CHARS]
+            else:
+                version = reissued
+        expires = math.ceil(now + self.trust.ttl_s)
+        body = desired.seal(computed.document(version, int(now)), self.trust.signer, expires)
+        tag = sealed_etag(version, computed.hash, expires)
+        answer = Answer(200, ((b"etag", tag.encode()), *_JSON_PRIVATE), body)
+        self._keep(generation, device_id, _Issued(version, digest, tag, expires - self._half_life, answer))
+        return answer
+
+    def _keep(self, generation: int, device_id: str, issued: _Issued) -> None:
+        if generation == self._generation:  # computed from what is current: no change came in meanwhile
+            self.issued[device_id] = issued
 
     async def report(self, authorization: str | None, target: str, body: bytes) -> Answer:
         """Queue a report: 202, or 503 with Retry-After when the queue is full."""
@@ -200,9 +258,9 @@ class DeviceSide:
         return Answer(202)
 
     # -- desired state -----------------------------------------------------------------------------------------
-    async def compute(self, device_id: str) -> tuple[desired.Computed, int, str]:
-        """The device's state, its version and ETag. The version moves forward (in the database, so every replica
-        agrees) only when the state's hash differs from the one last handed out."""
+    async def compute(self, device_id: str) -> tuple[desired.Computed, int]:
+        """The device's state and its version. The version moves forward (in the database, so every replica
+        agrees) when the state's hash differs from the one last handed out, or on a re-issue (:meth:`issue`)."""
         generation = self._generation
         async with self.db.read() as s:
             device = await s.get(Device, device_id)
@@ -218,10 +276,7 @@ class DeviceSide:
             version, stored_hash = device.desired_version, device.desired_hash
         if computed.hash != stored_hash:
             version = await self._advance(device_id, computed.hash)
-        tag = desired.etag(version, computed.hash)
-        if generation == self._generation:
-            self.etags[device_id] = tag
-        return computed, version, tag
+        return computed, version
 
     async def _advance(self, device_id: str, digest: str) -> int:
         """Move the device's desired version one step for a state hashing to ``digest``; a replica that got there
@@ -232,6 +287,17 @@ class DeviceSide:
             return int((await s.execute(select(_devices.c.desired_version)
                                         .where(_devices.c.id == device_id))).scalar_one())
 
+    async def _reissue(self, device_id: str, version: int, digest: str) -> int | None:
+        """Move the device's version one step for the same state (``digest``), from ``version``: the new version
+        (another replica's, when it got there first), or None when the state itself changed meanwhile."""
+        async with self.db.write(bump=False) as s:
+            await s.execute(update(_devices).where(_devices.c.id == device_id, _devices.c.desired_version == version,
+                                                   _devices.c.desired_hash == digest)
+                            .values(desired_version=version + 1))
+            row = (await s.execute(select(_devices.c.desired_version, _devices.c.desired_hash)
+                                   .where(_devices.c.id == device_id))).one()
+        return int(row.desired_version) if row.desired_hash == digest else None
+
 
 def path_qs(scope: dict[str, Any]) -> str:
     """The request target as the device signed it: the raw path, and ``?query`` when there is one."""
@@ -241,14 +307,26 @@ def path_qs(scope: dict[str, Any]) -> str:
     return f"{path}?{query.decode('latin-1')}" if query else path
 
 
-def _etag_matches(if_none_match: str, etag: str) -> bool:
-    if if_none_match == etag:
-        return True
+_DIGEST_CHARS = 24  # of the state's hash in an ETag
+
+
+def sealed_etag(version: int, digest: str, expires: int) -> str:
+    """The ETag of a signed document: the state's version and hash (``desired.etag``) and the document's expiry,
+    so any replica can tell from a poll alone whether the document the device holds is still fresh."""
+    return f'{desired.etag(version, digest)[:-1]}.{expires}"'
+
+
+def held_document(if_none_match: str, version: int, digest: str) -> tuple[str, int] | None:
+    """The ETag in ``If-None-Match`` naming ``version`` with ``digest`` (first characters of the state's hash),
+    and the expiry it carries; None when none does. ``*`` names no document: a device must say which it holds.
+    A device that lies about the expiry of its own document only keeps itself from fresh ones."""
     for candidate in if_none_match.split(","):
-        candidate = candidate.strip()
-        if candidate == "*" or candidate.removeprefix("W/") == etag:
-            return True
-    return False
+        tag = candidate.strip().removeprefix("W/")
+        parts = tag.strip('"').split(".")
+        if (len(parts) == 3 and parts[1] == digest[:_DIGEST_CHARS] and parts[0] == str(version)
+                and parts[2].isascii() and parts[2].isdigit()):
+            return tag, int(parts[2])
+    return None
 
 
 def side_of(request: Request) -> DeviceSide:
@@ -291,7 +369,7 @@ async def lifespan(plane: ControlPlane) -> AsyncIterator[None]:
     """Start this replica's device side: its caches follow the change feed; the batcher writes reports until
     shutdown, then writes what is still queued."""
     keys = await session_secrets(plane.db, plane.clock())
-    side = DeviceSide(plane, plane.extras.get(OPTIONS) or DeviceOptions(), keys)
+    side = DeviceSide(plane, plane.extras.get(OPTIONS) or DeviceOptions(), keys, plane.extras[TRUST])
     side.version = await plane.db.change_version()
     plane.extras[STATE] = side
     try:
@@ -331,7 +409,7 @@ async def enrol(body: EnrolRequest, request: Request) -> EnrolResponse:
                             data={"name": body.name, "hardware_class": hardware_class, "tags": tags,
                                   "token": token.id, "token_by": token.created_by}, at=now)
     return EnrolResponse(device_id=device_id, hardware_class=hardware_class, poll_interval_s=plane.poll_interval_s,
-                         server_time=now)
+                         server_time=now, trust_root=plane.extras[TRUST].root_json)
 
 
 async def session_secrets(db: Database, now: float) -> dict[int, bytes]:
@@ -356,10 +434,12 @@ async def new_session(request: Request) -> Response:
     return Response(answer.model_dump_json(), media_type="application/json", headers={"cache-control": "no-store"})
 
 
-@router.get("/device/desired", response_model=DesiredState, responses={
-    304: {"description": "nothing changed since the ETag sent in If-None-Match"}, **_UNAUTHENTICATED})
+@router.get("/device/desired", response_model=SignedDesired, responses={
+    304: {"description": "the document the ETag in If-None-Match names is current and has more than half its "
+                         "lifetime left"}, **_UNAUTHENTICATED})
 async def poll_desired(request: Request) -> Response:
-    """The calling device's desired state, with an ETag; 304 when ``If-None-Match`` still holds."""
+    """The calling device's desired state, signed (``SignedDesired``: a ``DesiredState`` under ``signed``), with
+    an ETag; 304 when ``If-None-Match`` names it and it is not about to expire."""
     answer = await side_of(request).poll(request.headers.get("authorization"), request.headers.get("if-none-match"),
                                          path_qs(request.scope))
     return answer.response()
