@@ -318,9 +318,9 @@ class SimDevice:
         await self._guarded(self.report())
         self.next_report = time.time() + min(self.shared.timing.first_window_s, self.shared.timing.report_s)
         if new and self.running == wanted:
-            await self._after_taking_new(state)
+            await self._after_taking_new()
 
-    async def _after_taking_new(self, state: DesiredState) -> None:
+    async def _after_taking_new(self) -> None:
         """Faults that start once the device runs the new release: replayed, forged and expired documents, and
         the returner that goes offline until its class was reverted."""
         if self.behaviour.replay and not self.attacked and self.first_doc is not None:

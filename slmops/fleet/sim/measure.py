@@ -143,28 +143,42 @@ class Watch:
         }
 
     async def probe(self, change: Callable[[int], Any], times: int, devices: int) -> dict[str, Any]:
-        """What one change that alters no device's desired state costs: the control plane's (and database's) CPU
-        beyond its idle rate until it is idle again, per device. Every change drops every replica's cached ETags
-        and keys, so each device's next poll recomputes its state (docs/fleet.md: the change storm)."""
-        a = self._now()
-        idle = await self._rate(2 * self.shared.timing.poll_s)
-        b = self._now()
-        steady = b.counts - a.counts
-        requests = sum(v for k, v in steady.items() if k.startswith(("poll:", "report:")))
+        """The steady state, then what one change that alters no device's desired state costs: the control
+        plane's (and database's) CPU beyond the steady rate until it is back to it, per device. Every change drops
+        every replica's cached ETags and keys, so each device's next poll recomputes its state (docs/fleet.md:
+        the change storm)."""
+        steady = await self._steady(devices)
         costs = []
         for i in range(times):
             a = self._now()
             await asyncio.to_thread(change, i)
             await asyncio.sleep(1.3 * self.shared.timing.poll_s)  # every device polled once since
-            while await self._rate(1.0) > idle + 0.1 and time.time() - a.at < 300:
+            while await self._rate(1.0) > steady["steady_server_cores"] + 0.1 and time.time() - a.at < 300:
                 pass  # still working through the polls that came in
             b = self._now()
-            spent = (_delta(a.server, b.server) or 0) + (_delta(a.db, b.db) or 0) - idle * (b.at - a.at)
-            costs.append(spent)
+            busy = (_delta(a.server, b.server) or 0) + (_delta(a.db, b.db) or 0)
+            costs.append(busy - steady["steady_server_cores"] * (b.at - a.at))
         median = sorted(costs)[len(costs) // 2]
-        return {"change_cpu_s": median, "change_cpu_ms_per_device": 1000 * median / devices,
-                "steady_requests_per_s": requests / (b.at - a.at), "steady_server_cores": idle,
-                "steady_sim_cores": (b.sim - a.sim) / (b.at - a.at),
+        return {**steady, "change_cpu_s": median, "change_cpu_ms_per_device": 1000 * median / devices}
+
+    async def _steady(self, devices: int) -> dict[str, Any]:
+        """Requests a second and CPU on both sides once the devices' traffic is back to its steady rate (a
+        rollout leaves a backlog behind when the control plane fell behind), over two poll intervals."""
+        t = self.shared.timing
+        expected = devices * (1 / t.poll_s + 1 / t.report_s)
+        deadline = time.time() + 180
+        while True:
+            a = self._now()
+            await asyncio.sleep(2 * t.poll_s)
+            b = self._now()
+            requests = sum(v for k, v in (b.counts - a.counts).items() if k.startswith(("poll:", "report:")))
+            seconds = b.at - a.at
+            if requests / seconds >= 0.85 * expected or time.time() > deadline:
+                break
+        server = ((_delta(a.server, b.server) or 0) + (_delta(a.db, b.db) or 0)) / seconds
+        return {"steady_requests_per_s": requests / seconds, "steady_server_cores": server,
+                "steady_sim_cores": (b.sim - a.sim) / seconds,
+                "steady_server_us_per_request": 1e6 * server * seconds / requests if requests else None,
                 "steady_sim_us_per_request": 1e6 * (b.sim - a.sim) / requests if requests else None}
 
     async def _rate(self, seconds: float) -> float:

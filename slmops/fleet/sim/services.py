@@ -44,28 +44,31 @@ def free_port() -> int:
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process ``pid`` (Linux /proc), None where that cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = _stat(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds of ``pid`` and its direct children (a PostgreSQL postmaster and its backends)."""
-    total = cpu_seconds(pid)
-    if total is None:
+    """CPU seconds of ``pid``, its children alive now, and those it has reaped (a PostgreSQL postmaster and its
+    backends, however often they come and go)."""
+    own = _stat(pid)
+    if own is None:
         return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(int(v) for v in own[11:15]) / tick  # utime, stime, cutime, cstime
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == str(pid):
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (so ``[0]`` is the state, ``[1]`` the parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 class Process:
