@@ -10,6 +10,7 @@ import itertools
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any, Awaitable, TypeVar
 
 import pytest
@@ -21,7 +22,7 @@ from sqlalchemy import inspect, select, text
 
 from slmops.fleet.control import ledger, migrations
 from slmops.fleet.control.changes import ChangeFeed
-from slmops.fleet.control.db import Database
+from slmops.fleet.control.db import SCOPES_KEPT, Database
 from slmops.fleet.control.models import Base, LedgerEntry, Meta
 from slmops.security.audit import GENESIS, canonical
 from slmops.types.errors import InvalidInput
@@ -308,10 +309,12 @@ def test_change_feed_sees_another_replicas_write(fleet_db_url: str) -> None:
     async def go() -> None:
         a, b = Database(fleet_db_url), Database(fleet_db_url)
         seen: list[int] = []
+        scopes: list[frozenset[str] | None] = []
         arrived = asyncio.Event()
 
-        def on_change(version: int) -> None:
+        def on_change(version: int, devices: frozenset[str] | None) -> None:
             seen.append(version)
+            scopes.append(devices)
             arrived.set()
         try:
             await a.migrate()
@@ -330,7 +333,17 @@ def test_change_feed_sees_another_replicas_write(fleet_db_url: str) -> None:
                 async with b.write() as s:
                     await ledger.append(s, actor="system", action="probe", subject="meta", at=1.0)
                 await asyncio.wait_for(arrived.wait(), 10)
-                assert seen == [1, 2]
+                assert seen == [1, 2] and scopes == [None, None]  # unscoped changes concern everything
+                arrived.clear()
+                async with b.write(devices=["dev_a", "dev_b"]):
+                    pass
+                await asyncio.wait_for(arrived.wait(), 10)
+                assert seen[-1] == 3 and scopes[-1] == {"dev_a", "dev_b"}
+                arrived.clear()
+                async with b.write(devices=()):  # a change of shared state only (an enrolment token)
+                    pass
+                await asyncio.wait_for(arrived.wait(), 10)
+                assert seen[-1] == 4 and scopes[-1] == frozenset()
         finally:
             await a.close()
             await b.close()
@@ -348,7 +361,7 @@ def test_change_feed_listens_again_after_losing_its_connection(postgres: Any) ->
         seen: list[int] = []
         try:
             await a.migrate()
-            async with ChangeFeed(a, seen.append, interval=3600.0) as feed:
+            async with ChangeFeed(a, lambda version, _devices: seen.append(version), interval=3600.0) as feed:
                 await _until(lambda: feed.listening)
                 async with b.write() as s:
                     killed = (await s.execute(text(
@@ -375,3 +388,31 @@ async def _until(check: Any, deadline_s: float = 10.0) -> None:
     while not check():
         assert loop.time() < end, "condition not met within the deadline"
         await asyncio.sleep(0.01)
+
+
+def test_scopes_of_several_changes_are_their_union_and_any_unscoped_one_is_everything(tmp_path: Path) -> None:
+    """What a replica that missed several versions learns: the union of what they named, or None (everything)
+    when one named nothing, one is no longer kept, or the version went back (a restored backup)."""
+    async def go() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'f.db'}")
+        try:
+            await db.migrate()
+            for devices in (["dev_a"], ["dev_b", "dev_a"], ()):
+                async with db.write(devices=devices):
+                    pass
+            assert await db.scopes(0, 3) == {"dev_a", "dev_b"}
+            assert await db.scopes(1, 2) == {"dev_a", "dev_b"}
+            async with db.write():
+                pass
+            assert await db.scopes(0, 4) is None and await db.scopes(2, 3) == frozenset()
+            assert await db.scopes(3, 1) is None and await db.scopes(0, 0) is None
+            assert await db.scopes(3, 3 + SCOPES_KEPT + 1) is None
+            for _ in range(SCOPES_KEPT + 100):  # pruned as versions go by: a replica that far behind drops all
+                async with db.write(devices=["dev_c"]):
+                    pass
+            version = await db.change_version()
+            assert await db.scopes(4, 5) is None
+            assert await db.scopes(version - 10, version) == {"dev_c"}
+        finally:
+            await db.close()
+    run(go())

@@ -250,10 +250,18 @@ def test_waves_advance_per_class_and_a_failing_class_is_reverted(fleet_db_url):
             # bake over: x86 and cuda pass wave 1 and move to 50%
             f.clock.now += 30
             await report_round(f, healthy())
+            cached = dict(f.side.issued)  # every device polled: each one's signed document is held in memory
+            assert len(cached) == len(f.devices)
             decisions = await f.tick(1)
             assert sorted((d.action, d.hardware_class) for d in decisions) == [("wave_advanced", X86),
                                                                               ("wave_advanced", CUDA)]
             advanced = {e.data["hardware_class"]: e.data for e in await entries(f.plane, "rollout.wave_advanced")}
+            # the change names the devices the wave took in: only their documents are dropped, every other
+            # device's next poll is answered from memory as before
+            await f.settled()
+            moved = set(advanced[X86]["assigned"]) | set(advanced[CUDA]["assigned"])
+            assert moved and not moved & set(f.side.issued)
+            assert {i for i, held in f.side.issued.items() if held is cached[i]} == set(cached) - moved
             assert advanced[X86]["to_wave"] == 2 and len(advanced[X86]["assigned"]) == 4  # 5 of 10, one already
             assert (advanced[CUDA]["devices"], advanced[CUDA]["requests"]) == (1, 40)  # two windows since wave 1
             assert all(g["outcome"] == "pass" for g in advanced[CUDA]["gates"])

@@ -93,7 +93,8 @@ def enrol(token: str = typer.Option(..., "--token", help="One-time enrolment tok
     if enrolled.trust_root is not None:  # root.json (and a fresh trust.json) first: device.json says "enrolled"
         from slmops.fleet.agent.trust import TrustStore
         TrustStore(enrolled.trust_root, folder=folder).save()
-    ident = {"device_id": enrolled.device_id, "control": url, "hardware_class": enrolled.hardware_class}
+    ident = {"device_id": enrolled.device_id, "control": url, "hardware_class": enrolled.hardware_class,
+             "poll_interval_s": enrolled.poll_interval_s}
     with atomic_writer(folder / "device.json") as f:
         f.write(json.dumps(ident, indent=2).encode())
     console.print(f"enrolled as {enrolled.device_id} (hardware class {enrolled.hardware_class}) with {url}",
@@ -160,8 +161,8 @@ def run(once: bool = typer.Option(False, "--once", help="One poll and apply, one
                                                 "SLMOPS_HOST)."),
         insecure_registries: bool = typer.Option(False, "--insecure-registries",
                                                  help="Pull release variants over plain HTTP."),
-        poll: str = typer.Option("30s", "--poll", help="Poll interval (jittered, longer while the control plane "
-                                 "is away)."),
+        poll: Optional[str] = typer.Option(None, "--poll", help="Poll interval (jittered, longer while the "
+                                           "control plane is away; default: what it said at enrolment, else 30s)."),
         window: str = typer.Option("60s", "--window", help="Report window."),
         health_window: str = typer.Option("2m", "--health-window", help="How long the previous release stays "
                                           "loaded after a switch, to switch back to on failures."),
@@ -181,7 +182,8 @@ def run(once: bool = typer.Option(False, "--once", help="One poll and apply, one
     from slmops.store.store import Store
 
     ident, cfg = load_identity(), settings()
-    options = AgentOptions(poll_interval_s=_seconds(poll, "--poll"), window_s=_seconds(window, "--window"),
+    every = _seconds(poll, "--poll") if poll else float(ident.get("poll_interval_s") or AgentOptions.poll_interval_s)
+    options = AgentOptions(poll_interval_s=every, window_s=_seconds(window, "--window"),
                            health_window_s=_seconds(health_window, "--health-window"), smoke_threshold=smoke_threshold)
     served = store()  # as the server opens it: sealed blobs, private registries; signatures are the stager's
     pulls = Store(served.root, allow_internal_registries=served.allow_internal_registries, key=served.blobs.key)

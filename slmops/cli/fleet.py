@@ -136,6 +136,7 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="Address to bi
     # registry logins as `slmops pull` has them (registries.json under SLMOPS_HOME, or SLMOPS_REGISTRY_*)
     plane.extras["registry_config"] = RegistryConfig.from_settings(cfg, insecure=insecure_registries)
     plane.rollout_tick_s = cfg["SLMOPS_FLEET_TICK"]
+    plane.poll_interval_s = cfg["SLMOPS_FLEET_POLL"]
     plane.root_key = cfg["SLMOPS_FLEET_ROOT_KEY"] or cfg["SLMOPS_HOME"] / "fleet-root.key"
     plane.metadata_ttl_s = cfg["SLMOPS_FLEET_METADATA_TTL"]
     if plane.root_key.exists():  # a bad key file: one line here rather than a failed startup

@@ -108,7 +108,7 @@ def status(rollout_id: Optional[str] = typer.Argument(None, help="The rollout (d
                                                              "stops watching, not the rollout)."),
            interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes with --watch."),
            as_json: bool = JSON_OPT) -> None:
-    """Waves per hardware class, devices per state, and gate values computed now."""
+    """Waves per hardware class, devices per state, and gate values (the last tick's while it runs)."""
     with client() as c:
         info = c.rollout(rollout_id) if rollout_id else _newest(c)
         if as_json:

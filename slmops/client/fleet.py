@@ -196,7 +196,7 @@ class FleetClient:
                           model=list[RolloutInfo])
 
     def rollout(self, rollout_id: str) -> RolloutInfo:
-        """One rollout with devices per state and gate values computed now."""
+        """One rollout with devices per state and gate values (the last tick's while it runs)."""
         return self._call("GET", f"/rollouts/{_seg(rollout_id)}", model=RolloutInfo)
 
     def rollout_action(self, rollout_id: str, action: str, hardware_class: str | None = None) -> RolloutInfo:

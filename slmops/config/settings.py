@@ -233,6 +233,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_FLEET_KEY", str, "", "Operator API key the fleet CLI sends to the control plane.", secret=True),
     Setting("SLMOPS_FLEET_TICK", _positive_duration, "1s",
             "How often the control plane judges running rollouts' gates and moves their waves (seconds or 500ms)."),
+    Setting("SLMOPS_FLEET_POLL", _positive_duration, "30s",
+            "How often devices enrolled with this control plane poll it (told at enrolment; `agent run --poll` "
+            "overrides)."),
     Setting("SLMOPS_FLEET_TRUSTED_KEYS", _paths, "",
             "Public keys (PEM, comma-separated) whose signatures the control plane accepts on release variants."),
     Setting("SLMOPS_FLEET_ROOT_KEY", _optional_path, "",

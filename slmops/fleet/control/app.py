@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 import slmops
+from slmops.fleet.control.changes import OnChange
 from slmops.fleet.control.db import Database
 from slmops.server import errors
 from slmops.types.errors import SlmopsError
@@ -41,17 +42,18 @@ class ControlPlane:
     rollout_tick_s: float = 1.0  # rollouts are judged this often (SLMOPS_FLEET_TICK); 0: never (tests tick by hand)
     clock: Callable[[], float] = time.time
     extras: dict = field(default_factory=dict)  # per-module state (caches, batchers), keyed by module
-    watchers: list[Callable[[int], None]] = field(default_factory=list)  # told of every change version seen
+    watchers: list[OnChange] = field(default_factory=list)  # told of every change version seen
 
-    def watch(self, on_change: Callable[[int], None]) -> None:
-        """Have ``on_change(version)`` called when the database's change version moves (a mutation here or on
-        another replica). One feed per replica serves every watcher: one poll loop, one LISTEN connection."""
+    def watch(self, on_change: OnChange) -> None:
+        """Have ``on_change(version, devices)`` called when the database's change version moves (a mutation here
+        or on another replica; ``devices``: what it concerns, None for everything: ``changes.ChangeFeed``). One
+        feed per replica serves every watcher: one poll loop, one LISTEN connection."""
         self.watchers.append(on_change)
 
-    def changed(self, version: int) -> None:
+    def changed(self, version: int, devices: frozenset[str] | None = None) -> None:
         for on_change in list(self.watchers):
             try:
-                on_change(version)
+                on_change(version, devices)
             except Exception:  # noqa: BLE001 - one cache's failure must not keep the others stale
                 log.exception("change watcher %r failed on version %d", on_change, version)
 

@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import weakref
 from pathlib import Path
+from collections.abc import Collection
 from typing import AsyncIterator
 
-from sqlalchemy import event, select, text, update
+from sqlalchemy import delete, event, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from slmops.fleet.control.models import Meta
+from slmops.fleet.control.models import ChangeScope, Meta
 from slmops.types.errors import ConfigError
 
 CHANGE_KEY = "change_version"
@@ -27,8 +28,9 @@ CHANGE_CHANNEL = "slmops_fleet_change"  # PostgreSQL NOTIFY channel; the payload
 MIGRATE_LOCK = int.from_bytes(b"slmops:M", "big")  # pg_advisory_xact_lock key that queues replicas' migrations
 _BUMP_NOTIFY = text(
     "WITH bumped AS (UPDATE meta SET value = value + 1 WHERE key = :key RETURNING value) "
-    "SELECT pg_notify(:channel, value::text) FROM bumped"
+    "SELECT value, pg_notify(:channel, value::text) FROM bumped"
 )
+SCOPES_KEPT = 1000  # change versions whose scope is kept; a replica further behind drops everything
 # Alembic keeps the running migration in module globals: two migrations interleaved on one event loop (two
 # databases, or two Database objects on one) would trample each other's, so they take turns per loop.
 _migrating: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -80,10 +82,10 @@ class Database:
     read = session
 
     @contextlib.asynccontextmanager
-    async def write(self, bump: bool = True) -> AsyncIterator[AsyncSession]:
+    async def write(self, bump: bool = True, devices: Collection[str] | None = None) -> AsyncIterator[AsyncSession]:
         """One transaction, committed when the block ends and rolled back if it raises; ``bump``: mark a change
-        (everything but telemetry). On SQLite, writers queue on a lock and take the database's write lock at
-        BEGIN, so two writers never deadlock upgrading a read lock."""
+        (everything but telemetry), of ``devices`` only when given (:meth:`bump`). On SQLite, writers queue on a
+        lock and take the database's write lock at BEGIN, so two writers never deadlock upgrading a read lock."""
         lock = self._sqlite_writer if self.dialect == "sqlite" else contextlib.nullcontext()
         async with lock, self._sessions() as s:
             if self.dialect == "sqlite":
@@ -91,19 +93,39 @@ class Database:
             try:
                 yield s
                 if bump:
-                    await self.bump(s)
+                    await self.bump(s, devices)
                 await s.commit()
             except BaseException:
                 await s.rollback()
                 raise
 
-    async def bump(self, s: AsyncSession) -> None:
-        """Mark a change, in the caller's transaction: replicas drop what they cached when they see it (on
-        PostgreSQL they are also told, at commit, in one round trip with the update)."""
+    async def bump(self, s: AsyncSession, devices: Collection[str] | None = None) -> int:
+        """Mark a change in the caller's transaction, and return its version: replicas drop what they cached when
+        they see it (on PostgreSQL they are also told, at commit, in one round trip with the update). With
+        ``devices``, the change concerns those devices' desired states only (none: shared caches alone), which
+        replicas learn from ``change_scopes``; without, it concerns everything."""
         if self.dialect == "postgresql":
-            await s.execute(_BUMP_NOTIFY, {"key": CHANGE_KEY, "channel": CHANGE_CHANNEL})
+            version = int((await s.execute(_BUMP_NOTIFY, {"key": CHANGE_KEY, "channel": CHANGE_CHANNEL})).first()[0])
         else:
-            await s.execute(update(Meta).where(Meta.key == CHANGE_KEY).values(value=Meta.value + 1))
+            version = int((await s.execute(update(Meta).where(Meta.key == CHANGE_KEY).values(value=Meta.value + 1)
+                                           .returning(Meta.value))).scalar_one())
+        if devices is not None:
+            await s.execute(insert(ChangeScope).values(version=version, devices=sorted(set(devices))))
+            if version % 100 == 0:
+                await s.execute(delete(ChangeScope).where(ChangeScope.version <= version - SCOPES_KEPT))
+        return version
+
+    async def scopes(self, after: int, upto: int) -> frozenset[str] | None:
+        """The devices the changes after version ``after`` up to ``upto`` concern, or None when one of them
+        concerns everything (or is no longer known, or the version went back: a restored backup)."""
+        if upto <= after or upto - after > SCOPES_KEPT:
+            return None
+        async with self.session() as s:
+            rows = (await s.execute(select(ChangeScope.devices).where(ChangeScope.version > after,
+                                                                      ChangeScope.version <= upto))).scalars().all()
+        if len(rows) != upto - after:
+            return None
+        return frozenset(d for row in rows for d in row)
 
     async def change_version(self) -> int:
         async with self.session() as s:

@@ -245,6 +245,18 @@ class Meta(Base):
     value: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class ChangeScope(Base):
+    """Which devices a change version concerns, for changes that concern only some (a wave assigned, a class
+    reverted, a device enrolled, retagged or revoked); a version with no row here concerns everything. Replicas
+    read these to drop only those devices' cached states, not the whole fleet's; rows older than
+    ``db.SCOPES_KEPT`` versions are pruned, and a replica that finds one missing drops everything."""
+
+    __tablename__ = "change_scopes"
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    devices: Mapped[list[Any]] = mapped_column(default=list)
+
+
 class ServerSecret(Base):
     """The control plane's own secrets, shared by its replicas through the database. ``session``: the HMAC keys of
     device session tokens (``deviceauth``), one per epoch, the newest making new tokens. Never logged, never in

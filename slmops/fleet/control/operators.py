@@ -68,7 +68,9 @@ class KeyCache:
         self._records: dict[str, _Record] = {}
         self._generation = 0
 
-    def drop(self, _version: int = 0) -> None:
+    def drop(self, _version: int = 0, devices: frozenset[str] | None = None) -> None:
+        if devices is not None:
+            return  # a change of some devices' states: no operator key moved
         self._records.clear()
         self._generation += 1
 

@@ -12,8 +12,9 @@ against, and the transaction goes on only if the state is still the one read (el
 tick): over a wave of ten thousand devices the bucket sums take a good part of a second on SQLite, and holding its
 one writer that long would stall every report and poll meanwhile.
 
-A tick that decides something bumps the change version, so every replica drops its cached desired states and the
-devices concerned see new ETags; one that only refreshes gate values does not (the fleet's 304s stay warm).
+A tick that decides something bumps the change version, naming the devices it assigned or reverted, so every
+replica drops those devices' cached desired states and they see new ETags while the rest of the fleet keeps its
+304s; one that only refreshes gate values does not bump at all.
 
 Ledger actions (subject ``rollout:<id>``, one ``device.reverted`` per device on subject ``device:<id>``):
 ``rollout.started``, ``rollout.wave_advanced``, ``rollout.class_completed``, ``rollout.gate_failed`` (gate
@@ -122,7 +123,7 @@ async def start(plane: ControlPlane, req: RolloutRequest, actor: str) -> Rollout
         await s.flush()
         assigned = {c: await store.assign(s, row, rollout, c, now) for c in sorted(rollout.classes)}
         store.save(row, rollout, now)
-        await plane.db.bump(s)
+        await plane.db.bump(s, devices=[i for ids in assigned.values() for i in ids])
         skipped = sorted({m.hardware_class for m in found} - set(rollout.classes))
         data = {"release": req.release, "group": req.group, "plan": rollout.to_json()["plan"], "previous": previous,
                 "devices": dict(sorted(_class_sizes(fits).items())), "skipped_classes": skipped,
@@ -180,10 +181,10 @@ async def step(plane: ControlPlane, rollout_id: str, now: float) -> list[Decisio
         if row.state != seen:
             return []  # an operator or another replica moved it meanwhile: judged again at the next tick
         decisions = rollout.step(observed, previous, now)
-        entries = await apply(s, row, rollout, release, decisions, SYSTEM, now)
+        entries, moved = await apply(s, row, rollout, release, decisions, SYSTEM, now)
         store.save(row, rollout, now)
         if decisions:
-            await plane.db.bump(s)
+            await plane.db.bump(s, devices=moved)
             await ledger.append_many(s, entries)  # last: on PostgreSQL it holds the ledger's lock until commit
     return decisions
 
@@ -198,11 +199,13 @@ async def observations(s: AsyncSession, row: RolloutRow, rollout: Rollout, relea
 
 
 async def apply(s: AsyncSession, row: RolloutRow, rollout: Rollout, release: str, decisions: Iterable[Decision],
-                actor: str, now: float) -> list[dict[str, Any]]:
+                actor: str, now: float) -> tuple[list[dict[str, Any]], set[str]]:
     """Carry the decisions out in the caller's transaction; their ledger entries, in order, for the caller to
-    append last."""
+    append last, and the devices whose desired state they changed (assigned or reverted), for the change's
+    scope: no other device's state moves with a rollout's decision."""
     subject = f"rollout:{row.id}"
     entries: list[dict[str, Any]] = []
+    moved: set[str] = set()
 
     def entry(action: str, data: Mapping[str, Any], about: str = subject) -> None:
         entries.append({"actor": actor, "action": action, "subject": about, "data": dict(data), "at": now})
@@ -211,8 +214,10 @@ async def apply(s: AsyncSession, row: RolloutRow, rollout: Rollout, release: str
         data: dict[str, Any] = {"release": release, "hardware_class": d.hardware_class, **d.data}
         if d.action in ("wave_advanced", "promoted") and d.hardware_class is not None:
             data["assigned"] = await store.assign(s, row, rollout, d.hardware_class, now)
+            moved.update(data["assigned"])
         elif d.action == "revert" and d.hardware_class is not None:
             reverted = await store.revert(s, row, d.hardware_class, now)
+            moved.update(reverted)
             entry("rollout.reverted", {**data, "devices": len(reverted)})
             for device_id, to in sorted(reverted.items()):
                 entry("device.reverted", {"rollout": row.id, "from": release, "to": to,
@@ -220,7 +225,7 @@ async def apply(s: AsyncSession, row: RolloutRow, rollout: Rollout, release: str
                       about=f"device:{device_id}")
             continue
         entry(f"rollout.{d.action}", data)
-    return entries
+    return entries, moved
 
 
 # -- by hand -----------------------------------------------------------------------------------------------------
@@ -244,9 +249,9 @@ async def act(plane: ControlPlane, rollout_id: str, action: str, actor: str,
             decisions = rollout.promote(now, hardware_class)
         else:
             decisions = rollout.abort()
-        entries = await apply(s, row, rollout, release, decisions, actor, now)
+        entries, moved = await apply(s, row, rollout, release, decisions, actor, now)
         store.save(row, rollout, now)
-        await plane.db.bump(s)
+        await plane.db.bump(s, devices=moved)
         counts = await store.device_counts(s, row, release)
         await ledger.append_many(s, entries)  # last: on PostgreSQL it holds the ledger's lock until commit
     return store.to_info(row, rollout, release, counts)
@@ -255,11 +260,14 @@ async def act(plane: ControlPlane, rollout_id: str, action: str, actor: str,
 # -- reading -----------------------------------------------------------------------------------------------------
 
 async def info(plane: ControlPlane, rollout_id: str) -> RolloutInfo:
-    """A rollout with its devices per state and, for its active classes, gate values computed now."""
+    """A rollout with its devices per state and, for its active classes, gate values: those of the last tick
+    while the driver ticks it (at most ``rollout_tick_s`` old: the aggregates take a good part of a second over a
+    large wave, too much to redo for every operator's read), else computed now (paused, or no driver running)."""
     async with plane.db.read() as s:
         row, rollout, release = await store.load(s, rollout_id)
         gates: dict[str, list[dict[str, Any]]] = {}
-        if rollout.status in store.LIVE:
+        ticked = rollout.status == "running" and plane.rollout_tick_s > 0
+        if rollout.status in store.LIVE and not ticked:
             observed, previous = await observations(s, row, rollout, release)
             for name, c in rollout.classes.items():
                 if c.status == "active":

@@ -89,7 +89,7 @@ async def create_token(body: EnrolmentTokenRequest, request: Request,
         raise InvalidInput(f"expires_in: a token lives from 1m to 30d; got {body.expires_in!r}")
     now = plane.clock()
     token_id, secret = f"tok_{secrets.token_hex(6)}", TOKEN_PREFIX + secrets.token_urlsafe(32)
-    async with plane.db.write() as s:
+    async with plane.db.write(devices=()) as s:  # tokens change no device's state
         s.add(EnrolmentToken(id=token_id, token_hash=token_hash(secret), expires_at=now + ttl, tags=body.tags,
                              created_by=actor.ledger_name, created_at=now))
         await s.flush()
@@ -110,7 +110,7 @@ async def list_tokens(request: Request, actor: Actor = Depends(viewer)) -> list[
 @router.delete("/tokens/{token_id}", status_code=204)
 async def delete_token(token_id: str, request: Request, actor: Actor = Depends(operator)) -> Response:
     plane = _plane(request)
-    async with plane.db.write() as s:
+    async with plane.db.write(devices=()) as s:
         row = await s.get(EnrolmentToken, token_id)
         if row is None:
             raise NotFound(f'no enrolment token "{token_id}"; `slmops fleet tokens list` shows them')
@@ -186,7 +186,7 @@ async def tag_device(device_id: str, body: TagsRequest, request: Request,
     """Set tags (null removes one). The ``class`` tag overrides the hardware class, so that is recomputed."""
     plane = _plane(request)
     now = plane.clock()
-    async with plane.db.write() as s:
+    async with plane.db.write(devices=(device_id,)) as s:  # its groups, so its state: no other device's
         d = await _device(s, device_id)
         tags = {**(d.tags or {}), **{k: v for k, v in body.tags.items() if v is not None}}
         removed = sorted(k for k, v in body.tags.items() if v is None and k in tags)
@@ -209,7 +209,7 @@ async def revoke_device(device_id: str, request: Request, actor: Actor = Depends
     """From the commit on, the device's signed requests get 401 on every replica (the change version moved)."""
     plane = _plane(request)
     now = plane.clock()
-    async with plane.db.write() as s:
+    async with plane.db.write(devices=(device_id,)) as s:  # drops its key on every replica
         d = await _device(s, device_id)
         if d.revoked_at is None:
             d.revoked_at = now

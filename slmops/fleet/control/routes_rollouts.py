@@ -45,7 +45,8 @@ async def list_rollouts(request: Request, group: str | None = Query(None, descri
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutInfo, responses=_ERRORS)
 async def show_rollout(rollout_id: str, request: Request, actor: Actor = Depends(viewer)) -> RolloutInfo:
-    """Waves, devices per state, and gate values computed now for the classes still under way."""
+    """Waves, devices per state, and gate values for the classes still under way: the last tick's while the
+    rollout runs (at most ``SLMOPS_FLEET_TICK`` old), else computed now."""
     return await rollout_driver.info(_plane(request), rollout_id)
 
 
