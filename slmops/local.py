@@ -120,9 +120,7 @@ def load(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, pull_miss
 
 
 def _collect(it: Iterator[Output]) -> Result:
-    parts: list[str] = []
-    for out in it:
-        parts.append(out.text)
-        if out.done:
-            return Result("".join(parts), out.done_reason or "stop", out.stats)  # type: ignore[arg-type]
-    raise RuntimeError("generation ended without a final record")
+    from slmops.engine.answers import collect  # imports jinja2, which the control-plane install lacks
+
+    answer = collect(it)
+    return Result(answer.text, answer.done_reason or "stop", answer.stats)  # type: ignore[arg-type]

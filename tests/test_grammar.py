@@ -3,7 +3,7 @@
 import pytest
 
 from slmops.engine.grammar import enforceable, for_format, tool_call_schema
-from slmops.engine.tools import parse_calls, prepare_messages
+from slmops.engine.tools import prepare_messages
 from slmops.types.errors import InvalidInput
 
 
@@ -32,16 +32,6 @@ def test_tool_call_schema_and_named_choice():
     assert tool_call_schema(tools, "b")["properties"]["name"] == {"const": "b"}
     with pytest.raises(InvalidInput, match='"c", which is not among the tools'):
         tool_call_schema(tools, "c")
-
-
-def test_parse_calls_tagged_bare_and_none():
-    tools = [{"function": {"name": "get"}}]
-    calls, rest = parse_calls('Sure. <tool_call>{"name": "get", "arguments": {"x": 1}}</tool_call>', tools)
-    assert calls == [{"name": "get", "arguments": {"x": 1}}] and rest == "Sure."
-    assert parse_calls('{"name": "get", "arguments": "{\\"x\\": 2}"}', tools)[0] == [{"name": "get",
-                                                                                     "arguments": {"x": 2}}]
-    assert parse_calls('{"name": "other", "arguments": {}}', tools) == ([], '{"name": "other", "arguments": {}}')
-    assert parse_calls("plain text", tools) == ([], "plain text")
 
 
 def test_tools_are_described_when_the_template_cannot():

@@ -13,9 +13,10 @@ from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from slmops.api import responses as rsp
+from slmops.engine import answers
+from slmops.engine.client import Request
 from slmops.engine.outputs import Output, Stats
 from slmops.server import responses as route
-from slmops.server import streaming
 from slmops.server import responses_convert as rc
 from slmops.types.errors import InvalidInput
 
@@ -97,7 +98,7 @@ def events_for(pieces: list[str], done_reason: str = "stop", tools: list | None 
     async def collect():
         ev = route._Events({"id": "resp_x", "created_at": 1, **rc.echo(body(), rc.from_request(body()))},
                            hold_blanks=bool(tools))
-        return [e async for e in route._stream(streaming.split_calls(outputs(), tools), ev)]
+        return [e async for e in route._stream(answers.split_calls(outputs(), Request(messages=[], tools=tools)), ev)]
     return asyncio.run(collect())
 
 
@@ -146,7 +147,7 @@ def test_an_error_mid_stream_fails_the_response():
 
     async def collect():
         ev = route._Events({"id": "resp_x", "created_at": 1, **rc.echo(body(), rc.from_request(body()))}, False)
-        return [e async for e in route._stream(streaming.split_calls(outputs(), None), ev)]
+        return [e async for e in route._stream(outputs(), ev)]
     events = asyncio.run(collect())
     assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
     assert all(STREAM_EVENT.validate_python(e).type == e["type"] for e in events)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,24 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the request's tools, parsed from the model's text. Ids are left to each protocol: they
+    differ in form (``call-…`` for chat completions, ``call_…`` for Responses) and Ollama has none."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Output:
     """A streamed piece (``done`` False) or the final record (``done`` True, ``text`` may hold a last piece).
 
     ``logprobs`` covers the tokens whose text this piece completes (when requested); ``context`` on the final
     record is the prompt plus generated tokens, for Ollama's ``context`` field. Pieces carry running token counts
     so that a stream the client drops is still charged and audited for what it generated.
+
+    ``tool_calls`` are set once a request's tools are parsed out (:mod:`slmops.engine.answers`): a piece then
+    carries the calls it completed and only the text around them, so every protocol shapes the same calls.
     """
 
     text: str = ""
@@ -51,3 +64,4 @@ class Output:
     context: tuple[int, ...] = ()
     prompt_eval_count: int = 0  # on pieces: the prompt's tokens; the final record has them in ``stats``
     eval_count: int = 0  # on pieces: tokens generated so far
+    tool_calls: tuple[ToolCall, ...] = ()

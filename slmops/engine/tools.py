@@ -8,10 +8,13 @@ small models are trained on); the parser accepts that form and a bare JSON call.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import jinja2
 import jinja2.meta
+
+from slmops.engine.outputs import Output, ToolCall
 
 TOOL_PROMPT = (
     "You can call functions. To call one, reply with only "
@@ -40,7 +43,7 @@ TOOLS_NOTE = ("{#- slmops: when a request carries tools, it describes them in th
               "<tool_call>{...}</tool_call>, since this template does not render tools itself. -#}\n")
 
 
-def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
+def _call(obj: Any, names: set[str]) -> ToolCall | None:
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -49,7 +52,7 @@ def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
             args = json.loads(args)
         except json.JSONDecodeError:
             return None
-    return {"name": obj["name"], "arguments": args if isinstance(args, dict) else {}}
+    return ToolCall(obj["name"], args if isinstance(args, dict) else {})
 
 
 def prepare_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -91,16 +94,25 @@ class CallStream:
         self._shown = False  # visible text has been given out: a "{" from now on is only text
         self._decoder = json.JSONDecoder()
 
-    def feed(self, piece: str) -> tuple[str, list[dict[str, Any]]]:
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
         self._held += piece
         return self._drain(final=False)
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self) -> tuple[str, list[ToolCall]]:
         return self._drain(final=True)
 
-    def _drain(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+    def split(self, out: Output) -> Output:
+        """``out`` with only the text to show now and the calls its text completed; the final record also gives
+        out whatever was still held back. One output in, one out, so stream positions and counts stay put."""
+        text, calls = self.feed(out.text)
+        if out.done:
+            rest, more = self.finish()
+            text, calls = text + rest, calls + more
+        return replace(out, text=text, tool_calls=tuple(calls))
+
+    def _drain(self, final: bool) -> tuple[str, list[ToolCall]]:
         out: list[str] = []
-        calls: list[dict[str, Any]] = []
+        calls: list[ToolCall] = []
         while self._held:
             held = self._held
             if not self._shown and held.lstrip().startswith("{"):
@@ -155,13 +167,3 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
-
-
-def parse_calls(text: str, tools: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """Tool calls found in a whole answer and the text left around them."""
-    stream = CallStream(tools)
-    shown, calls = stream.feed(text)
-    rest, more = stream.finish()
-    calls += more
-    text = shown + rest
-    return calls, text.strip() if calls else text

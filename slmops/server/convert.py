@@ -9,14 +9,14 @@ import base64
 import json
 import secrets
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from slmops.api import ollama as oa
 from slmops.api import openai as oai
 from slmops.engine.client import Request
-from slmops.engine.outputs import Output, Stats, TokenLogprob
+from slmops.engine.outputs import Output, Stats, TokenLogprob, ToolCall
 from slmops.types.errors import InvalidInput
 
 
@@ -81,20 +81,19 @@ def ollama_logprobs(lps: tuple[TokenLogprob, ...]) -> list[oa.Logprob] | None:
                                      for x in t.top] or None) for t in lps]
 
 
-def generate_chunk(model: str, out: Output, text: str | None = None, with_context: bool = True) -> dict:
-    r = oa.GenerateResponse(model=model, created_at=now_iso(), response=out.text if text is None else text,
+def generate_chunk(model: str, out: Output, with_context: bool = True) -> dict:
+    r = oa.GenerateResponse(model=model, created_at=now_iso(), response=out.text,
                             done=out.done, done_reason=out.done_reason, logprobs=ollama_logprobs(out.logprobs),
                             context=list(out.context) if out.done and with_context else None,
                             **stats_fields(out.stats))
     return r.model_dump(exclude_none=True)
 
 
-def chat_chunk(model: str, out: Output, text: str | None = None,
-               tool_calls: list[dict[str, Any]] | None = None) -> dict:
-    msg = oa.ResponseMessage(content=out.text if text is None else text,
-                             tool_calls=[oa.ToolCall(function=oa.ToolCallFunction(name=c["name"], arguments=c["arguments"],
-                                                                                  index=i))
-                                         for i, c in enumerate(tool_calls)] if tool_calls else None)
+def chat_chunk(model: str, out: Output) -> dict:
+    """A streamed piece or a whole answer; Ollama numbers calls within the message that carries them."""
+    calls = [oa.ToolCall(function=oa.ToolCallFunction(name=c.name, arguments=c.arguments, index=i))
+             for i, c in enumerate(out.tool_calls)]
+    msg = oa.ResponseMessage(content=out.text, tool_calls=calls or None)
     r = oa.ChatResponse(model=model, created_at=now_iso(), message=msg, done=out.done, done_reason=out.done_reason,
                         logprobs=ollama_logprobs(out.logprobs), **stats_fields(out.stats))
     return r.model_dump(exclude_none=True)
@@ -183,7 +182,7 @@ def usage(stats: list[Stats], choices_per_prompt: int = 0) -> oai.Usage:
                      prompt_tokens_details={"cached_tokens": cached})
 
 
-def finish_reason(out: Output, tool_calls: list | None = None) -> str:
+def finish_reason(out: Output, tool_calls: Sequence[ToolCall] = ()) -> str:
     if tool_calls:
         return "tool_calls"
     return "length" if out.done_reason == "length" else "stop"
@@ -196,9 +195,10 @@ def openai_logprobs(lps: list[TokenLogprob]) -> oai.ChoiceLogprobs:
                                        for x in t.top]) for t in lps])
 
 
-def openai_tool_calls(calls: list[dict[str, Any]]) -> list[oai.ResponseToolCall]:
-    return [oai.ResponseToolCall(id=new_id("call"), function=oai.FunctionCall(name=c["name"],
-                                                                              arguments=json.dumps(c["arguments"])))
+def openai_tool_calls(calls: Sequence[ToolCall]) -> list[oai.ResponseToolCall]:
+    """OpenAI sends arguments as a JSON string, and each call needs an id the tool's answer can name."""
+    return [oai.ResponseToolCall(id=new_id("call"), function=oai.FunctionCall(name=c.name,
+                                                                              arguments=json.dumps(c.arguments)))
             for c in calls]
 
 

@@ -8,7 +8,6 @@ import asyncio
 import json
 import threading
 import time
-from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +17,8 @@ from fastapi.responses import Response
 import slmops
 from slmops.api import ollama as oa
 from slmops.config.settings import Settings
-from slmops.engine.tools import TOOLS_NOTE, parse_calls, template_handles_tools
+from slmops.engine import answers
+from slmops.engine.tools import TOOLS_NOTE, template_handles_tools
 from slmops.modelfile import build, render
 from slmops.modelfile.parser import Modelfile, parse
 from slmops.security import roles
@@ -73,8 +73,7 @@ async def generate(body: oa.GenerateRequest, request: Request):
     outputs = await streaming.prime(rt.stream(spec, convert.from_generate(body), keep))
     if body.stream:
         return streaming.ndjson(streaming.amap(lambda o: convert.generate_chunk(body.model, o), outputs))
-    text, final, lps = await streaming.collect(outputs)
-    return convert.generate_chunk(body.model, _merged(final, lps), text)
+    return convert.generate_chunk(body.model, await answers.acollect(outputs))
 
 
 @router.post("/api/chat")
@@ -83,24 +82,18 @@ async def chat(body: oa.ChatRequest, request: Request):
     if not body.messages:
         return await _load_only(rt, body.model, spec, keep, "message")
     req = convert.from_chat(body)
-    outputs = await streaming.prime(rt.stream(spec, req, keep))
+    outputs = await streaming.prime(answers.split_calls(rt.stream(spec, req, keep), req))
     if body.stream:
-        return streaming.ndjson(_chat_lines(body.model, outputs, req.tools))
-    text, final, lps = await streaming.collect(outputs)
-    calls, text = parse_calls(text, req.tools) if req.tools else ([], text)
-    return convert.chat_chunk(body.model, _merged(final, lps), text, calls)
+        return streaming.ndjson(_chat_lines(body.model, outputs))
+    return convert.chat_chunk(body.model, await answers.acollect(outputs))
 
 
-async def _chat_lines(model: str, outputs: AsyncIterator, tools: list | None) -> AsyncIterator[dict]:
-    """Ollama's streamed chat: content as it comes; a tool call in its own line once it is whole."""
-    async for out, text, calls in streaming.split_calls(outputs, tools):
-        if text or calls or out.done:
-            yield convert.chat_chunk(model, out, text, calls)
-
-
-def _merged(final, lps: list):
-    """The final record carrying every token's logprobs, for a non-streamed answer."""
-    return replace(final, logprobs=tuple(lps))
+async def _chat_lines(model: str, outputs: AsyncIterator) -> AsyncIterator[dict]:
+    """Ollama's streamed chat: content as it comes; a tool call in its own line once it is whole. A piece
+    whose text is all held back (it may be the start of a call) makes no line."""
+    async for out in outputs:
+        if out.text or out.tool_calls or out.done:
+            yield convert.chat_chunk(model, out)
 
 
 @router.post("/api/embed")

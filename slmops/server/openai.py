@@ -11,8 +11,8 @@ from fastapi import APIRouter, Request
 
 import slmops
 from slmops.api import openai as oai
+from slmops.engine import answers
 from slmops.engine.outputs import Output, Stats
-from slmops.engine.tools import parse_calls
 from slmops.server import convert, streaming
 from slmops.server.runtime import ModelRuntime
 from slmops.types.errors import InvalidInput, ModelNotFound
@@ -26,8 +26,9 @@ def _rt(request: Request) -> ModelRuntime:
     return request.app.state.runtime
 
 
-async def _run(rt: ModelRuntime, spec, req) -> tuple[str, Output, list]:
-    return await streaming.collect(rt.stream(spec, req, rt.default_keep_alive))
+async def _run(rt: ModelRuntime, spec, req) -> Output:
+    """One whole answer, its tool calls parsed out."""
+    return await answers.acollect(answers.split_calls(rt.stream(spec, req, rt.default_keep_alive), req))
 
 
 async def _together(runs: list) -> list:
@@ -49,25 +50,26 @@ async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
     if body.stream:
         if body.n != 1:
             raise InvalidInput("n > 1 is not supported with stream; make n requests")
-        outputs = await streaming.prime(rt.stream(spec, req, rt.default_keep_alive))
+        outputs = await streaming.prime(answers.split_calls(rt.stream(spec, req, rt.default_keep_alive), req))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming.sse(_chat_stream(outputs, body.model, cid, created, req.tools, include_usage))
+        return streaming.sse(_chat_stream(outputs, body.model, cid, created, include_usage))
     choices, stats = [], []
-    answers = await _together([_run(rt, spec, convert.from_chat_completion(body, seed_offset=i))
-                               for i in range(body.n)])
-    for i, (text, final, lps) in enumerate(answers):
-        calls, text = parse_calls(text, req.tools) if req.tools else ([], text)
+    finals = await _together([_run(rt, spec, convert.from_chat_completion(body, seed_offset=i))
+                              for i in range(body.n)])
+    for i, answer in enumerate(finals):
+        text, calls = answer.text, answer.tool_calls
         message = oai.AssistantMessage(content=text if (text or not calls) else None,
                                        tool_calls=convert.openai_tool_calls(calls) if calls else None)
-        choices.append(oai.ChatChoice(index=i, message=message, finish_reason=convert.finish_reason(final, calls),
-                                      logprobs=convert.openai_logprobs(lps) if req.logprobs is not None else None))
-        stats.append(final.stats)
+        logprobs = convert.openai_logprobs(list(answer.logprobs)) if req.logprobs is not None else None
+        choices.append(oai.ChatChoice(index=i, message=message, finish_reason=convert.finish_reason(answer, calls),
+                                      logprobs=logprobs))
+        stats.append(answer.stats)
     return oai.ChatCompletion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT,
                               choices=choices, usage=convert.usage(stats))
 
 
 async def _chat_stream(outputs: AsyncIterator[Output], model: str, cid: str, created: int,
-                       tools: list | None, include_usage: bool) -> AsyncIterator[dict]:
+                       include_usage: bool) -> AsyncIterator[dict]:
     def chunk(delta: oai.Delta, finish: str | None = None, logprobs=None) -> dict:
         c = oai.ChatCompletionChunk(id=cid, created=created, model=model, system_fingerprint=FINGERPRINT,
                                     choices=[oai.ChunkChoice(index=0, delta=delta, finish_reason=finish,
@@ -77,17 +79,17 @@ async def _chat_stream(outputs: AsyncIterator[Output], model: str, cid: str, cre
     yield chunk(oai.Delta(role="assistant", content=""))
     stats: Stats | None = None
     made: list = []
-    async for out, text, calls in streaming.split_calls(outputs, tools):
+    async for out in outputs:
         lp = convert.openai_logprobs(list(out.logprobs)) if out.logprobs else None
-        if text or lp:
-            yield chunk(oai.Delta(content=text), logprobs=lp)
-        for call in calls:  # named first, then its arguments, as OpenAI streams them
+        if out.text or lp:
+            yield chunk(oai.Delta(content=out.text), logprobs=lp)
+        for call in out.tool_calls:  # named first, then its arguments, as OpenAI streams them
             index, made = len(made), made + [call]
             yield chunk(oai.Delta(tool_calls=[oai.DeltaToolCall(
                 index=index, id=convert.new_id("call"), type="function",
-                function=oai.DeltaFunction(name=call["name"], arguments=""))]))
+                function=oai.DeltaFunction(name=call.name, arguments=""))]))
             yield chunk(oai.Delta(tool_calls=[oai.DeltaToolCall(
-                index=index, function=oai.DeltaFunction(arguments=json.dumps(call["arguments"])))]))
+                index=index, function=oai.DeltaFunction(arguments=json.dumps(call.arguments)))]))
         if out.done:
             stats = out.stats
             yield chunk(oai.Delta(), convert.finish_reason(out, made))
@@ -113,13 +115,14 @@ async def completions(body: oai.CompletionRequest, request: Request):
     choices, stats = [], []
     for prompt in prompts:
         reqs = [await _completion_request(rt, spec, body, prompt, i) for i in range(body.n)]
-        answers = await _together([_run(rt, spec, req) for req in reqs])
-        for req, (text, final, lps) in zip(reqs, answers):
+        finals = await _together([_run(rt, spec, req) for req in reqs])
+        for req, answer in zip(reqs, finals):
             prefix = req.prompt if body.echo else ""
             choices.append(oai.CompletionChoice(
-                index=len(choices), text=prefix + text, finish_reason=convert.finish_reason(final),
-                logprobs=convert.completion_logprobs(lps, len(prefix)) if body.logprobs is not None else None))
-            stats.append(final.stats)
+                index=len(choices), text=prefix + answer.text, finish_reason=convert.finish_reason(answer),
+                logprobs=convert.completion_logprobs(list(answer.logprobs), len(prefix))
+                if body.logprobs is not None else None))
+            stats.append(answer.stats)
     return oai.Completion(id=cid, created=created, model=body.model, system_fingerprint=FINGERPRINT,
                           choices=choices, usage=convert.usage(stats, body.n))
 

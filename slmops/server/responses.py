@@ -16,8 +16,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from slmops.api import responses as rsp
-from slmops.engine.outputs import Output
-from slmops.engine.tools import parse_calls
+from slmops.engine import answers
+from slmops.engine.outputs import Output, ToolCall
 from slmops.server import errors, streaming
 from slmops.server import responses_convert as rc
 from slmops.server.runtime import ModelRuntime
@@ -32,17 +32,16 @@ async def create_response(body: rsp.ResponseRequest, request: Request):
     req = rc.from_request(body)
     _, spec = rt.resolve(body.model)
     base = {"id": rc.new_id("resp"), "created_at": int(time.time()), **rc.echo(body, req)}
-    calls_wanted = bool(req.tools) and req.tool_choice != "none"
+    outputs = answers.split_calls(rt.stream(spec, req, rt.default_keep_alive), req)
     if body.stream:
-        outputs = await streaming.prime(rt.stream(spec, req, rt.default_keep_alive))
-        events = _Events(base, hold_blanks=calls_wanted)
-        return _sse(_stream(streaming.split_calls(outputs, req.tools if calls_wanted else None), events))
-    text, final, _ = await streaming.collect(rt.stream(spec, req, rt.default_keep_alive))
-    calls, text = parse_calls(text, req.tools) if calls_wanted else ([], text)
-    incomplete = final.done_reason == "length"
+        events = _Events(base, hold_blanks=answers.offered_tools(req) is not None)
+        return _sse(_stream(await streaming.prime(outputs), events))
+    answer = await answers.acollect(outputs)
+    incomplete = answer.done_reason == "length"
     return rsp.Response(**base, completed_at=int(time.time()), status="incomplete" if incomplete else "completed",
                         incomplete_details=rsp.IncompleteDetails() if incomplete else None,
-                        output=rc.output_items(text, calls, incomplete), usage=rc.usage(final.stats))
+                        output=rc.output_items(answer.text, answer.tool_calls, incomplete),
+                        usage=rc.usage(answer.stats))
 
 
 class _Events:
@@ -112,7 +111,7 @@ class _Events:
                          output_index=index, part=item.content[0]),
                 self._ev(rsp.OutputItemEvent, type="response.output_item.done", output_index=index, item=item)]
 
-    def call(self, call: dict[str, Any]) -> list[dict]:
+    def call(self, call: ToolCall) -> list[dict]:
         events = self._close_message()
         self.blank = ""
         item, index = rc.function_call(call), len(self.output)
@@ -152,15 +151,15 @@ def _code(err: Exception) -> str:
     return {400: "invalid_prompt", 429: "rate_limit_exceeded"}.get(status, "server_error")
 
 
-async def _stream(outputs: AsyncIterator[tuple[Output, str, list]], ev: _Events) -> AsyncIterator[dict]:
-    """Events for each piece of :func:`streaming.split_calls`: text, then the calls it completed."""
+async def _stream(outputs: AsyncIterator[Output], ev: _Events) -> AsyncIterator[dict]:
+    """Events for each piece of :func:`answers.split_calls`: text, then the calls it completed."""
     for event in ev.start():
         yield event
     final: Output | None = None
     try:
-        async for out, text, found in outputs:
+        async for out in outputs:
             final = out if out.done else final
-            for event in ev.text(text) + [e for c in found for e in ev.call(c)]:
+            for event in ev.text(out.text) + [e for c in out.tool_calls for e in ev.call(c)]:
                 yield event
         if final is None:
             raise EngineError("generation ended without a final record; try again")

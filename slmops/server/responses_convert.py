@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any
+from typing import Any, Sequence
 
 from slmops.api import responses as rsp
 from slmops.engine.client import Request
-from slmops.engine.outputs import Stats
+from slmops.engine.outputs import Stats, ToolCall
 from slmops.server import convert
 from slmops.types.errors import InvalidInput
 
@@ -171,12 +171,12 @@ def message(item_id: str, text: str, status: str = "completed") -> rsp.OutputMes
     return rsp.OutputMessage(id=item_id, status=status, content=[rsp.OutputText(text=text)])
 
 
-def function_call(call: dict[str, Any]) -> rsp.FunctionCall:
-    return rsp.FunctionCall(id=new_id("fc"), call_id=new_id("call"), name=call["name"], status="completed",
-                            arguments=json.dumps(call["arguments"]))
+def function_call(call: ToolCall) -> rsp.FunctionCall:
+    return rsp.FunctionCall(id=new_id("fc"), call_id=new_id("call"), name=call.name, status="completed",
+                            arguments=json.dumps(call.arguments))
 
 
-def output_items(text: str, calls: list[dict[str, Any]], incomplete: bool) -> list[rsp.OutputItem]:
+def output_items(text: str, calls: Sequence[ToolCall], incomplete: bool) -> list[rsp.OutputItem]:
     """A message (when there is text, or nothing else to show), then the function calls."""
     items: list[rsp.OutputItem] = []
     if text or not calls:

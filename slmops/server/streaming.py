@@ -12,10 +12,8 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
-from slmops.engine.outputs import Output
-from slmops.engine.tools import CallStream
 from slmops.server import errors
-from slmops.types.errors import EngineError, SlmopsError
+from slmops.types.errors import SlmopsError
 
 log = logging.getLogger("slmops.server")
 
@@ -73,32 +71,3 @@ def sse(items: AsyncIterator[dict], path: str = "/v1/") -> StreamingResponse:
 async def amap(fn: Callable[[Any], Any], items: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for item in items:
         yield fn(item)
-
-
-async def collect(outputs: AsyncIterator[Output]) -> tuple[str, Output, list]:
-    """A whole answer from its stream: the text, the final record, and every token's logprobs."""
-    parts, lps, final = [], [], None
-    async for out in outputs:
-        parts.append(out.text)
-        lps.extend(out.logprobs)
-        if out.done:
-            final = out
-    if final is None:
-        raise EngineError("generation ended without a final record; try again")
-    return "".join(parts), final, lps
-
-
-async def split_calls(outputs: AsyncIterator[Output], tools: list[dict[str, Any]] | None
-                      ) -> AsyncIterator[tuple[Output, str, list[dict[str, Any]]]]:
-    """Each output with the text to show now and the tool calls it completed: with tools, text still streams
-    as it comes, and a call goes out as soon as it is whole (see :class:`CallStream`)."""
-    split = CallStream(tools) if tools else None
-    async for out in outputs:
-        if split is None:
-            yield out, out.text, []
-            continue
-        text, calls = split.feed(out.text)
-        if out.done:
-            rest, more = split.finish()
-            text, calls = text + rest, calls + more
-        yield out, text, calls
