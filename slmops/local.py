@@ -9,15 +9,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from slmops import wiring
 from slmops.config.settings import Settings
 from slmops.engine.client import Request, spec_from_store
 from slmops.engine.outputs import Output, Stats
 from slmops.store.store import ProgressFn, Store, _no_progress
-from slmops.types.errors import ConfigError, ModelNotFound
+from slmops.types.errors import ModelNotFound
 from slmops.types.name import ModelName
 
 if TYPE_CHECKING:
@@ -36,35 +37,8 @@ class Result:
 def open_store(home: str | Path | None = None, settings: Settings | None = None) -> Store:
     """The store under ``home`` (default: ``SLMOPS_HOME``, else ``~/.slmops``), with the registry, signature and
     encryption policies of the settings (``SLMOPS_ALLOW_PRIVATE_REGISTRIES``, ``SLMOPS_TRUSTED_KEYS``,
-    ``SLMOPS_STORE_KEY``)."""
-    cfg = settings or Settings.from_env()
-    root = Path(home).expanduser() if home else cfg.home
-    trust = None
-    if cfg["SLMOPS_TRUSTED_KEYS"]:
-        from slmops.security.signing import TrustPolicy
-        trust = TrustPolicy(list(cfg["SLMOPS_TRUSTED_KEYS"]))
-    from slmops.ops.variants import MachinePolicy
-    variants = MachinePolicy(cfg["SLMOPS_HARDWARE_PREFERRED"] or None, cfg["SLMOPS_HARDWARE_FALLBACK"],
-                             quantization=cfg["SLMOPS_QUANTIZATION"])
-    return Store(root / "models", allow_internal_registries=cfg["SLMOPS_ALLOW_PRIVATE_REGISTRIES"], trust=trust,
-                 key=store_key(cfg), variants=variants)
-
-
-def store_key(cfg: Settings) -> bytes | None:
-    """``SLMOPS_STORE_KEY``, or the key in ``SLMOPS_STORE_KEY_FILE``; both set is a mistake worth stopping on."""
-    from slmops.store.sealed import parse_key
-
-    key, file = cfg["SLMOPS_STORE_KEY"], cfg["SLMOPS_STORE_KEY_FILE"]
-    if file is None:
-        return key
-    if key is not None:
-        raise ConfigError("SLMOPS_STORE_KEY and SLMOPS_STORE_KEY_FILE are both set; keep one")
-    try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"SLMOPS_STORE_KEY_FILE: cannot read the key file ({getattr(err, 'strerror', err)}); "
-                          "fix the path") from None
-    return parse_key(text, "SLMOPS_STORE_KEY_FILE")
+    ``SLMOPS_STORE_KEY``); without ``settings``, those of the environment (and ``SLMOPS_CONFIG``)."""
+    return wiring.open_store(settings or wiring.read_settings(), home)
 
 
 def pull(name: str = DEFAULT_MODEL, home: str | Path | None = None, progress: ProgressFn = _no_progress) -> None:
@@ -107,16 +81,21 @@ class Model:
 
 
 def load(name: str = DEFAULT_MODEL, *, home: str | Path | None = None, pull_missing: bool = True,
-         num_ctx: int = 4096, num_thread: int = 0) -> Model:
+         num_ctx: int | None = None, num_thread: int | None = None) -> Model:
+    """``num_ctx`` and ``num_thread`` default to ``SLMOPS_CONTEXT_LENGTH`` and ``SLMOPS_NUM_THREADS``."""
     from slmops.engine.engine import Engine  # llama.cpp loads here, not when slmops is imported
 
-    store = open_store(home)
+    cfg = wiring.read_settings()
+    config = wiring.engine_config(cfg, placed=None)
+    config = replace(config, max_loaded=1, default_ctx=num_ctx or config.default_ctx,
+                     num_thread=config.num_thread if num_thread is None else num_thread)
+    store = open_store(home, cfg)
     model_name = ModelName.parse(name)
     if not store.exists(model_name):
         if not (pull_missing and store.catalog.lookup(model_name)):
             raise ModelNotFound(model_name.display)
         store.pull(model_name)
-    return Model(store, model_name, Engine(default_ctx=num_ctx, num_thread=num_thread))
+    return Model(store, model_name, Engine(config))
 
 
 def _collect(it: Iterator[Output]) -> Result:

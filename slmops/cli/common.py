@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import getpass
 import importlib.util
-import os
 import sys
-from pathlib import Path
-from datetime import datetime, timezone
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from slmops import wiring
 from slmops.config.settings import Settings
 from slmops.store.store import Store
-from slmops.types.errors import ConfigError, SlmopsError
-from slmops.types.name import ModelName
+from slmops.types.errors import SlmopsError
 
 if TYPE_CHECKING:
     from slmops.engine.client import EngineConfig
@@ -49,50 +49,43 @@ def require_engine() -> None:
         raise SlmopsError(CONTROL_PLANE_ONLY)
 
 
+@dataclass
+class _Flags:
+    """What the command line says about configuration before a command reads its settings."""
+
+    config: Path | None = None  # --config FILE
+
+
+_flags = _Flags()
+
+
 @lru_cache(maxsize=1)
 def settings() -> Settings:
-    """``SLMOPS_*`` from the environment over the deployment config named by ``SLMOPS_CONFIG`` (or --config)."""
-    base = Settings.from_env()
-    path = base["SLMOPS_CONFIG"]
-    if path is None:
-        return base
-    from slmops.config.deploy import load_deploy, to_settings
-    return Settings.from_env(config=to_settings(load_deploy(path)), config_name=path.name)
+    """``SLMOPS_*`` from the environment over the deployment config named by --config (or ``SLMOPS_CONFIG``), read
+    once per command."""
+    return wiring.read_settings(config=_flags.config)
 
 
 def use_config(path: "Path | None") -> None:
-    """``--config FILE``: the same as ``SLMOPS_CONFIG=FILE`` (runner processes inherit it too)."""
+    """``--config FILE``: the same as ``SLMOPS_CONFIG=FILE`` for this command. Nothing goes into the environment:
+    runner processes get their settings in their engine config."""
     if path is not None:
-        os.environ["SLMOPS_CONFIG"] = str(path)
+        _flags.config = path
         settings.cache_clear()
 
 
 def store() -> Store:
     require_engine()  # the store holds models: only an install that can run them has a use for one
-    from slmops.local import open_store
-    return open_store(settings=settings())
+    return wiring.open_store(settings())
 
 
 def key_store() -> "KeyStore":
-    from slmops.security.keys import KeyStore
-    return KeyStore(settings().home / "keys.json")
+    return wiring.key_store(settings())
 
 
 def audit_log() -> "AuditLog | None":
     """The audit log as configured, or None with SLMOPS_AUDIT=false."""
-    from slmops.security.audit import AuditLog
-    cfg = settings()
-    if not cfg["SLMOPS_AUDIT"]:
-        return None
-    key = None
-    if cfg["SLMOPS_AUDIT_KEY"] is not None:
-        try:
-            key = cfg["SLMOPS_AUDIT_KEY"].read_bytes().strip()
-        except OSError as err:
-            raise ConfigError(f"SLMOPS_AUDIT_KEY: cannot read the key file ({err.strerror}); fix the path") from None
-        if len(key) < 16:
-            raise ConfigError("SLMOPS_AUDIT_KEY: the key file must hold at least 16 bytes of secret")
-    return AuditLog(cfg.home / "audit" / "audit.log", key, cfg["SLMOPS_AUDIT_MAX_BYTES"])
+    return wiring.audit_log(settings())
 
 
 def audit(action: str, **fields: object) -> None:
@@ -164,41 +157,14 @@ class PullBar:
 
 
 def placement() -> "Placement":
-    """Placement for this machine; when the served model (``SLMOPS_MODEL``) is already in the store, its size and
-    the KV budget let placement check that they fit in GPU memory before choosing the GPU."""
-    from slmops.ops.hw import detect
-    from slmops.ops.placement import place
-    cfg = settings()
-    return place(detect(), model_bytes=_stored_size(cfg["SLMOPS_MODEL"]), kv_bytes=cfg["SLMOPS_KV_BUDGET"])
-
-
-def _stored_size(model: str) -> int | None:
-    if not model:
-        return None
-    try:
-        return store().record(ModelName.parse(model)).size
-    except SlmopsError:  # not pulled yet, or not a valid name (serve reports that itself)
-        return None
-
-
-# Settings that, when given (env or config), win over what placement chose for this machine.
-_PLACED = {"num_thread": ("SLMOPS_NUM_THREADS", 0), "num_parallel": ("SLMOPS_NUM_PARALLEL", 0),
-           "num_batch": ("SLMOPS_NUM_BATCH", 0), "num_gpu": ("SLMOPS_NUM_GPU", -1),
-           "kv_type": ("SLMOPS_KV_CACHE_TYPE", "")}
+    """Placement for this machine and the served model (``SLMOPS_MODEL``), if it is in the store."""
+    return wiring.placement(settings(), store())
 
 
 def engine_config(placed: "Placement | None" = None) -> "EngineConfig":
-    """Engine settings for the server's runners and the CLI's in-process engine alike: placement's choices for
-    this machine, except where a ``SLMOPS_*`` setting (or the deployment config) says otherwise."""
-    from slmops.engine.client import EngineConfig
-    cfg = settings()
-    fields = (placed or placement()).as_config_fields()
-    for field_name, (setting, unset) in _PLACED.items():
-        if cfg[setting] != unset:
-            fields[field_name] = cfg[setting]
-    return EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"],
-                        verbose=cfg["SLMOPS_DEBUG"], max_queue=cfg["SLMOPS_MAX_QUEUE"],
-                        kv_budget=cfg["SLMOPS_KV_BUDGET"], prefix_cache=cfg["SLMOPS_PREFIX_CACHE"], **fields)
+    """Engine settings for the server's runners and the CLI's in-process engine alike (see
+    :func:`slmops.wiring.engine_config`)."""
+    return wiring.engine_config(settings(), placed or placement())
 
 
 def local_engine() -> "Engine":

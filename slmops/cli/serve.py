@@ -8,10 +8,10 @@ from typing import Optional
 import httpx
 import typer
 
-from slmops.cli.common import (audit_log, console, engine_config, err_console, key_store, placement, settings,
-                               store, use_config)
+from slmops import wiring
+from slmops.cli.common import console, err_console, key_store, settings, store, use_config
 from slmops.cli.serving import check_port, run_app
-from slmops.types.errors import ConfigError, SlmopsError
+from slmops.types.errors import SlmopsError
 
 
 def serve(
@@ -23,54 +23,25 @@ def serve(
                                                "(or SLMOPS_CONFIG); SLMOPS_* variables override it."),
 ) -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
-    from slmops.security.limits import RateLimiter
-    from slmops.server.access import AccessPolicy
-    from slmops.server.app import ServerConfig, create_app, is_loopback
-    from slmops.server.runtime import ModelRuntime
+    from slmops.server.guards import is_loopback
 
     use_config(config_file)
     cfg = settings()
-    host, port = cfg["SLMOPS_HOST"]
     keys = key_store()
-    if not is_loopback(host) and not keys and not insecure:
-        raise ConfigError(f"refusing to serve on {host} without API keys: anyone who can reach it could use and "
-                          "change your models. Create one with `slmops keys create --name NAME --role user`, or "
-                          "pass --insecure")
-    tls_cert, tls_key = tls_cert or cfg["SLMOPS_TLS_CERT"], tls_key or cfg["SLMOPS_TLS_KEY"]
-    if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("HTTPS needs both --tls-cert and --tls-key (or SLMOPS_TLS_CERT and SLMOPS_TLS_KEY)")
-    for p in (tls_cert, tls_key):
-        if p is not None and not p.is_file():
-            raise ConfigError(f"TLS file {p} does not exist or is not a file")
-    check_port(host, port, "set SLMOPS_HOST")
-    access = AccessPolicy(keys, required=cfg["SLMOPS_AUTH"] == "required",
-                          limiter=RateLimiter(cfg["SLMOPS_RATE_LIMIT"], cfg["SLMOPS_TOKEN_LIMIT"]),
-                          audit=audit_log(), audit_content=cfg["SLMOPS_AUDIT_CONTENT"])
+    where = wiring.listen(cfg, keys, tls_cert, tls_key, insecure)
+    check_port(where.host, where.port, "set SLMOPS_HOST")
     _log_config(cfg)
-    placed = placement()
-    config = engine_config(placed)
+    built = wiring.server(cfg, keys, store())
+    placed = built.placement
     err_console.print(f"{placed.summary()} ({'; '.join(placed.reasons)})", markup=False, soft_wrap=True)
-    if cfg["SLMOPS_RUNNERS"] == "process":
-        from slmops.engine.process import ProcessEngine
-        engine = ProcessEngine(config)
-    else:
-        from slmops.engine.engine import Engine
-        engine = Engine(config)
-    s = store()
-    runtime = ModelRuntime(s, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
-    server_config = ServerConfig(host=host, origins=cfg["SLMOPS_ORIGINS"], max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"],
-                                 max_blob_bytes=cfg["SLMOPS_MAX_BLOB_SIZE"],
-                                 openai=cfg["SLMOPS_OPENAI_COMPATIBLE"], preload=cfg["SLMOPS_MODEL"] or None,
-                                 home=cfg.home, feedback=cfg["SLMOPS_FEEDBACK"])
-    app = create_app(s, runtime, server_config, access=access)
-    if not is_loopback(host) and not keys:
-        err_console.print(f"WARNING: serving on {host} without API keys (--insecure): anyone who can reach this "
-                          "address can use and change your models", markup=False)
-    scheme = "https" if tls_cert else "http"
-    auth = "API keys required" if access.auth_on() else "no API keys (loopback)"
-    console.print(f"slmops listening on {scheme}://{host}:{port} ({auth})", markup=False)
-    run_app(app, host, port, cfg["SLMOPS_DEBUG"], timeout_graceful_shutdown=5,
-            ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
+    if not is_loopback(where.host) and not keys:
+        err_console.print(f"WARNING: serving on {where.host} without API keys (--insecure): anyone who can reach "
+                          "this address can use and change your models", markup=False)
+    auth = "API keys required" if built.access.auth_on() else "no API keys (loopback)"
+    console.print(f"slmops listening on {where.scheme}://{where.host}:{where.port} ({auth})", markup=False)
+    run_app(built.app, where.host, where.port, cfg["SLMOPS_DEBUG"], timeout_graceful_shutdown=5,
+            ssl_certfile=str(where.tls_cert) if where.tls_cert else None,
+            ssl_keyfile=str(where.tls_key) if where.tls_key else None)
 
 
 def _log_config(cfg) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,11 @@ def parse_duration(text: str) -> float:
     return sign * sum(float(n) * units[u] for n, u in parts)
 
 
-def _host(text: str, default_port: int = 11434) -> tuple[str, int]:
+API_PORT = 11434  # Ollama's port: clients that know Ollama find us there
+FLEET_PORT = 11500
+
+
+def _host(text: str, default_port: int = API_PORT) -> tuple[str, int]:
     text = text.strip()
     for scheme in ("http://", "https://"):
         if text.startswith(scheme):
@@ -171,7 +175,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_HOME", lambda s: Path(s).expanduser(), "~/.slmops", "Root of models, keys and logs."),
-    Setting("SLMOPS_HOST", _host, "127.0.0.1:11434", "Address the server binds and the CLI talks to."),
+    Setting("SLMOPS_HOST", _host, f"127.0.0.1:{API_PORT}", "Address the server binds and the CLI talks to."),
     Setting("SLMOPS_KEEP_ALIVE", parse_duration, "5m", "How long an idle model stays loaded (0 unloads, <0 forever)."),
     Setting("SLMOPS_CONTEXT_LENGTH", _positive_int, "4096", "Default num_ctx when a request sets none."),
     Setting("SLMOPS_NUM_THREADS", _positive_int, "0", "Threads for generation; 0 picks the physical core count."),
@@ -228,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(/api/feedback; config privacy.feedback); on a fleet device the blueprint decides."),
     Setting("SLMOPS_FLEET_DB", str, "",
             "Fleet control-plane database URL (postgresql+asyncpg://...); empty: SQLite at SLMOPS_HOME/fleet.db."),
-    Setting("SLMOPS_FLEET_HOST", lambda s: _host(s, 11500), "127.0.0.1:11500",
+    Setting("SLMOPS_FLEET_HOST", lambda s: _host(s, FLEET_PORT), f"127.0.0.1:{FLEET_PORT}",
             "Address `slmops fleet serve` binds and the fleet CLI and agent talk to."),
     Setting("SLMOPS_FLEET_KEY", str, "", "Operator API key the fleet CLI sends to the control plane.", secret=True),
     Setting("SLMOPS_FLEET_TICK", _positive_duration, "1s",
@@ -245,6 +249,13 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def default(name: str) -> Any:
+    """The parsed default of a ``SLMOPS_*`` setting: the one definition that code deeper down (dataclass defaults
+    such as ``EngineConfig.max_queue``) refers to, rather than repeating the value."""
+    setting = _BY_NAME[name]
+    return setting.parse(setting.default)
 
 
 @dataclass(frozen=True)

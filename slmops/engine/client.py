@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
+from slmops.config.settings import default
 from slmops.engine.outputs import Output
 from slmops.store import manifests as mt
 from slmops.store.store import Store
@@ -83,21 +84,27 @@ class Request:
     prefix_tokens: list[int] | None = None  # Ollama's ``context``: tokens of an earlier exchange to continue
 
 
+_LOAD = LoadParams(num_ctx=0)  # read for a context's own defaults: batch, threads, GPU layers, KV type
+
+
 @dataclass
 class EngineConfig:
-    """Engine-wide settings, read from ``SLMOPS_*`` at the edge and handed to every runner."""
+    """Engine-wide settings, read from ``SLMOPS_*`` at the edge (:mod:`slmops.wiring`) and handed to every runner.
 
-    default_ctx: int = 4096
-    num_thread: int = 0
-    max_loaded: int = 1
-    verbose: bool = False
-    num_parallel: int = 0  # 0: chosen from the memory this machine has free
-    max_queue: int = 512
-    num_batch: int = 512
-    num_gpu: int = 0  # layers to offload to a GPU (placement: all of them when one fits)
-    kv_type: str = "f16"
-    kv_budget: int = 1 << 30  # KV memory parallel sequences may take when their number is chosen automatically
-    prefix_cache: int = 256 << 20  # host memory for cached prefixes the KV cache evicts (0: none)
+    The defaults are defined elsewhere, once: the ``SLMOPS_*`` table's for what a setting names, ``LoadParams``'
+    for how a context is built (placement's choices replace those in the server and the CLI)."""
+
+    default_ctx: int = default("SLMOPS_CONTEXT_LENGTH")
+    num_thread: int = _LOAD.num_thread
+    max_loaded: int = 1  # a Python API model's engine holds it alone; the server's: SLMOPS_MAX_LOADED_MODELS
+    verbose: bool = default("SLMOPS_DEBUG")
+    num_parallel: int = default("SLMOPS_NUM_PARALLEL")  # 0: chosen from the memory this machine has free
+    max_queue: int = default("SLMOPS_MAX_QUEUE")
+    num_batch: int = _LOAD.num_batch
+    num_gpu: int = _LOAD.num_gpu  # layers to offload to a GPU (placement: all of them when one fits)
+    kv_type: str = _LOAD.kv_type
+    kv_budget: int = default("SLMOPS_KV_BUDGET")  # KV memory parallel sequences may take when chosen automatically
+    prefix_cache: int = default("SLMOPS_PREFIX_CACHE")  # host memory for cached prefixes the KV cache evicts (0: none)
 
     def load_defaults(self) -> LoadParams:
         return LoadParams(num_ctx=self.default_ctx, num_batch=self.num_batch, num_thread=self.num_thread,

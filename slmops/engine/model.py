@@ -42,11 +42,7 @@ def kv_bytes_per_token(info: GGUFInfo, kv_type: str = "f16") -> int:
     return f16 * 17 // 32 if kv_type == "q8_0" else f16
 
 
-KV_BUDGET = 1 << 30  # the KV memory parallel sequences may take by default: edge devices share memory
-PREFIX_CACHE = 256 << 20  # host memory for prefixes the KV cache evicts (SLMOPS_PREFIX_CACHE's default)
-
-
-def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, budget: int = KV_BUDGET,
+def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, budget: int, most: int = 8,
                   kv_type: str = "f16") -> int:
     """Parallel sequences for this machine: as many whole contexts as fit in the smaller of a quarter of free
     memory and ``budget`` (``SLMOPS_KV_BUDGET``), at most ``most`` (past 8, a 2-core CPU gains no aggregate speed)."""
@@ -55,8 +51,8 @@ def auto_parallel(info: GGUFInfo, num_ctx: int, free_bytes: int, most: int = 8, 
 
 
 class LoadedModel:
-    def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int = 0, max_queue: int = 512,
-                 kv_budget: int = KV_BUDGET, prefix_cache: int = PREFIX_CACHE):
+    def __init__(self, spec: ModelSpec, load: opts.LoadParams, n_parallel: int, max_queue: int, kv_budget: int,
+                 prefix_cache: int):
         """``n_parallel``: sequences decoded together; 0 picks from the memory this machine has free.
         ``prefix_cache``: bytes of host memory for cached prompt prefixes evicted from the KV cache."""
         t0 = time.perf_counter_ns()

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import slmops
+from slmops.config.settings import default
 from slmops.server import access as request_access
 from slmops.server import errors, feedback, ollama, openai, responses, slots
 from slmops.server.access import Access, AccessPolicy, Recorder, authorize
@@ -37,15 +38,18 @@ __all__ = ["ServerConfig", "create_app", "is_loopback"]
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    origins: tuple[str, ...] = ()
-    max_request_bytes: int = 16 << 20
-    max_blob_bytes: int = 64 << 30  # /api/blobs uploads (model weights)
+    """What the app is built with; :func:`slmops.wiring.server_config` fills it from the settings, whose table
+    defines the defaults."""
+
+    host: str = default("SLMOPS_HOST")[0]
+    origins: tuple[str, ...] = default("SLMOPS_ORIGINS")
+    max_request_bytes: int = default("SLMOPS_MAX_REQUEST_BYTES")
+    max_blob_bytes: int = default("SLMOPS_MAX_BLOB_SIZE")  # /api/blobs uploads (model weights)
     extra_hosts: tuple[str, ...] = field(default_factory=tuple)
-    openai: bool = True  # mount /v1 (SLMOPS_OPENAI_COMPATIBLE)
+    openai: bool = default("SLMOPS_OPENAI_COMPATIBLE")  # mount /v1
     preload: str | None = None  # a model to load at start (SLMOPS_MODEL)
     home: Path | None = None  # SLMOPS_HOME (the feedback log, the fleet's privacy file); None: the store's parent
-    feedback: bool = False  # collect rated feedback without a fleet's say (SLMOPS_FEEDBACK)
+    feedback: bool = default("SLMOPS_FEEDBACK")  # collect rated feedback without a fleet's say
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
