@@ -25,7 +25,7 @@ class ControlPlaneProcess(ServerProcess):
     def __init__(self, home: Path):
         port = free_port()
         self.env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_FLEET_HOST": f"127.0.0.1:{port}",
-                    "SLMOPS_CONFIG": "", "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": ""}
+                    "SLMOPS_FLEET_POLL": "45s", "SLMOPS_CONFIG": "", "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": ""}
         super().__init__([BIN, "fleet", "serve"], home / "fleet.log", f"http://127.0.0.1:{port}", env=self.env)
         self.wait_ready()
 
@@ -129,6 +129,7 @@ def test_a_device_enrols_and_polls_from_the_cli(plane: ControlPlaneProcess, tmp_
     out = agent("enrol", "--token", token, "--name", "pi-1", "--tag", "tier=edge").stdout
     ident = json.loads((device_home / "fleet" / "device.json").read_text())
     assert ident["device_id"] in out and ident["hardware_class"] in out
+    assert ident["poll_interval_s"] == 45  # SLMOPS_FLEET_POLL, told at enrolment: `agent run` polls that often
     assert (device_home / "fleet" / "device.key").stat().st_mode & 0o777 == 0o600
     shown = json.loads(fleet(plane, "devices", "show", ident["device_id"], "--json", key=admin).stdout)
     assert shown["name"] == "pi-1" and shown["tags"] == {"site": "lyon", "tier": "edge"}

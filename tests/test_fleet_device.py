@@ -509,6 +509,28 @@ def test_changes_move_the_desired_version_forward_only(fleet_db_url):
     run(scenario())
 
 
+def test_desired_versions_move_in_batches(fleet_db_url):
+    """Devices polling at once (after a wave is assigned, all of them within a poll interval) get their versions
+    moved in a few shared transactions, not one each; a device asked for with two states in one burst gets
+    them one batch apart, each with its own version."""
+    async def scenario() -> None:
+        async with fleet(fleet_db_url) as f:
+            devices = [await f.enrolled() for _ in range(12)]
+            await f.settled()
+            before = f.side.advancer.batches
+            states = await asyncio.gather(*(d.desired() for d in devices))
+            assert all(state is not None and state.version == 1 for state, _ in states)
+            assert 1 <= f.side.advancer.batches - before <= 3  # 12 devices, a transaction each before
+            assert {(await row(f.plane, d.device_id)).desired_version for d in devices} == {1}
+
+            one = devices[0].device_id
+            first, second = await asyncio.gather(f.side.advancer.advance(one, "h" * 64),
+                                                 f.side.advancer.advance(one, "i" * 64))
+            assert (first, second) == (2, 3)
+            assert await f.side.advancer.advance(one, "i" * 64) == 3  # the same state again: no step
+    run(scenario())
+
+
 # -- reports ---------------------------------------------------------------------------------------------------------
 def window(i: int, **kw: Any) -> dict[str, Any]:
     return {"start": 1000.0 + 10 * i, "end": 1010.0 + 10 * i, "requests": 5, "errors": i % 2, "ttft_p95_ms": 80.5,

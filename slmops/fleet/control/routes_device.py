@@ -51,6 +51,7 @@ from slmops.fleet.control.reports import ReportBatcher, parse_report
 from slmops.fleet.control.routes_admin import token_hash
 from slmops.fleet.control.trust import STATE as TRUST
 from slmops.fleet.control.trust import Trust
+from slmops.fleet.control.versions import VersionAdvancer
 from slmops.types.errors import InvalidInput, SlmopsError, TooLarge, Unauthenticated
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class DeviceSide:
         self._half_life = trust.ttl_s / 2  # a document with less left than this is re-issued
         self.batcher = ReportBatcher(plane.db, interval=options.flush_interval_s, flush_at=options.flush_at,
                                      limit=options.queue_limit, seen_interval=options.seen_interval_s)
+        self.advancer = VersionAdvancer(plane.db)
         self.candidates = desired.Candidates()
         self.issued: dict[str, _Issued] = {}  # device id -> the signed document it holds
         self.version = 0  # the change version the caches belong to
@@ -287,13 +289,10 @@ class DeviceSide:
         return computed, version
 
     async def _advance(self, device_id: str, digest: str) -> int:
-        """Move the device's desired version one step for a state hashing to ``digest``; a replica that got there
-        first already did (the conditional update then changes nothing), so versions never skip or go back."""
-        async with self.db.write(bump=False) as s:
-            await s.execute(update(_devices).where(_devices.c.id == device_id, _devices.c.desired_hash != digest)
-                            .values(desired_version=_devices.c.desired_version + 1, desired_hash=digest))
-            return int((await s.execute(select(_devices.c.desired_version)
-                                        .where(_devices.c.id == device_id))).scalar_one())
+        """Move the device's desired version one step for a state hashing to ``digest``, in the next batch
+        (``versions.VersionAdvancer``); a replica that got there first already did (the conditional update then
+        changes nothing), so versions never skip or go back."""
+        return await self.advancer.advance(device_id, digest)
 
     async def _reissue(self, device_id: str, version: int, digest: str) -> int | None:
         """Move the device's version one step for the same state (``digest``), from ``version``: the new version
@@ -382,7 +381,7 @@ async def lifespan(plane: ControlPlane) -> AsyncIterator[None]:
     plane.extras[STATE] = side
     try:
         plane.watch(side.on_change)
-        async with side.batcher.running():
+        async with side.batcher.running(), side.advancer.running():
             yield
     finally:
         plane.extras.pop(STATE, None)

@@ -45,6 +45,7 @@ POLL, REPORT, SESSION, ENROL = (PREFIX + p for p in ("/device/desired", "/device
 RENEW_AT = 0.8  # share of a session's lifetime after which it is renewed (as the device client does)
 MAX_WINDOWS = 64  # per report (api.fleet.ReportRequest)
 _JSON = {"Content-Type": "application/json"}
+_TIMED = {POLL: "poll", REPORT: "report"}
 SERVER_TIME = "Slmops-Server-Time"  # routes_device.SERVER_TIME: the control plane's clock on a clock-skew refusal
 
 
@@ -87,6 +88,10 @@ class Shared:
     log: list[Activation] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)
     verify_cpu_s: float = 0.0  # CPU spent in the trust checks
+    # during the rollout: seconds each poll and report took (connection wait included), and how late devices'
+    # poll timers fired (this process's event loop lagging behind its devices)
+    latency: dict[str, list[float]] = field(default_factory=lambda: {"poll": [], "report": []})
+    lag: list[float] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     urls: dict[str, Any] = field(default_factory=dict)  # path -> parsed URL (parsed once, not per request)
 
@@ -187,9 +192,14 @@ class SimDevice:
         return await self._signed(method, path, body, headers)
 
     async def _http(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, Any]:
+        t0 = time.monotonic()
         async with self.shared.session.request(method, self.shared.urls[path], data=body or None,
                                                headers=headers) as r:
-            return r.status, await r.read(), r.headers
+            answer = r.status, await r.read(), r.headers
+        timed = _TIMED.get(path)
+        if timed is not None and self.shared.rollout_started is not None:
+            self.shared.latency[timed].append(time.monotonic() - t0)
+        return answer
 
     # -- the device's life -----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -206,6 +216,8 @@ class SimDevice:
             await self._maybe_go_offline()
             now = time.time()
             if now >= next_poll:
+                if self.shared.rollout_started is not None:
+                    self.shared.lag.append(now - next_poll)
                 await self._guarded(self.poll())
                 next_poll = time.time() + self.shared.timing.poll_s * self.rng.uniform(0.8, 1.2)
             if time.time() >= self.next_report:

@@ -83,6 +83,17 @@ class Result:
         return out
 
 
+def percentiles(seconds: list[float]) -> dict[str, float] | None:
+    """p50, p95, p99 and the maximum of durations in seconds, in milliseconds."""
+    if not seconds:
+        return None
+    ranked = sorted(seconds)
+
+    def at(q: float) -> float:
+        return round(1000 * ranked[min(len(ranked) - 1, int(q * len(ranked)))], 1)
+    return {"p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "max": round(1000 * ranked[-1], 1)}
+
+
 class Watch:
     """Samples during the rollout: devices per release over time, the ledger as it grows, the CPU of the control
     plane, of the database's own processes (PostgreSQL; SQLite runs inside the control plane) and of this
@@ -140,6 +151,9 @@ class Watch:
             "server_us_per_request": 1e6 * server / requests if server is not None and requests else None,
             "sim_us_per_request": 1e6 * sim / requests if requests else None,
             "verify_us_per_document": 1e6 * (b.verify - a.verify) / counts["verified"] if counts["verified"] else None,
+            "poll_ms": percentiles(self.shared.latency["poll"]),
+            "report_ms": percentiles(self.shared.latency["report"]),
+            "timer_lag_ms": percentiles(self.shared.lag),
         }
 
     async def probe(self, change: Callable[[int], Any], times: int, devices: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from slmops.types.errors import ConfigError
 
 HEADER = ("db", "devices", "enrol/s", "converge s", "stopped (wave)", "back s", "returners back s", "violations",
           "attacks refused", "final != ledger", "req/s", "CPU us/req server", "CPU us/req sim",
-          "change ms/device", "goals")
+          "poll ms p95", "timer lag ms p95", "change ms/device", "goals")
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -41,6 +41,7 @@ def row(result: dict[str, Any]) -> list[str]:
             str(len(result.get("violations", []))), f"{refused}/{injected}",
             str(result.get("final", {}).get("mismatches", "-")), _num(load.get("requests_per_s"), 0),
             _num(load.get("server_us_per_request"), 0), _num(load.get("sim_us_per_request"), 0),
+            _num((load.get("poll_ms") or {}).get("p95"), 0), _num((load.get("timer_lag_ms") or {}).get("p95"), 0),
             _num(load.get("change_cpu_ms_per_device"), 2), f"{sum(goals.values())}/{len(goals)}"]
 
 
