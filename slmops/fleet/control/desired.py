@@ -14,7 +14,7 @@ connection alone (``slmops.fleet.metadata``; the device's checks: ``slmops.fleet
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from slmops.api.fleet import Golden
 from slmops.fleet import hardware, metadata
 from slmops.fleet.control import blueprints, membership
+from slmops.fleet.control.blueprints import Layer
 from slmops.fleet.control.membership import Selecting
 from slmops.fleet.control.models import Channel, Device, Release, Rollout, RolloutAssignment, Variant
 
@@ -185,11 +186,11 @@ async def rollout_of(s: AsyncSession, device: Device, channel: str | None, candi
 
 
 async def compute(s: AsyncSession, device: Device, candidates: Candidates | None = None,
-                  groups: Iterable[Selecting] | None = None) -> Computed:
+                  groups: Iterable[Selecting] | None = None, layers: Mapping[str, Layer] | None = None) -> Computed:
     """The device's desired state, from its effective configuration (``channel`` picks the release) unless a
     rollout holds it (a live assignment: the rollout's release). No channel, an unknown one, or a release with no
     variant for the device's class: no release; the config still goes."""
-    effective = await membership.effective_config(s, device, groups)
+    effective = await membership.effective_config(s, device, groups, layers)
     channel = effective.channel
     release = None
     rollout = await rollout_of(s, device, channel, candidates)

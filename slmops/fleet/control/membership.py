@@ -38,17 +38,28 @@ async def all_groups(s: AsyncSession) -> list[Group]:
     return list((await s.execute(select(Group).order_by(Group.name))).scalars())
 
 
-async def layers_for(s: AsyncSession, device: Device, groups: Iterable[Selecting] | None = None) -> list[Layer]:
+async def all_layers(s: AsyncSession) -> dict[str, Layer]:
+    """Every blueprint layer by name: one read that a whole fleet's computations share until the next change."""
+    rows = (await s.execute(select(Blueprint))).scalars()
+    return {r.layer: Layer(r.layer, r.priority, dict(r.config or {})) for r in rows}
+
+
+async def layers_for(s: AsyncSession, device: Device, groups: Iterable[Selecting] | None = None,
+                     layers: Mapping[str, Layer] | None = None) -> list[Layer]:
     """The device's layers, lowest precedence first: baseline, its groups' layers (priority, then name), its own.
-    ``groups``: all groups, when the caller has them already."""
+    ``groups`` and ``layers`` (:func:`all_layers`): everything there is, when the caller has it already."""
     names = groups_of(device.tags, await all_groups(s) if groups is None else groups)
     wanted = [BASELINE, device_layer(device.id), *(group_layer(n) for n in names)]
-    rows = (await s.execute(select(Blueprint).where(Blueprint.layer.in_(wanted)))).scalars()
-    found = {r.layer: Layer(r.layer, r.priority, dict(r.config or {})) for r in rows}
+    if layers is None:
+        rows = (await s.execute(select(Blueprint).where(Blueprint.layer.in_(wanted)))).scalars()
+        found = {r.layer: Layer(r.layer, r.priority, dict(r.config or {})) for r in rows}
+    else:
+        found = {name: layers[name] for name in wanted if name in layers}
     return order(found.get(BASELINE), [found[group_layer(n)] for n in names if group_layer(n) in found],
                  found.get(device_layer(device.id)))
 
 
-async def effective_config(s: AsyncSession, device: Device, groups: Iterable[Selecting] | None = None) -> Effective:
+async def effective_config(s: AsyncSession, device: Device, groups: Iterable[Selecting] | None = None,
+                           layers: Mapping[str, Layer] | None = None) -> Effective:
     """The merged configuration of the device, with the layer each leaf came from."""
-    return merge(await layers_for(s, device, groups))
+    return merge(await layers_for(s, device, groups, layers))

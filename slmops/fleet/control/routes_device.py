@@ -44,7 +44,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from slmops.api.fleet import (EnrolRequest, EnrolResponse, ErrorBody, ReportRequest, SessionResponse,
                               SignedDesired)
 from slmops.fleet import deviceauth, hardware
-from slmops.fleet.control import desired, ledger
+from slmops.fleet.control import desired, ledger, membership
+from slmops.fleet.control.blueprints import Layer
 from slmops.fleet.control.db import Database
 from slmops.fleet.control.models import Device, EnrolmentToken, Group, ServerSecret
 from slmops.fleet.control.reports import ReportBatcher, parse_report
@@ -142,14 +143,15 @@ class DeviceSide:
         self.version = 0  # the change version the caches belong to
         self._keys: dict[str, _Key] = {}
         self._groups: list[_Group] | None = None
+        self._layers: dict[str, Layer] | None = None  # every blueprint layer (a device's own ones too)
         self._generation = 0
         self.fast_answers = 0  # requests DeviceFastPath answered itself
         self._session_secrets = session_secrets  # epoch -> HMAC key; the newest makes new tokens
         self._session_epoch = max(session_secrets)
 
     def on_change(self, version: int, devices: frozenset[str] | None = None) -> None:
-        """The change feed's callback: forget what the change concerns, the named devices' keys and documents
-        (and what every device's computation shares: rollouts, channels), or everything. A rollout's wave or
+        """The change feed's callback: forget what the change concerns, the named devices' documents (and what
+        every device's computation shares: rollouts, channels), or everything. A rollout's wave or
         revert names its devices, so the rest of the fleet keeps its 304s; without that every decision made
         every device recompute (a few ms of CPU each, which at 10,000 devices held convergence back minutes)."""
         if version == self.version:
@@ -160,10 +162,9 @@ class DeviceSide:
         if devices is None:
             self._keys.clear()
             self.issued.clear()
-            self._groups = None
+            self._groups = self._layers = None
             return
-        for device_id in devices:
-            self._keys.pop(device_id, None)
+        for device_id in devices:  # (keys stay: a revocation is a change of everything)
             self.issued.pop(device_id, None)
 
     # -- authentication --------------------------------------------------------------------------------------
@@ -276,13 +277,14 @@ class DeviceSide:
             device = await s.get(Device, device_id)
             if device is None:
                 raise Unauthenticated(f"device {device_id} is not enrolled with this control plane; enrol it again")
-            if self._groups is None:
+            if self._groups is None or self._layers is None:
                 groups = [_Group(g.name, dict(g.selector or {})) for g in (await s.execute(select(Group))).scalars()]
+                layers = await membership.all_layers(s)
                 if generation == self._generation:
-                    self._groups = groups
+                    self._groups, self._layers = groups, layers
             else:
-                groups = self._groups
-            computed = await desired.compute(s, device, self.candidates, groups)
+                groups, layers = self._groups, self._layers
+            computed = await desired.compute(s, device, self.candidates, groups, layers)
             version, stored_hash = device.desired_version, device.desired_hash
         if computed.hash != stored_hash:
             version = await self._advance(device_id, computed.hash)

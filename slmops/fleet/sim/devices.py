@@ -89,7 +89,7 @@ class Shared:
     violations: list[dict[str, Any]] = field(default_factory=list)
     verify_cpu_s: float = 0.0  # CPU spent in the trust checks
     # during the rollout: seconds each poll and report took (connection wait included), and how late devices'
-    # poll timers fired (this process's event loop lagging behind its devices)
+    # timers fired (this process's event loop lagging behind its devices)
     latency: dict[str, list[float]] = field(default_factory=lambda: {"poll": [], "report": []})
     lag: list[float] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -214,15 +214,15 @@ class SimDevice:
         next_poll = start + self.rng.uniform(0, self.shared.timing.poll_s)
         while not self.shared.stop.is_set():
             await self._maybe_go_offline()
-            now = time.time()
-            if now >= next_poll:
-                if self.shared.rollout_started is not None:
-                    self.shared.lag.append(now - next_poll)
+            if time.time() >= next_poll:
                 await self._guarded(self.poll())
                 next_poll = time.time() + self.shared.timing.poll_s * self.rng.uniform(0.8, 1.2)
             if time.time() >= self.next_report:
                 await self._guarded(self.report())
-            await asyncio.sleep(max(0.0, min(next_poll, self.next_report) - time.time()))
+            wake = min(next_poll, self.next_report)
+            await asyncio.sleep(max(0.0, wake - time.time()))
+            if self.shared.rollout_started is not None:
+                self.shared.lag.append(max(0.0, time.time() - wake))
 
     async def _guarded(self, work: Any) -> None:
         try:
