@@ -176,8 +176,11 @@ def server_config(cfg: Settings) -> "ServerConfig":
 
 
 def runtime(cfg: Settings, store: Store, engine: "EngineClient") -> "ModelRuntime":
+    """The server's model runtime over ``engine``, with the slot table in ``SLMOPS_HOME`` and its own metrics."""
     from slmops.server.runtime import ModelRuntime
-    return ModelRuntime(store, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"])
+    from slmops.server.slots import SlotTable
+    return ModelRuntime(store, engine, keep_alive=cfg["SLMOPS_KEEP_ALIVE"],
+                        slots=SlotTable.load(cfg.home / "slots.json"))
 
 
 @dataclass(frozen=True)

@@ -137,9 +137,9 @@ def test_a_prefix_restored_from_host_memory_decodes_as_if_evaluated(spec):
         text, final = run(cached, turns[0])
         assert final.stats.cached_prompt_tokens == final.stats.prompt_eval_count - 1  # all of it, from the host
         assert text == expected[0]
-        runner = cached.load_model(spec)[0].runner
-        assert runner._saved  # turns[1] went to host memory in its turn
-        runner._saved.clear()  # as if no copy could be made: the restore falls back to evaluating the tokens
+        decoder = cached.load_model(spec)[0].runner.decoder  # llama.cpp keeps the host copies
+        assert decoder._saved  # turns[1] went to host memory in its turn
+        decoder._saved.clear()  # as if no copy could be made: the restore falls back to evaluating the tokens
         text, final = run(cached, turns[1])
         assert final.stats.cached_prompt_tokens == final.stats.prompt_eval_count - 1 and text == expected[1]
     finally:
@@ -173,7 +173,7 @@ def test_penalties_on_the_window_match_llama_cpps_penalties_sampler(spec, params
     import llama_cpp as lc
     import numpy as np
 
-    from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
+    from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel, SamplerChain
     model = LlamaModel(spec.model_path)
     ctx = LlamaContext(model, opts.LoadParams(num_ctx=512))
     sampling = opts.SamplingParams(**{"temperature": 0, **params})

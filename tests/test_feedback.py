@@ -125,13 +125,10 @@ def test_bad_ratings_are_400_naming_the_problem(tmp_path: Path, change: dict[str
 
 
 def test_a_conversation_is_filed_under_the_release_its_served_name_runs(tmp_path: Path) -> None:
-    from slmops.server.slots import SlotTable
     from slmops.types.name import ModelName
 
     app = app_for(tmp_path, local=True)
-    table = SlotTable(tmp_path / "slots.json")
-    table.put(ModelName.parse("smol"), ModelName.parse("slot/smol-a:1"), "smol:1.2.0")
-    app.state.runtime.slots = table
+    app.state.slots.put(ModelName.parse("smol"), ModelName.parse("slot/smol-a:1"), "smol:1.2.0")
     chat = {"model": "smol", "rating": 1, "messages": [{"role": "system", "content": "Be brief."},
                                                        {"role": "user", "content": "Capital of France?"},
                                                        {"role": "assistant", "content": "Paris."}]}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from slmops.engine.grammar import enforceable, for_format, tool_call_schema
+from slmops.engine.backend import tool_call_schema
+from slmops.engine.llamacpp.grammar import enforceable, for_format
 from slmops.engine.tools import prepare_messages
 from slmops.types.errors import InvalidInput
 

@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Server, link_home
-from slmops.engine import gbnf, grammar
-from slmops.engine.gbnf import check_grammar
-from slmops.engine.grammar import for_format, for_schema, tool_call_schema
+from slmops.engine.llamacpp import gbnf, grammar
+from slmops.engine.llamacpp.gbnf import check_grammar
+from slmops.engine.backend import tool_call_schema
+from slmops.engine.llamacpp.grammar import for_format, for_schema
 from slmops.types.errors import InvalidInput
 
 M = "smollm2:135m"

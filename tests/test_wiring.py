@@ -107,7 +107,7 @@ def test_the_whole_server_from_settings(deploy, tmp_path):
     built = wiring.server(cfg, KeyStore(tmp_path / "keys.json"), detect=gpu_machine, start=FakeRunner)
     state = built.app.state
     assert state.config.openai is False and state.config.home == cfg.home
-    assert state.runtime.default_keep_alive == 120 and state.store.root == cfg.home / "models"
+    assert state.runtime.admission.default_keep_alive == 120 and state.store.root == cfg.home / "models"
     assert state.runtime.engine.config.num_parallel == 2 and built.placement.device == "gpu"
     assert not built.access.auth_on() and built.access.audit is not None
     assert FakeRunner.started == []  # no runner until a model is asked for

@@ -1,5 +1,6 @@
-"""Inference on llama.cpp: the adapter over llama.cpp's C API, the batching runner, the in-process Engine and the
-runner processes the server uses.
+"""Inference: the ``Backend`` protocol (:mod:`.backend`) with llama.cpp as its implementation (:mod:`.llamacpp`,
+the only package that imports llama.cpp's bindings), the batching runner, the in-process Engine and the runner
+processes the server uses.
 
 Knows nothing of HTTP; the server and CLI reach it through the ``EngineClient`` protocol (:mod:`.client`).
 Names are imported lazily so that a parent process that only talks to runners never loads llama.cpp.

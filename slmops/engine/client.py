@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 from slmops.config.settings import default
 from slmops.engine.outputs import Output
-from slmops.store import manifests as mt
 from slmops.store.store import Store
 from slmops.types.errors import EngineError
 from slmops.types.options import LoadParams
@@ -45,19 +44,19 @@ class ModelSpec:
 
 
 def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
-    """What the engine needs to run ``name``, after checking every blob against its digest."""
-    manifest = store.manifest(name)
-    store.verify(name, manifest)
+    """What the engine needs to run ``name``, after checking every blob against its digest (one read of the
+    manifest: :meth:`Store.runnable`)."""
+    model = store.runnable(name)
     return ModelSpec(
         name=name.display,
-        model_path=store.model_path(name),
-        template=store.read_text(manifest, mt.TEMPLATE),
-        system=store.read_text(manifest, mt.SYSTEM),
-        params=store.read_json(manifest, mt.PARAMS) or {},
-        messages=store.read_json(manifest, mt.MESSAGES) or [],
-        adapters=[store.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
+        model_path=model.model_path,
+        template=model.template,
+        system=model.system,
+        params=model.params,
+        messages=model.messages,
+        adapters=model.adapters,
         gguf_cache=store.gguf_cache,
-        context_length=store.inspect(name).context_length,
+        context_length=model.info.context_length,
         unseal_key=store.blobs.key,
     )
 

@@ -1,7 +1,9 @@
 """The in-process engine: loads models on demand, keeps them until evicted, runs chat and generate requests.
 
 This is the ``EngineClient`` the CLI and the Python API use directly, and what each runner process of the server
-runs inside. It takes plain values (specs, option dicts) and knows nothing of HTTP.
+runs inside. It takes plain values (specs, option dicts) and knows nothing of HTTP. Models run on a
+:class:`~slmops.engine.backend.Backend` (llama.cpp by default); a request that needs what the backend lacks is an
+``Unsupported`` error naming it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from slmops.types import options as opts
-from slmops.engine.grammar import for_format as grammar_for_format
-from slmops.engine.grammar import for_schema, tool_call_schema
-from slmops.engine.llama import init_backend
+from slmops.engine.backend import Backend, Constraint, default_backend, require, require_constraint
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, Request,  # noqa: F401
                                   spec_from_store, stream_from, until_loaded, until_loaded_call)
 from slmops.engine.model import LoadedModel
@@ -29,10 +29,11 @@ def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, **settings: Any):
-        """``Engine(EngineConfig(...))`` or ``Engine(default_ctx=2048, ...)`` with EngineConfig's fields."""
+    def __init__(self, config: EngineConfig | None = None, backend: Backend | None = None, **settings: Any):
+        """``Engine(EngineConfig(...))`` or ``Engine(default_ctx=2048, ...)`` with EngineConfig's fields;
+        ``backend``: what models run on (default: llama.cpp, loaded now)."""
         self.config = config or EngineConfig(**settings)
-        init_backend(self.config.verbose)
+        self.backend = backend or default_backend(self.config.verbose)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -52,8 +53,8 @@ class Engine:
             while len(self._loaded) >= self.config.max_loaded:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
-            model = LoadedModel(spec, load, self.config.num_parallel, self.config.max_queue, self.config.kv_budget,
-                                self.config.prefix_cache)
+            require(self.backend, "adapters", bool(spec.adapters))
+            model = LoadedModel(self.backend, spec, load, self.config)
             self._loaded[spec.name] = model
             return model, model.load_duration
 
@@ -72,21 +73,26 @@ class Engine:
         sampled, with no thread waiting per request."""
         return self._submit(spec, req, self._sampling(spec, req), emit)
 
-    def _sampling(self, spec: ModelSpec, req: Request) -> tuple[opts.SamplingParams, list[dict[str, Any]] | None]:
+    def _sampling(self, spec: ModelSpec,
+                  req: Request) -> tuple[opts.SamplingParams, Any, list[dict[str, Any]] | None]:
+        """(sampling parameters, the constraint compiled by the backend or None, the tools the model sees)."""
         tools = req.tools if req.tools and req.tool_choice != "none" else None
-        grammar = grammar_for_format(req.format)
+        constraint = Constraint.from_format(req.format)
         if tools and req.tool_choice != "auto":
-            name = None if req.tool_choice == "required" else req.tool_choice
-            grammar = for_schema(tool_call_schema(tools, name))
+            constraint = Constraint.tool_calls(tools, None if req.tool_choice == "required" else req.tool_choice)
+        compiled = None
         model_params = spec.params
-        if grammar:
-            # The grammar decides where output ends; a model's turn-marker stops could cut a JSON string short.
+        if constraint:
+            require_constraint(self.backend, constraint)
+            compiled = self.backend.compile(constraint)
+            # The constraint decides where output ends; a model's turn-marker stops could cut a JSON string short.
             model_params = {k: v for k, v in spec.params.items() if k != "stop"}
+        require(self.backend, "logprobs", req.logprobs is not None)
         merged = opts.merge(model_params, req.options)
-        return opts.to_sampling(merged, grammar=grammar, logprobs=req.logprobs), tools
+        return opts.to_sampling(merged, logprobs=req.logprobs), compiled, tools
 
     def _submit(self, spec: ModelSpec, req: Request, prepared: tuple, emit: Emit) -> Cancel:
-        sampling, tools = prepared
+        sampling, constraint, tools = prepared
         model, load_ns = self.load_model(spec, req.options)
         if req.messages is not None:
             messages = model.chat_messages(req.messages)
@@ -100,15 +106,17 @@ class Engine:
                                 template=req.template)
         tokens = model.tokenize(text)
         if req.prefix_tokens:
-            bad = [t for t in req.prefix_tokens if not model.model.valid_token(t)]
+            bad = [t for t in req.prefix_tokens if not model.valid_token(t)]
             if bad:
                 raise InvalidInput(f"context holds token {bad[0]}, which is outside the vocabulary")
             tokens = list(req.prefix_tokens) + tokens
-        return model.submit(tokens, sampling, emit, load_ns, self._load_params(spec, req.options).num_ctx)
+        return model.submit(tokens, sampling, emit, load_ns, self._load_params(spec, req.options).num_ctx, constraint)
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:
         """(vectors, tokens used, load time in ns)."""
+        require(self.backend, "embeddings")
+
         def attempt() -> tuple[list[list[float]], int, int]:
             model, load_ns = self.load_model(spec, options)
             return (*model.embed(inputs, truncate), load_ns)

@@ -1,10 +1,9 @@
 """The server's engine: each loaded model runs in its own runner process (:mod:`slmops.engine.worker`).
 
-A native crash in llama.cpp (a segfault, an abort) ends only that process. Its in-flight requests fail with a
-:class:`RunnerCrashed` that names the signal; other models keep serving, and the next request for the model
-starts a fresh runner. Eviction asks a runner to finish its running requests and exit, as unloading does in
-process. The parent never imports llama.cpp: it forwards requests and dispatches replies from one reading
-thread per runner.
+A native crash in the backend (llama.cpp: a segfault, an abort) ends only that process. Its in-flight requests fail
+with a :class:`RunnerCrashed` that names the signal; other models keep serving, and the next request for the model
+starts a fresh runner. Eviction asks a runner to finish its running requests and exit, as unloading does in process.
+The parent never loads a backend: it forwards requests and dispatches replies from one reading thread per runner.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ def _how_it_ended(code: int) -> str:
     return f"exit status {code}"
 
 
-# llama.cpp's libraries load before anything imports numpy: with a CUDA build of llama.cpp, numpy's bundled
-# OpenBLAS loaded first made every model load segfault (seen on an H100; loading llama.cpp first avoids it).
-_BOOT = "import llama_cpp, sys; from slmops.engine.worker import main; main(sys.argv)"
+# The backend's native libraries load before anything imports numpy (see slmops.engine.llamacpp.preload).
+_BOOT = ("import sys; from slmops.engine.backend import preload; preload(); "
+         "from slmops.engine.worker import main; main(sys.argv)")
 
 
 class RunnerProcess:

@@ -1,8 +1,9 @@
-"""Continuous batching on llama.cpp: one thread per loaded model runs scheduler steps over a shared context.
+"""Continuous batching: one thread per loaded model runs scheduler steps over its backend's batched decoder.
 
-Requests join and leave between decode steps. Each has its own C sampler chain, UTF-8 decoder and stop matcher;
-the scheduler (pure) decides what each step decodes, this class performs it. All llama.cpp calls for generation
-happen on this one thread, so ggml's worker threads stay with one caller.
+Requests join and leave between decode steps. Each has its own sampler (with its constraint), UTF-8 decoder and
+stop matcher; the scheduler (pure) decides what each step decodes, the backend's :class:`BatchDecoder` performs it.
+All of a model's native calls for generation happen on this one thread (llama.cpp: ggml's worker threads stay with
+one caller).
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from slmops.engine.backend import BatchDecoder, BatchPlan, Sampler
 from slmops.engine.client import Emit
-from slmops.engine.llama import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.engine.prefix_cache import PrefixCache
-from slmops.engine.scheduler import Batch, Finished, MemOp, Scheduler
+from slmops.engine.scheduler import Batch, Finished, Scheduler
 from slmops.engine.stops import StopMatcher
 from slmops.types.options import SamplingParams
-
 
 
 @dataclass
@@ -35,7 +35,8 @@ class _Request:
     emit: Emit
     load_duration: int
     n_ctx: int | None = None
-    sampler: SamplerChain | None = None
+    constraint: Any = None  # compiled by the backend
+    sampler: Sampler | None = None
     stops: StopMatcher = field(init=False)
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     t_start: int = field(default_factory=time.perf_counter_ns)
@@ -51,19 +52,18 @@ class _Request:
 class BatchRunner:
     MAX_SPILLED = 256  # prefixes held in host memory at once, whatever their size
 
-    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_parallel: int, n_ctx_seq: int,
-                 cache_budget: int, logprob: Callable[[int, int, int], TokenLogprob], token_budget: int = 512,
-                 max_queue: int = 512, spill_budget: int = 0):
-        """``cache_budget``: tokens of cached prefixes in the KV cache's spare sequences (``n_parallel`` of them,
-        after the running ones); ``spill_budget``: tokens of those it evicts kept in host memory."""
-        self.model = model
-        self.ctx = ctx
-        cache = PrefixCache(list(range(n_parallel, n_parallel * 2)), cache_budget) if cache_budget > 0 else None
-        spill = PrefixCache(list(range(self.MAX_SPILLED)), spill_budget) if cache and spill_budget > 0 else None
-        self._saved: dict[int, object] = {}  # host-memory entry -> its KV state
-        self.scheduler = Scheduler(n_parallel, n_ctx_seq, min(token_budget, ctx.n_batch), max_queue=max_queue,
+    def __init__(self, decoder: BatchDecoder, plan: BatchPlan, n_ctx_seq: int, token_budget: int = 512,
+                 max_queue: int = 512):
+        """``plan.cache_budget``: tokens of cached prefixes in the spare sequences (``n_parallel`` of them, after
+        the running ones); ``plan.spill_budget``: tokens of those it evicts kept in host memory."""
+        self.decoder = decoder
+        n_parallel = plan.n_parallel
+        cache = PrefixCache(list(range(n_parallel, n_parallel * 2)), plan.cache_budget) \
+            if plan.cache_budget > 0 else None
+        spill = PrefixCache(list(range(self.MAX_SPILLED)), plan.spill_budget) \
+            if cache and plan.spill_budget > 0 else None
+        self.scheduler = Scheduler(n_parallel, n_ctx_seq, min(token_budget, decoder.n_batch), max_queue=max_queue,
                                    cache=cache, spill=spill)
-        self._logprob = logprob
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count(1)
@@ -75,17 +75,18 @@ class BatchRunner:
 
     # -- called from any thread ----------------------------------------------------------------------------
     def submit(self, prompt: list[int], sampling: SamplingParams, emit: Emit, load_duration: int = 0,
-               n_ctx: int | None = None) -> int:
+               n_ctx: int | None = None, constraint: Any = None) -> int:
+        """``constraint``: what the backend compiled from the request's, or None."""
         req_id = next(self._ids)
-        self._inbox.put(("add", _Request(req_id, prompt, sampling, emit, load_duration, n_ctx)))
+        self._inbox.put(("add", _Request(req_id, prompt, sampling, emit, load_duration, n_ctx, constraint)))
         return req_id
 
     def cancel(self, req_id: int) -> None:
         self._inbox.put(("cancel", req_id))
 
     def call(self, fn: Callable[[], object]) -> object:
-        """Run ``fn`` on the runner thread between steps (other llama.cpp compute for this model, such as
-        embeddings, so ggml's worker threads keep a single caller) and return its result."""
+        """Run ``fn`` on the runner thread between steps (other native compute for this model, such as
+        embeddings, so llama.cpp's worker threads keep a single caller) and return its result."""
         if self._closing is not None:
             raise self._closing
         done: "queue.Queue" = queue.Queue(maxsize=1)
@@ -127,7 +128,8 @@ class BatchRunner:
             try:
                 self.scheduler.add(arg.req_id, arg.prompt, arg.sampling.num_predict
                                    if arg.sampling.num_predict >= 0 else -1, arg.n_ctx)
-                arg.sampler = SamplerChain(self.model, arg.sampling, arg.n_ctx or self.scheduler.n_ctx_seq, arg.prompt)
+                arg.sampler = self.decoder.sampler(arg.sampling, arg.constraint, arg.n_ctx or self.scheduler.n_ctx_seq,
+                                                   arg.prompt)
                 self._requests[arg.req_id] = arg
             except BaseException as err:
                 self.scheduler.cancel(arg.req_id)
@@ -144,32 +146,9 @@ class BatchRunner:
         elif kind == "close":
             self._closing = arg  # finish what runs, refuse what comes
 
-    def _memory(self, op: MemOp) -> None:
-        if op.kind == "copy":
-            self.ctx.seq_copy(op.src, op.dst, op.n)
-        elif op.kind == "drop":
-            self.ctx.seq_drop(op.src)
-        elif op.kind == "save":
-            self._saved[op.dst] = self.ctx.seq_save(op.src)
-        elif op.kind == "forget":
-            self._saved.pop(op.src, None)
-        elif op.kind == "restore":
-            saved = self._saved.get(op.src)
-            if saved is not None and self.ctx.seq_restore(saved, op.dst):
-                self.ctx.seq_trim(op.dst, op.n)
-            else:  # no contiguous room for the copy: compute the same cells instead
-                self.ctx.seq_drop(op.dst)
-                self._evaluate(op.dst, op.tokens)
-
-    def _evaluate(self, seq: int, tokens: tuple[int, ...]) -> None:
-        for start in range(0, len(tokens), self.ctx.n_batch):
-            chunk = np.asarray(tokens[start:start + self.ctx.n_batch], dtype=np.int32)
-            self.ctx.decode_batch(chunk, np.arange(start, start + len(chunk), dtype=np.int32),
-                                  np.full(len(chunk), seq, dtype=np.int32), np.zeros(len(chunk), dtype=np.int8))
-
     def _step(self, batch: Batch) -> None:
         for op in batch.ops:
-            self._memory(op)
+            self.decoder.memory(op)
         if not batch.items:
             return
         self.steps += 1
@@ -181,14 +160,14 @@ class BatchRunner:
         ends = np.cumsum([len(i.tokens) for i in batch.items]) - 1
         for end, item in zip(ends, batch.items):
             want[end] = 1 if item.sample else 0
-        self.ctx.decode_batch(tokens, pos, seqs, want)
+        self.decoder.decode(tokens, pos, seqs, want)
         sampled: dict[int, int] = {}
         finished: list[Finished] = []
         for end, item in zip(ends, batch.items):
             req = self._requests.get(item.req_id)
             if not item.sample or req is None:
                 continue
-            tok = req.sampler.sample(self.ctx, int(end))
+            tok = req.sampler.sample(int(end))
             if self._on_token(req, tok, int(end)):
                 done = self.scheduler.finish(req.req_id, "stop")
                 if done:
@@ -206,12 +185,12 @@ class BatchRunner:
             seq = self.scheduler.running.get(req.req_id)
             if seq is not None:
                 req.cached = seq.cached
-        if self.model.is_eog(tok):
+        if self.decoder.is_end(tok):
             return True
         req.generated.append(tok)
         if req.sampling.logprobs is not None:
-            req.pending_lp.append(self._logprob(idx, tok, req.sampling.logprobs))
-        text, hit = req.stops.feed(req.utf8.decode(self.model.piece(tok)))
+            req.pending_lp.append(self.decoder.logprob(idx, tok, req.sampling.logprobs))
+        text, hit = req.stops.feed(req.utf8.decode(self.decoder.piece(tok)))
         if text:
             req.emit(Output(text=text, logprobs=tuple(req.pending_lp), prompt_eval_count=len(req.prompt),
                             eval_count=len(req.generated)))

@@ -1,10 +1,11 @@
 """A runner process: one model's in-process :class:`Engine`, served over the socket the server handed it.
 
-Started by :class:`slmops.engine.process.RunnerProcess` as ``python -c "import llama_cpp ... main(sys.argv)" FD CONFIG
-NAME`` (llama.cpp loads before numpy; see ``process._BOOT``). The reading thread never blocks on model work, so cancels and status queries are answered while requests run. Prompt
-preparation and other calls run on short-lived threads; generated pieces are sent by the batching runner's own
-thread the moment they are sampled (one small write, no thread hand-off: measured, each hand-off cost more than
-the write). When the server goes away the socket closes and the process exits.
+Started by :class:`slmops.engine.process.RunnerProcess` as ``python -c "... preload(); ... main(sys.argv)" FD CONFIG
+NAME`` (the backend's libraries load before numpy; see ``process._BOOT``). The reading thread never blocks on model
+work, so cancels and status queries are answered while requests run. Prompt preparation and other calls run on
+short-lived threads; generated pieces are sent by the batching runner's own thread the moment they are sampled (one
+small write, no thread hand-off: measured, each hand-off cost more than the write). When the server goes away the
+socket closes and the process exits.
 """
 
 from __future__ import annotations

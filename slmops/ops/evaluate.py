@@ -1,11 +1,11 @@
 """Quality checks a pipeline can gate on: perplexity on a held-out text, and a small golden-prompt set.
 
-Perplexity is computed as llama.cpp's ``llama-perplexity`` does: the text is cut into windows of ``n_ctx`` tokens,
-each decoded on its own from a clear cache, and only the second half of each window is scored, so every scored
-token sees at least ``n_ctx/2`` tokens of context. The text (``data/heldout.txt``: the Declaration of
-Independence, the Gettysburg Address and Lincoln's second inaugural, all public domain) is shipped, so numbers
-compare across machines and runs. Golden prompts (``data/golden.json``) check answers by regex or JSON Schema at
-temperature 0: what a quantization that breaks a model gets wrong first.
+Perplexity is computed as llama.cpp's ``llama-perplexity`` does (:mod:`slmops.engine.llamacpp.perplexity`): the text
+is cut into windows of ``n_ctx`` tokens, each decoded on its own from a clear cache, and only the second half of
+each window is scored, so every scored token sees at least ``n_ctx/2`` tokens of context. The text
+(``data/heldout.txt``: the Declaration of Independence, the Gettysburg Address and Lincoln's second inaugural, all
+public domain) is shipped, so numbers compare across machines and runs. Golden prompts (``data/golden.json``) check
+answers by regex or JSON Schema at temperature 0: what a quantization that breaks a model gets wrong first.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from importlib import resources
 from typing import Any
 
 import jsonschema
-import numpy as np
 
 from slmops.engine.client import ModelSpec, Request
 from slmops.types.errors import InvalidInput
-from slmops.types.options import LoadParams
 
 
 def heldout_text() -> str:
@@ -43,45 +41,11 @@ class Perplexity:
 
 def perplexity(spec: ModelSpec, text: str, n_ctx: int = 512, max_windows: int = 0, threads: int = 0) -> Perplexity:
     """``max_windows``: score only the first windows (0: all), for a quick check."""
-    from slmops.engine.llama import LlamaContext, LlamaModel
-    from slmops.store.sealed import plain_file
+    from slmops.engine.llamacpp.perplexity import score  # llama.cpp loads only when a model is scored
 
     if n_ctx < 16:
         raise InvalidInput("the evaluation context must be at least 16 tokens")
-    with plain_file(spec.model_path, spec.unseal_key, "model") as path:
-        model = LlamaModel(path)
-    try:
-        ctx = LlamaContext(model, LoadParams(num_ctx=n_ctx, num_batch=n_ctx, num_thread=threads))
-        try:
-            return _score(model, ctx, text, n_ctx, max_windows)
-        finally:
-            ctx.close()
-    finally:
-        model.close()
-
-
-def _score(model, ctx, text: str, n_ctx: int, max_windows: int) -> Perplexity:  # type: ignore[no-untyped-def]
-    tokens = np.array(model.tokenize(text, add_special=False, parse_special=False), dtype=np.int32)
-    windows = len(tokens) // n_ctx
-    if max_windows:
-        windows = min(windows, max_windows)
-    if windows == 0:
-        raise InvalidInput(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}; lower --ctx")
-    bos = model.bos if model.add_bos else None
-    nll, count, first = 0.0, 0, n_ctx // 2
-    for w in range(windows):
-        window = tokens[w * n_ctx:(w + 1) * n_ctx].copy()
-        if bos is not None:
-            window[0] = bos  # as llama-perplexity: the window starts a sequence
-        ctx.clear()
-        ctx.decode_batch(window, np.arange(n_ctx, dtype=np.int32), np.zeros(n_ctx, dtype=np.int32),
-                         np.ones(n_ctx, dtype=np.int8))
-        logits = ctx.all_logits(n_ctx)[first:n_ctx - 1].astype(np.float64)
-        targets = window[first + 1:]
-        top = logits.max(axis=1)
-        log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-        nll += float((log_z - logits[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
+    nll, count, windows = score(spec, text, n_ctx, max_windows, threads)
     return Perplexity(value=math.exp(nll / count), tokens=count, windows=windows)
 
 

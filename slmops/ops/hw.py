@@ -135,11 +135,8 @@ def _onnx_providers() -> tuple[str, ...]:
 
 
 def _llama_offload() -> bool:
-    try:
-        import llama_cpp
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:  # noqa: BLE001 - a broken or absent build simply cannot offload
-        return False
+    from slmops.engine.llamacpp import supports_gpu_offload  # loads llama.cpp only now, and only if installed
+    return supports_gpu_offload()
 
 
 def _nvml() -> tuple[GPU, ...] | None:

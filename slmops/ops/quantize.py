@@ -41,7 +41,7 @@ def quantize_layer(store: Store, layer: Layer, info: GGUFInfo, qtype: str, allow
                    warn: Warn | None = None) -> tuple[Layer, GGUFInfo]:
     """A new model layer holding ``layer``'s model quantized to ``qtype``."""
     # llama.cpp loads only when a model is quantized
-    from slmops.engine.llama import quantize_file
+    from slmops.engine.llamacpp.bindings import quantize_file
 
     qtype = quant.parse(qtype)
     note = check(info.file_type, qtype, allow_requantize)

@@ -39,6 +39,6 @@ def _detect_offer() -> Offer:
 def _quantizer(qtype: str) -> Callable[[Path, Path], None]:
     """The catalog vouches for its derived variants, so requantizing the shipped file is allowed here."""
     def produce(src: Path, out: Path) -> None:
-        from slmops.engine.llama import quantize_file
+        from slmops.engine.llamacpp.bindings import quantize_file
         quantize_file(src, out, quant.FTYPES[qtype], allow_requantize=True)
     return produce

@@ -27,10 +27,8 @@ from slmops.server.access import Access, AccessPolicy, Recorder, authorize
 from slmops.server.guards import LOCAL_ORIGINS, BodyLimit, HeaderCheck, OriginCheck, is_loopback
 from slmops.server.metrics import Metrics
 from slmops.server.runtime import ModelRuntime
-from slmops.server.slots import SlotTable
 from slmops.store.store import Store
 from slmops.types.errors import EngineError, IntegrityError, SlmopsError
-from slmops.types.name import ModelName
 
 log = logging.getLogger("slmops.server")
 __all__ = ["ServerConfig", "create_app", "is_loopback"]
@@ -53,12 +51,11 @@ class ServerConfig:
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
-               metrics: Metrics | None = None, access: AccessPolicy | None = None) -> FastAPI:
-    """``access``: keys, rate limits and audit; without one, no auth (in-process tests of other layers)."""
+               access: AccessPolicy | None = None) -> FastAPI:
+    """``access``: keys, rate limits and audit; without one, no auth (in-process tests of other layers). The
+    runtime brings the metrics (``/metrics``) and the slot table (``/api/slots``)."""
     config = config or ServerConfig()
-    metrics = metrics or Metrics()
-    runtime.on_generation = metrics.generation
-    runtime.on_cancel = lambda model: metrics.cancelled.labels(model).inc()
+    metrics = runtime.metrics
 
     async def lifespan(app: FastAPI):
         runtime.start()
@@ -75,13 +72,13 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     app.state.store = store
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.slots = runtime.resolver.slots
     app.state.config = config
     app.include_router(ollama.router)
     if config.openai:
         app.include_router(openai.router)
         app.include_router(responses.router)
     feedback.install(app, config.home or store.root.parent, config.feedback)
-    runtime.slots = SlotTable.load((config.home or store.root.parent) / "slots.json")
     app.include_router(slots.router)
     _add_ops_routes(app)
     _add_error_handlers(app)
@@ -135,9 +132,9 @@ def _add_ops_routes(app: FastAPI) -> None:
         m: Metrics = request.app.state.metrics
         rt: ModelRuntime = request.app.state.runtime
         models = await asyncio.get_running_loop().run_in_executor(None, rt.engine.loaded)
-        m.loaded_models.set(len(rt.loaded(models)))
-        m.queue_depth.set(rt.queue_depth(models))
-        m.in_flight.set(rt.in_flight())
+        m.loaded_models.set(len(rt.models.loaded(models)))
+        m.queue_depth.set(rt.models.queue_depth(models))
+        m.in_flight.set(rt.models.in_flight())
         for model in models:
             m.batch_max.labels(model.name).set(model.max_batch)
             m.parallel.labels(model.name).set(model.n_parallel)
@@ -151,8 +148,7 @@ async def _count_failure(request: Request, err: SlmopsError) -> None:
     if ctx is None or not ctx.model or not isinstance(err, (EngineError, IntegrityError)):
         return
     rt: ModelRuntime = request.app.state.runtime
-    slot = rt.slots.get(ModelName.parse(ctx.model)) if rt.slots is not None else None
-    model = slot.model if slot is not None else ctx.model
+    model = rt.resolver.stored_as(ctx.model)
     loaded = await asyncio.get_running_loop().run_in_executor(None, rt.engine.loaded)
     request.app.state.metrics.failure(model, err, any(m.name == model for m in loaded))
 

@@ -48,7 +48,7 @@ def release_of(state: Any, model: str) -> str:
         name = ModelName.parse(model)
     except InvalidName:
         return model
-    table = getattr(getattr(state, "runtime", None), "slots", None)
+    table = getattr(state, "slots", None)
     slot = table.get(name) if table is not None else None
     if slot is not None and slot.release:
         return slot.release

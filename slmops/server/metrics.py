@@ -56,6 +56,9 @@ class Metrics:
         if stats.eval_count > 1:
             self.tpot.labels(model).observe(stats.eval_duration / 1e9 / stats.eval_count)
 
+    def cancellation(self, model: str) -> None:
+        self.cancelled.labels(model).inc()
+
     def failure(self, model: str, err: SlmopsError, loaded: bool) -> None:
         """Count a request for ``model`` that failed with ``err``; ``loaded``: whether the model is loaded after
         it. Client mistakes (bad input, refusals, a full queue) are not failures of the model."""

@@ -48,17 +48,17 @@ def _store(request: Request) -> Store:
 def _target(request: Request, model: str, keep_alive: Any):
     """The runtime, the named model's spec (404 if absent) and the request's keep-alive in seconds."""
     rt = _rt(request)
-    _, spec = rt.resolve(model)
-    return rt, spec, rt.keep_alive_for(keep_alive)
+    _, spec = rt.resolver.resolve(model)
+    return rt, spec, rt.admission.keep_alive_for(keep_alive)
 
 
 async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
     access.require(roles.MANAGE, "load or unload models explicitly")
     if keep == 0:
-        await rt.unload(spec.name)
+        await rt.models.unload(spec.name)
         reason = "unload"
     else:
-        await rt.call(spec, rt.engine.load, keep)
+        await rt.models.call(spec, rt.engine.load, keep)
         reason = "load"
     out: dict[str, Any] = {"model": model, "created_at": convert.now_iso(), "done": True, "done_reason": reason}
     out[key] = {"role": "assistant", "content": ""} if key == "message" else ""
@@ -70,7 +70,7 @@ async def generate(body: oa.GenerateRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.prompt and not body.context:
         return await _load_only(rt, body.model, spec, keep, "response")
-    outputs = await streaming.prime(rt.stream(spec, convert.from_generate(body), keep))
+    outputs = await streaming.prime(rt.inference.stream(spec, convert.from_generate(body), keep))
     if body.stream:
         return streaming.ndjson(streaming.amap(lambda o: convert.generate_chunk(body.model, o), outputs))
     return convert.generate_chunk(body.model, await answers.acollect(outputs))
@@ -82,7 +82,7 @@ async def chat(body: oa.ChatRequest, request: Request):
     if not body.messages:
         return await _load_only(rt, body.model, spec, keep, "message")
     req = convert.from_chat(body)
-    outputs = await streaming.prime(answers.split_calls(rt.stream(spec, req, keep), req))
+    outputs = await streaming.prime(answers.split_calls(rt.inference.stream(spec, req, keep), req))
     if body.stream:
         return streaming.ndjson(_chat_lines(body.model, outputs))
     return convert.chat_chunk(body.model, await answers.acollect(outputs))
@@ -102,11 +102,11 @@ async def embed(body: oa.EmbedRequest, request: Request):
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
         access.require(roles.MANAGE, "load models explicitly")
-        await rt.call(spec, rt.engine.load, keep)
+        await rt.models.call(spec, rt.engine.load, keep)
         return oa.EmbedResponse(model=body.model, embeddings=[], total_duration=0, load_duration=0,
                                 prompt_eval_count=0)
     t0 = time.perf_counter_ns()
-    vectors, used, load_ns = await rt.embed(spec, inputs, body.options, body.truncate, keep)
+    vectors, used, load_ns = await rt.inference.embed(spec, inputs, body.options, body.truncate, keep)
     vectors = convert.truncate_dimensions(vectors, body.dimensions)
     return oa.EmbedResponse(model=body.model, embeddings=vectors, total_duration=time.perf_counter_ns() - t0,
                             load_duration=load_ns, prompt_eval_count=used)
@@ -117,23 +117,23 @@ async def embeddings(body: oa.EmbeddingsRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
     if not body.prompt:
         access.require(roles.MANAGE, "load models explicitly")
-        await rt.call(spec, rt.engine.load, keep)
+        await rt.models.call(spec, rt.engine.load, keep)
         return oa.EmbeddingsResponse(embedding=[])
-    vectors, _, _ = await rt.embed(spec, [body.prompt], body.options, True, keep)
+    vectors, _, _ = await rt.inference.embed(spec, [body.prompt], body.options, True, keep)
     return oa.EmbeddingsResponse(embedding=vectors[0])
 
 
 @router.post("/api/tokenize")
 async def tokenize(body: oa.TokenizeRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
-    tokens = await rt.call(spec, rt.engine.tokenize, keep, body.text)
+    tokens = await rt.models.call(spec, rt.engine.tokenize, keep, body.text)
     return oa.TokenizeResponse(model=body.model, tokens=tokens)
 
 
 @router.post("/api/detokenize")
 async def detokenize(body: oa.DetokenizeRequest, request: Request):
     rt, spec, keep = _target(request, body.model, body.keep_alive)
-    text = await rt.call(spec, rt.engine.detokenize, keep, body.tokens)
+    text = await rt.models.call(spec, rt.engine.detokenize, keep, body.tokens)
     return oa.DetokenizeResponse(model=body.model, text=text)
 
 
@@ -161,14 +161,14 @@ async def tags(request: Request) -> oa.ListResponse:
 async def ps(request: Request) -> oa.ProcessResponse:
     rt, store = _rt(request), _store(request)
     models = []
-    for info in await run_in_threadpool(rt.loaded):
+    for info in await run_in_threadpool(rt.models.loaded):
         name = ModelName.parse(info.name)
         try:
             digest, det = store.record(name).digest.hex, details(store, name)
         except SlmopsError:
             digest, det = "", oa.ModelDetails()
         expires = "9999-12-31T23:59:59Z" if info.expires_at == float("inf") else convert.iso(info.expires_at)
-        shown = (rt.slots.served_as(info.name) if rt.slots is not None else None) or info.name  # as clients ask
+        shown = rt.resolver.shown_as(info.name)  # as clients ask
         models.append(oa.ProcessModel(name=shown, model=shown, size=info.size, digest=digest, details=det,
                                       expires_at=expires, size_vram=0, context_length=info.context_length))
     return oa.ProcessResponse(models=models)
@@ -209,7 +209,7 @@ async def copy(body: oa.CopyRequest, request: Request):
 @router.delete("/api/delete")
 async def delete(body: oa.DeleteRequest, request: Request):
     name = ModelName.parse(body.ref)
-    await _rt(request).unload(name.display)
+    await _rt(request).models.unload(name.display)
     await asyncio.to_thread(_store(request).remove, name)
     return Response(status_code=200)
 

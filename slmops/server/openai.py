@@ -26,9 +26,14 @@ def _rt(request: Request) -> ModelRuntime:
     return request.app.state.runtime
 
 
+def _stream(rt: ModelRuntime, spec, req):
+    """The engine's outputs for ``req``; OpenAI's API has no keep_alive, so the server's holds."""
+    return rt.inference.stream(spec, req, rt.admission.default_keep_alive)
+
+
 async def _run(rt: ModelRuntime, spec, req) -> Output:
     """One whole answer, its tool calls parsed out."""
-    return await answers.acollect(answers.split_calls(rt.stream(spec, req, rt.default_keep_alive), req))
+    return await answers.acollect(answers.split_calls(_stream(rt, spec, req), req))
 
 
 async def _together(runs: list) -> list:
@@ -44,13 +49,13 @@ async def _together(runs: list) -> list:
 @router.post("/chat/completions")
 async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
     rt = _rt(request)
-    _, spec = rt.resolve(body.model)
+    _, spec = rt.resolver.resolve(body.model)
     req = convert.from_chat_completion(body)
     created, cid = int(time.time()), convert.new_id("chatcmpl")
     if body.stream:
         if body.n != 1:
             raise InvalidInput("n > 1 is not supported with stream; make n requests")
-        outputs = await streaming.prime(answers.split_calls(rt.stream(spec, req, rt.default_keep_alive), req))
+        outputs = await streaming.prime(answers.split_calls(_stream(rt, spec, req), req))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming.sse(_chat_stream(outputs, body.model, cid, created, include_usage))
     choices, stats = [], []
@@ -101,14 +106,14 @@ async def _chat_stream(outputs: AsyncIterator[Output], model: str, cid: str, cre
 @router.post("/completions")
 async def completions(body: oai.CompletionRequest, request: Request):
     rt = _rt(request)
-    _, spec = rt.resolve(body.model)
+    _, spec = rt.resolver.resolve(body.model)
     prompts = convert.completion_prompts(body.prompt)
     created, cid = int(time.time()), convert.new_id("cmpl")
     if body.stream:
         if body.n != 1 or len(prompts) != 1:
             raise InvalidInput("streaming takes one prompt and n = 1")
         req = await _completion_request(rt, spec, body, prompts[0], 0)
-        outputs = await streaming.prime(rt.stream(spec, req, rt.default_keep_alive))
+        outputs = await streaming.prime(_stream(rt, spec, req))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming.sse(_completion_stream(outputs, body, cid, created, include_usage,
                                                 req.prompt if body.echo else ""))
@@ -129,7 +134,7 @@ async def completions(body: oai.CompletionRequest, request: Request):
 
 async def _completion_request(rt: ModelRuntime, spec, body: oai.CompletionRequest, prompt: Any, i: int):
     if isinstance(prompt, list):
-        prompt = await rt.call(spec, rt.engine.detokenize, rt.default_keep_alive, prompt)
+        prompt = await rt.models.call(spec, rt.engine.detokenize, rt.admission.default_keep_alive, prompt)
     if not prompt:
         raise InvalidInput("prompt is empty")
     return convert.from_completion(body, prompt, seed_offset=i)
@@ -166,7 +171,7 @@ async def _completion_stream(outputs: AsyncIterator[Output], body: oai.Completio
 @router.post("/embeddings")
 async def embeddings(body: oai.EmbeddingRequest, request: Request) -> oai.EmbeddingResponse:
     rt = _rt(request)
-    _, spec = rt.resolve(body.model)
+    _, spec = rt.resolver.resolve(body.model)
     raw = body.input
     items: list = [raw] if isinstance(raw, str) or (raw and all(isinstance(x, int) for x in raw)) else list(raw)
     if not items or any(i in ("", []) for i in items):
@@ -174,8 +179,8 @@ async def embeddings(body: oai.EmbeddingRequest, request: Request) -> oai.Embedd
     texts = []
     for item in items:
         texts.append(item if isinstance(item, str) else
-                     await rt.call(spec, rt.engine.detokenize, rt.default_keep_alive, item))
-    vectors, used, _ = await rt.embed(spec, texts, None, True, rt.default_keep_alive)
+                     await rt.models.call(spec, rt.engine.detokenize, rt.admission.default_keep_alive, item))
+    vectors, used, _ = await rt.inference.embed(spec, texts, None, True, rt.admission.default_keep_alive)
     vectors = convert.truncate_dimensions(vectors, body.dimensions)
     data = [oai.EmbeddingData(index=i, embedding=convert.encode_embedding(v, body.encoding_format))
             for i, v in enumerate(vectors)]

@@ -30,9 +30,9 @@ router = APIRouter(prefix="/v1")
 async def create_response(body: rsp.ResponseRequest, request: Request):
     rt: ModelRuntime = request.app.state.runtime
     req = rc.from_request(body)
-    _, spec = rt.resolve(body.model)
+    _, spec = rt.resolver.resolve(body.model)
     base = {"id": rc.new_id("resp"), "created_at": int(time.time()), **rc.echo(body, req)}
-    outputs = answers.split_calls(rt.stream(spec, req, rt.default_keep_alive), req)
+    outputs = answers.split_calls(rt.inference.stream(spec, req, rt.admission.default_keep_alive), req)
     if body.stream:
         events = _Events(base, hold_blanks=answers.offered_tools(req) is not None)
         return _sse(_stream(await streaming.prime(outputs), events))

@@ -2,10 +2,10 @@
 
 A fleet device serves a release under one stable name while the model behind it moves between two stored slots
 (A/B): the agent stages the next release in the idle slot, warm-loads it, then points the served name at it with
-one ``PUT /api/slots/{served}``. :meth:`ModelRuntime.resolve` maps a served name through the table once per
-request, so a request keeps the model it resolved until it ends (requests in flight finish on the old model, the
-next ones get the new); that single lookup is what makes the switch atomic, and the warm-load before it is what
-makes it gapless.
+one ``PUT /api/slots/{served}``. :meth:`slmops.server.resolver.Resolver.resolve` maps a served name through the
+table once per request, so a request keeps the model it resolved until it ends (requests in flight finish on the
+old model, the next ones get the new); that single lookup is what makes the switch atomic, and the warm-load before
+it is what makes it gapless.
 
 The table lives in ``SLMOPS_HOME/slots.json``, rewritten atomically on every change and read at start, so a
 restarted server serves what it served before. A change swaps the in-memory mapping as a whole (never edited in
@@ -114,7 +114,7 @@ class SlotTable:
 # -- routes (roles: GET read, PUT and DELETE manage; see slmops.security.roles) -------------------------------
 
 def _table(request: Request) -> SlotTable:
-    return request.app.state.runtime.slots
+    return request.app.state.slots
 
 
 @router.get("/api/slots")

@@ -52,6 +52,21 @@ class ModelRecord:
     manifest: Manifest
 
 
+@dataclass(frozen=True)
+class Runnable:
+    """What running a stored model takes, read from one manifest after every blob was checked: the weights'
+    path and GGUF header, and the layers the engine applies over them."""
+
+    name: ModelName
+    model_path: Path
+    info: GGUFInfo
+    template: str | None
+    system: str | None
+    params: dict[str, Any]
+    messages: list[dict[str, Any]]
+    adapters: list[Path]
+
+
 class Store:
     def __init__(self, root: Path, catalog: Catalog | None = None, sources: dict[str, Source] | None = None,
                  allow_internal_registries: bool = False, trust: Callable[["Store", ModelName], None] | None = None,
@@ -158,11 +173,28 @@ class Store:
         *folders, tag = name.path_parts
         return self.root.joinpath("signatures", *folders, tag + ".sig")
 
-    def model_path(self, name: ModelName) -> Path:
-        layer = self.manifest(name).layer(mt.MODEL)
+    def model_path(self, name: ModelName, manifest: Manifest | None = None) -> Path:
+        layer = (manifest or self.manifest(name)).layer(mt.MODEL)
         if layer is None:
             raise InvalidInput(f'"{name.display}" has no model layer')
         return self.blobs.path(layer.blob)
+
+    def runnable(self, name: ModelName) -> Runnable:
+        """``name`` ready to run: its manifest read once, every blob checked against its digest and the trust
+        policy (a corrupted, swapped or unsigned file must not reach llama.cpp), then the weights' header read."""
+        manifest = self.manifest(name)
+        self.verify(name, manifest)
+        path = self.model_path(name, manifest)
+        return Runnable(
+            name=name,
+            model_path=path,
+            template=self.read_text(manifest, mt.TEMPLATE),
+            system=self.read_text(manifest, mt.SYSTEM),
+            params=self.read_json(manifest, mt.PARAMS) or {},
+            messages=self.read_json(manifest, mt.MESSAGES) or [],
+            adapters=[self.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
+            info=inspect_gguf(path, self.gguf_cache, self.blobs.key),
+        )
 
     # -- writing -------------------------------------------------------------------------------------------
     def put_json_layer(self, media_type: str, value: Any) -> Layer:

@@ -13,6 +13,7 @@ each through one table keyed by class, never by message text.
     │   ├── InvalidOption       an unknown or ill-typed option
     │   ├── InvalidModelFile    a GGUF that fails validation (truncated, crafted)
     │   ├── ContextOverflow     a prompt longer than the context window
+    │   ├── Unsupported         a capability the model's backend lacks (embeddings, a kind of constraint...)
     │   └── Conflict            the change contradicts what is stored (HTTP 409): a channel moved backwards
     ├── Unauthenticated         no credentials, or ones that do not hold (HTTP 401): a device's signature
     ├── Forbidden               the caller's role does not allow it (HTTP 403)
@@ -68,6 +69,17 @@ class InvalidModelFile(InvalidInput):
 
 class ContextOverflow(InvalidInput):
     pass
+
+
+class Unsupported(InvalidInput):
+    """A request needs what the model's backend does not offer; ``capability`` names it (crossing a runner's
+    pipe keeps the class and message, not the attribute)."""
+
+    capability: str = ""
+
+    def __init__(self, capability: str, backend: str):
+        self.capability = capability
+        super().__init__(f"the {backend} backend this model runs on does not support {capability}")
 
 
 class Conflict(InvalidInput):

@@ -1,4 +1,4 @@
-"""The only module that touches ``llama_cpp`` ctypes: model, context, batch, memory and C sampler chains.
+"""llama.cpp's C API through ``llama_cpp`` ctypes: model, context, batch, memory, C sampler chains and quantize.
 
 Everything per-token that llama.cpp can do in C stays in C (the sampler chain samples and accepts in one call);
 batch fills go through numpy views of the ctypes arrays instead of Python loops over the prompt.
@@ -66,6 +66,7 @@ class LlamaModel:
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         self.n_embd = lc.llama_model_n_embd(self.ptr)
         self.bos = lc.llama_vocab_bos(self.vocab)
+        self.eos = lc.llama_vocab_eos(self.vocab)
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
         self._piece = ctypes.create_string_buffer(256)
         self._adapters: list[LoraAdapter] = []
@@ -255,19 +256,21 @@ class SamplerChain:
     log-probabilities are reported from the model's own logits, as before.
     """
 
-    def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int, prompt: list[int]):
+    def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int, prompt: list[int],
+                 grammar: str | None = None):
+        """``grammar``: GBNF every sampled token must follow, already checked (:func:`.grammar.to_gbnf`)."""
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         last_n = n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
         active = last_n > 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
         self._window: deque[int] | None = deque(prompt[-last_n:], maxlen=last_n) if active else None
         self._repeat, self._freq, self._present = p.repeat_penalty, p.frequency_penalty, p.presence_penalty
         add = lambda s: lc.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
-        if p.grammar:
-            grammar = lc.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
-            if not grammar:
+        if grammar:
+            compiled = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            if not compiled:
                 self.close()
                 raise InvalidInput("the output format could not be compiled to a grammar; simplify the JSON schema")
-            add(grammar)
+            add(compiled)
         if p.temperature <= 0:
             add(lc.llama_sampler_init_greedy())
             return

@@ -1,13 +1,13 @@
-"""Constrained output: JSON mode, JSON Schemas and tool calls compiled to llama.cpp grammars (GBNF).
+"""Constrained output on llama.cpp: each :class:`~slmops.engine.backend.Constraint` compiled to a grammar (GBNF).
 
-The schema-to-GBNF conversion is llama-cpp-python's maintained converter; this module decides what schema each
-request needs, and makes sure no schema can hurt the runner that parses its grammar. llama.cpp parses a grammar on
-the model's runner thread, with a parser that recurses once per nested group, and it builds one rule per optional
-repetition: a ``maxLength`` of 20,000 used to become a grammar nested 20,000 deep, which overflowed that thread's
-stack and killed the runner with every request on it. So repetitions are written flat (``char{0,2000}``), the
-schema's own counts and depth are checked first, and every grammar is measured by :func:`check_grammar`, a dry
-run of llama.cpp's parser (:mod:`slmops.engine.gbnf`), before llama.cpp sees it. Anything over a limit is an
-``InvalidInput`` naming it.
+JSON mode, JSON Schemas and tool calls go through llama-cpp-python's maintained schema-to-GBNF converter; a GBNF
+constraint is taken as written. This module makes sure no schema can hurt the runner that parses its grammar.
+llama.cpp parses a grammar on the model's runner thread, with a parser that recurses once per nested group, and it
+builds one rule per optional repetition: a ``maxLength`` of 20,000 used to become a grammar nested 20,000 deep,
+which overflowed that thread's stack and killed the runner with every request on it. So repetitions are written flat
+(``char{0,2000}``), the schema's own counts and depth are checked first, and every grammar is measured by
+:func:`check_grammar`, a dry run of llama.cpp's parser (:mod:`slmops.engine.llamacpp.gbnf`), before llama.cpp sees
+it. Anything over a limit is an ``InvalidInput`` naming it.
 """
 
 from __future__ import annotations
@@ -18,23 +18,32 @@ from typing import Any
 import llama_cpp.llama_grammar as converter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from slmops.engine.gbnf import MAX_REPEAT, check_grammar, shown_count
+from slmops.engine.backend import Constraint
+from slmops.engine.llamacpp.gbnf import MAX_REPEAT, check_grammar, shown_count
 from slmops.types.errors import InvalidInput
+
+KINDS = frozenset({"json", "json_schema", "tool_calls", "gbnf"})  # the Constraint kinds compiled here
 
 # JSON nesting of a schema, checked before anything recurses over it. The converter takes a Python frame per
 # array level and two per object level (RecursionError past 993 and 496); real schemas nest < 20.
 MAX_SCHEMA_DEPTH = 64
 
 
-def for_format(fmt: str | dict[str, Any] | None) -> str | None:
-    """Ollama ``format``: ``"json"`` (any JSON object) or a JSON Schema; empty means free text."""
-    if fmt in (None, "", {}):
-        return None
-    if fmt == "json":
+def to_gbnf(constraint: Constraint) -> str:
+    """The GBNF for ``constraint`` (a kind of :data:`KINDS`), within every limit of :func:`check_grammar`."""
+    if constraint.kind == "json":
         return check_grammar(JSON_GBNF)
-    if isinstance(fmt, dict):
-        return for_schema(fmt)
-    raise InvalidInput('format must be "json" or a JSON Schema object')
+    if constraint.kind in ("json_schema", "tool_calls"):
+        return for_schema(constraint.schema)  # type: ignore[arg-type]
+    if constraint.kind == "gbnf":
+        return check_grammar(constraint.source)  # type: ignore[arg-type]
+    raise ValueError(f"llama.cpp compiles no {constraint.kind} constraint")  # the engine checks KINDS first
+
+
+def for_format(fmt: str | dict[str, Any] | None) -> str | None:
+    """Ollama ``format`` compiled: ``"json"`` (any JSON object) or a JSON Schema; empty means free text."""
+    constraint = Constraint.from_format(fmt)
+    return to_gbnf(constraint) if constraint else None
 
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
@@ -86,24 +95,6 @@ def for_schema(schema: dict[str, Any]) -> str:
     except Exception as err:  # the converter raises bare builtins for unsupported schema features
         raise InvalidInput(f"unsupported JSON Schema: {str(err)[:200] or type(err).__name__}") from None
     return check_grammar(gbnf)
-
-
-def tool_call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
-    """A call of one of ``tools`` (or exactly ``name``): ``{"name": ..., "arguments": {...}}``."""
-    options = []
-    for tool in tools:
-        fn = tool.get("function") or {}
-        if name is not None and fn.get("name") != name:
-            continue
-        params = fn.get("parameters") or {"type": "object"}
-        options.append({
-            "type": "object",
-            "properties": {"name": {"const": fn.get("name")}, "arguments": params},
-            "required": ["name", "arguments"],
-        })
-    if not options:
-        raise InvalidInput(f'tool_choice names "{name}", which is not among the tools given')
-    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 # -- the schema, before conversion ---------------------------------------------------------------------------------

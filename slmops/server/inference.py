@@ -1,0 +1,160 @@
+"""Running requests on a model: generation streams and embeddings, each counted as a use of its model.
+
+A generation is started on a starter thread (starting may load the model); from then on the engine calls back with
+each piece from its own thread (the runner's, or the pipe reader's) straight onto the event loop: no thread waits
+per request, and each piece crosses one thread boundary. A client that goes away cancels its generation at once,
+which frees its sequence.
+
+What a stream produced is reported twice: to the :class:`Observer` given at construction (the server's metrics:
+tokens, time to first token, cancellations), and to the request's context (:mod:`slmops.server.access`) piece by
+piece, so a stream the client drops is charged and audited for what it generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from slmops.engine.client import Cancel, Emit, EngineClient, ModelSpec, ModelUnloaded, Request, gave_up, unloaded
+from slmops.engine.outputs import Output, Stats
+from slmops.server import access
+from slmops.server.admission import Admission
+from slmops.server.loaded import LoadedModels
+
+
+class Observer(Protocol):
+    """What the server's metrics learn of each generation (:class:`slmops.server.metrics.Metrics` is one)."""
+
+    def generation(self, model: str, stats: Stats, ttft_s: float | None) -> None:
+        """A generation of ``model`` finished; ``ttft_s``: seconds to its first piece."""
+
+    def cancellation(self, model: str) -> None:
+        """A generation of ``model`` stopped because its client left."""
+
+
+class Unobserved:
+    """An :class:`Observer` that keeps nothing."""
+
+    def generation(self, model: str, stats: Stats, ttft_s: float | None) -> None:
+        pass
+
+    def cancellation(self, model: str) -> None:
+        pass
+
+
+class _Tally:
+    """One stream's account in the request's context: token counts as they grow (a request may run several
+    streams, one per choice), and the completion's text when the audit log keeps content."""
+
+    def __init__(self, ctx: access.RequestContext | None):
+        self.ctx = ctx
+        self.text: list[str] | None = [] if ctx is not None and ctx.content is not None else None
+        self.counted = (0, 0)
+
+    def add(self, item: Output) -> None:
+        if self.text is not None:
+            self.text.append(item.text)
+        if self.ctx is None:
+            return
+        if item.done and item.stats is not None:
+            now = (item.stats.prompt_eval_count, item.stats.eval_count)
+        else:
+            now = (max(self.counted[0], item.prompt_eval_count), max(self.counted[1], item.eval_count))
+        self.ctx.prompt_tokens += now[0] - self.counted[0]
+        self.ctx.completion_tokens += now[1] - self.counted[1]
+        self.counted = now
+
+    def cut_short(self) -> None:
+        if self.ctx is not None:
+            self.ctx.complete = False
+
+    def close(self) -> None:
+        if self.text is not None and self.ctx is not None and self.ctx.content is not None:
+            self.ctx.content.setdefault("completions", []).append("".join(self.text))
+
+
+class Inference:
+    def __init__(self, engine: EngineClient, models: LoadedModels, admission: Admission,
+                 observer: Observer | None = None):
+        self.engine = engine
+        self.models = models
+        self.admission = admission
+        self.observer: Observer = observer or Unobserved()
+        self._starters = ThreadPoolExecutor(max_workers=8, thread_name_prefix="start")
+
+    async def stream(self, spec: ModelSpec, req: Request, keep_alive: float) -> AsyncIterator[Output]:
+        """The engine's outputs, as they come. Raises request errors before the first piece. With a token limit,
+        completion tokens are reserved before it starts."""
+        req = self.admission.request_for(spec, req)
+        tally = _Tally(access.current())
+        item: Any = None
+        t0, ttft = time.perf_counter(), None
+        with self.models.using(spec.name, keep_alive):
+            try:
+                async for item in self._pieces(spec, req):
+                    if ttft is None and (item.text or item.done):
+                        ttft = time.perf_counter() - t0
+                    tally.add(item)
+                    if item.done and item.stats is not None:
+                        self.observer.generation(spec.name, item.stats, ttft)
+                    yield item
+            except (GeneratorExit, asyncio.CancelledError):  # the client left; a refusal (503) is not a cancellation
+                if item is None or not item.done:
+                    tally.cut_short()
+                    self.observer.cancellation(spec.name)
+                raise
+            finally:
+                tally.close()
+
+    async def _pieces(self, spec: ModelSpec, req: Request) -> AsyncIterator[Output]:
+        """Start the generation on a starter thread (it may load the model), then await pieces the engine hands
+        to the event loop from its own thread. Leaving early (a client gone) cancels it."""
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            pieces: asyncio.Queue = asyncio.Queue()
+            started = done = False
+            cancel: Cancel | None = None
+            try:
+                cancel = await self._start(spec, req, lambda x: loop.call_soon_threadsafe(pieces.put_nowait, x))
+                while not done:
+                    item = await pieces.get()
+                    if isinstance(item, BaseException):
+                        done = True
+                        raise item
+                    done, started = item.done, True
+                    yield item
+                return
+            except ModelUnloaded:
+                unloaded(spec.name, started)
+            finally:
+                if not done and cancel is not None:
+                    cancel()
+        raise gave_up(spec.name)
+
+    async def _start(self, spec: ModelSpec, req: Request, emit: Emit) -> Cancel:
+        future = self._starters.submit(self.engine.start, spec, req, emit)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the client left while the model loaded: cancel once it has started
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()())
+            raise
+
+    async def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None, truncate: bool,
+                    keep_alive: float) -> tuple[list[list[float]], int, int]:
+        """Embeddings of ``inputs`` on the engine thread; the tokens they took are charged to the request."""
+        options = self.admission.options_for(spec, options)
+        with self.models.using(spec.name, keep_alive):
+            vectors, used, load_ns = await self.models.on_engine(self.engine.embed, spec, inputs, options, truncate)
+            ctx = access.current()
+            if ctx is not None:
+                ctx.prompt_tokens += used
+            return vectors, used, load_ns
+
+    def close(self) -> None:
+        self._starters.shutdown(wait=False)
+
+
+__all__ = ["Inference", "Observer", "Unobserved"]

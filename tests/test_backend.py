@@ -1,0 +1,225 @@
+"""The Backend protocol without a model: neutral constraints, capabilities answered as a 400 that names what is
+missing, a backend with its own generate loop driven by the Engine, and llama.cpp kept inside its package."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slmops.engine.backend import (CONSTRAINT_KINDS, BatchPlan, Capabilities, Constraint, require,
+                                   require_constraint, tool_call_schema)
+from slmops.engine.client import EngineConfig, ModelSpec, Request
+from slmops.engine.outputs import Output
+from slmops.types.errors import InvalidInput, Unsupported
+
+PACKAGE = Path(__file__).resolve().parent.parent / "slmops"
+LLAMACPP = PACKAGE / "engine" / "llamacpp"
+TOOLS = [{"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "b"}}]
+
+
+# -- llama.cpp stays in its package ---------------------------------------------------------------------------------
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_llamacpp_package_imports_llama_cpp():
+    outside = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if LLAMACPP not in p.parents and any(n.split(".")[0] == "llama_cpp" for n in _imports(p)))
+    assert outside == []
+    # Nor by name (import_module, -c strings): only the CLI's list of modules the full install has mentions it.
+    named = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                   if LLAMACPP not in p.parents and re.search(r"\bllama_cpp\b", p.read_text()))
+    assert named == ["cli/common.py"]
+
+
+def test_the_engine_outside_the_package_does_not_reach_into_its_modules():
+    """Only wiring points name the package's modules: the default backend, and ops that are llama.cpp's own work
+    (quantizing, perplexity, the GPU-offload probe)."""
+    allowed = {"engine/backend.py", "ops/quantize.py", "ops/variants.py", "ops/evaluate.py", "ops/hw.py"}
+    users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if LLAMACPP not in p.parents
+             and any(n.startswith("slmops.engine.llamacpp") for n in _imports(p))}
+    assert users <= allowed and "slmops.engine.llamacpp" in (PACKAGE / "engine" / "backend.py").read_text()
+
+
+# -- constraints ----------------------------------------------------------------------------------------------------
+
+def test_constraints_from_ollama_formats():
+    assert Constraint.from_format(None) is None and Constraint.from_format("") is None
+    assert Constraint.from_format({}) is None
+    assert Constraint.from_format("json") == Constraint("json")
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    assert Constraint.from_format(schema) == Constraint("json_schema", schema=schema)
+    for bad in ("yaml", 3, ["json"]):
+        with pytest.raises(InvalidInput, match='format must be "json" or a JSON Schema object'):
+            Constraint.from_format(bad)
+
+
+def test_tool_call_constraints_carry_the_call_shape():
+    c = Constraint.tool_calls(TOOLS, "b")
+    assert c.kind == "tool_calls" and c.schema == tool_call_schema(TOOLS, "b")
+    assert c.schema["properties"]["name"] == {"const": "b"}
+    assert c.schema["properties"]["arguments"] == {"type": "object"}  # no parameters: any object
+    assert [o["properties"]["name"]["const"] for o in Constraint.tool_calls(TOOLS).schema["anyOf"]] == ["a", "b"]
+    with pytest.raises(InvalidInput, match='tool_choice names "c"'):
+        Constraint.tool_calls(TOOLS, "c")
+
+
+@pytest.mark.parametrize("kind,kwargs,message", [
+    ("yaml", {}, "constraint kind 'yaml' is not one of"),
+    ("json_schema", {}, "needs a JSON Schema object"),
+    ("json_schema", {"schema": "{}"}, "needs a JSON Schema object"),
+    ("tool_calls", {"source": "x"}, "needs a JSON Schema object"),
+    ("json", {"schema": {}}, "takes no JSON Schema"),
+    ("json", {"source": "root ::= x"}, "takes no text"),
+    ("regex", {}, "needs its text"),
+    ("gbnf", {"source": ""}, "needs a non-empty gbnf"),
+    ("regex", {"source": "a+", "schema": {}}, "takes no JSON Schema"),
+])
+def test_constraints_refuse_a_payload_that_does_not_fit_their_kind(kind, kwargs, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        Constraint(kind, **kwargs)
+
+
+def test_each_kind_has_a_constructor_and_values_compare():
+    assert Constraint.regex("[a-z]+") == Constraint("regex", source="[a-z]+")
+    assert Constraint.gbnf('root ::= "a"').source == 'root ::= "a"'
+    assert set(CONSTRAINT_KINDS) == {"json", "json_schema", "tool_calls", "regex", "gbnf"}
+    with pytest.raises(Exception):  # frozen: a constraint does not change on its way to the backend
+        Constraint("json").kind = "regex"  # type: ignore[misc]
+
+
+# -- capabilities ---------------------------------------------------------------------------------------------------
+
+class _Fake:
+    """A backend with its own generate loop (no continuous batching), no embeddings, logprobs or adapters; it
+    compiles JSON Schemas and regular expressions, and echoes the prompt back."""
+
+    name = "fake"
+    capabilities = Capabilities(constraints=frozenset({"json_schema", "regex"}))
+
+    def __init__(self) -> None:
+        self.compiled: list[Any] = []
+
+    def load(self, spec, load, config):  # type: ignore[no-untyped-def]
+        return _FakeModel(self)
+
+    def compile(self, constraint: Constraint) -> Any:
+        return ("compiled", constraint.kind)
+
+
+class _FakeModel:
+    n_vocab, n_ctx_train, bos_text, eos_text, add_bos, embedding_only = 256, 64, "", "", False, False
+    plan, decoder = BatchPlan(1), None
+
+    def __init__(self, backend: _Fake):
+        self.backend = backend
+        self.closed = False
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return bytes(tokens).decode()
+
+    def start(self, tokens, sampling, constraint, emit, load_duration, n_ctx):  # type: ignore[no-untyped-def]
+        self.backend.compiled.append(constraint)
+        emit(Output(text=self.detokenize(tokens)))
+        emit(Output(text="", done=True, done_reason="stop"))
+        return lambda: None
+
+    def embed(self, texts, truncate):  # type: ignore[no-untyped-def]
+        raise AssertionError("not offered")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_engine():
+    from slmops.engine.engine import Engine
+
+    backend = _Fake()
+    engine = Engine(EngineConfig(default_ctx=32), backend=backend)
+    yield engine, backend, ModelSpec(name="fake", model_path=Path("/nonexistent"), context_length=64)
+    engine.close()
+
+
+def test_an_engine_runs_a_backend_with_its_own_generate_loop(fake_engine):
+    engine, backend, spec = fake_engine
+    out = list(engine.run(spec, Request(prompt="hello", raw=True, format={"type": "object"})))
+    assert "".join(o.text for o in out) == "hello" and out[-1].done
+    assert backend.compiled == [("compiled", "json_schema")]  # compiled by the backend, from the neutral form
+    assert engine.tokenize(spec, "hi") == [104, 105] and engine.detokenize(spec, [104, 105]) == "hi"
+    assert engine.loaded()[0].waiting == 0
+
+
+@pytest.mark.parametrize("call,named", [
+    (lambda e, s: e.embed(s, ["x"]), "embeddings"),
+    (lambda e, s: e.run(s, Request(prompt="x", raw=True, logprobs=2)), "log-probabilities"),
+    (lambda e, s: e.run(s, Request(prompt="x", raw=True, format="json")), "JSON output"),
+    (lambda e, s: e.run(s, Request(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="a")),
+     "forced tool calls"),
+])
+def test_what_a_backend_lacks_is_a_400_naming_it(fake_engine, call, named):
+    from slmops.server.errors import status_for
+
+    engine, _, spec = fake_engine
+    with pytest.raises(Unsupported) as err:
+        call(engine, spec)
+    assert named in str(err.value) and "fake backend" in str(err.value) and err.value.capability.startswith(named)
+    assert isinstance(err.value, InvalidInput) and status_for(err.value) == 400
+
+
+def test_adapters_need_a_backend_that_loads_them(fake_engine):
+    engine, _, spec = fake_engine
+    spec.adapters = [Path("/nonexistent/adapter.gguf")]
+    with pytest.raises(Unsupported, match="LoRA adapters"):
+        engine.load(spec)
+
+
+def test_unsupported_keeps_its_class_across_a_runner_pipe():
+    from slmops.engine import messages as msg
+
+    back = msg.from_failure(msg.failure(1, Unsupported("embeddings", "fake")))
+    assert type(back) is Unsupported and str(back) == "the fake backend this model runs on does not support embeddings"
+
+
+def test_require_checks_one_capability_at_a_time():
+    backend = _Fake()
+    require(backend, "embeddings", needed=False)
+    require_constraint(backend, Constraint.regex("a+"))
+    with pytest.raises(Unsupported, match="continuous batching"):
+        require(backend, "continuous_batching")
+    with pytest.raises(Unsupported, match="GBNF grammars"):
+        require_constraint(backend, Constraint.gbnf('root ::= "a"'))
+
+
+# -- llama.cpp compiles the neutral constraints, within the grammar limits ------------------------------------------
+
+def test_llama_cpp_compiles_constraints_to_checked_gbnf():
+    from slmops.engine.llamacpp import create_backend
+    from slmops.engine.llamacpp.gbnf import MAX_GRAMMAR_DEPTH, MAX_REPEAT
+
+    llama = create_backend(False)
+    assert llama.capabilities.continuous_batching and llama.capabilities.embeddings
+    assert "regex" not in llama.capabilities.constraints  # GBNF has no regular expressions: a 400 names it
+    assert re.search(r"^root\s+::= object", llama.compile(Constraint("json")), re.M)
+    assert re.search(r"^root\s+::=", llama.compile(Constraint.tool_calls(TOOLS, "a")), re.M)
+    assert llama.compile(Constraint.gbnf('root ::= "yes" | "no"')) == 'root ::= "yes" | "no"'
+    with pytest.raises(InvalidInput, match=f"limit of {MAX_REPEAT}"):  # the schema checks, before conversion
+        llama.compile(Constraint("json_schema", schema={"type": "string", "maxLength": 20000}))
+    deep = "root ::= " + "(" * (MAX_GRAMMAR_DEPTH + 1) + '"a"' + ")" * (MAX_GRAMMAR_DEPTH + 1)
+    with pytest.raises(InvalidInput, match=f"nested more than {MAX_GRAMMAR_DEPTH} levels"):  # the dry run
+        llama.compile(Constraint.gbnf(deep))
