@@ -172,7 +172,7 @@ def server_config(cfg: Settings) -> "ServerConfig":
     return ServerConfig(host=cfg["SLMOPS_HOST"][0], origins=cfg["SLMOPS_ORIGINS"],
                         max_request_bytes=cfg["SLMOPS_MAX_REQUEST_BYTES"], max_blob_bytes=cfg["SLMOPS_MAX_BLOB_SIZE"],
                         openai=cfg["SLMOPS_OPENAI_COMPATIBLE"], preload=cfg["SLMOPS_MODEL"] or None, home=cfg.home,
-                        feedback=cfg["SLMOPS_FEEDBACK"])
+                        feedback=cfg["SLMOPS_FEEDBACK"], ca_bundle=cfg["SLMOPS_CA_BUNDLE"])
 
 
 def runtime(cfg: Settings, store: Store, engine: "EngineClient") -> "ModelRuntime":

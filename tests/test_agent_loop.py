@@ -30,7 +30,7 @@ from slmops.fleet.agent.trust import Refused
 from slmops.store.pushing import push_to_registry
 from slmops.store.registry_auth import RegistryConfig
 from slmops.store.store import Store
-from slmops.types.errors import EngineError, SourceError
+from slmops.types.errors import RunnerOutOfMemory, SourceError
 from slmops.types.name import ModelName, Reference
 
 INSECURE = RegistryConfig(insecure=True)
@@ -160,7 +160,8 @@ def test_releases_switch_stay_or_switch_back_through_the_slots(tmp_path, publish
         assert (last.running.release, last.running.slot, last.health, last.desired_version) == ("smol:2", "b", "ok", 2)
         assert [w.release for w in last.windows] == ["smol:1"]  # smol:1's window closed at the switch
 
-        engine.failing["slot/smol-b:2"] = EngineError("out of memory")  # the new model fails its requests
+        # the new model's runner is killed by the OOM killer on each request
+        engine.failing["slot/smol-b:2"] = RunnerOutOfMemory("killed by SIGKILL: most likely out of memory")
         assert [generate(url).status_code for _ in range(2)] == [500, 500]
         clock.now += 5
         await step(agent, clock)
@@ -169,7 +170,7 @@ def test_releases_switch_stay_or_switch_back_through_the_slots(tmp_path, publish
         assert "slot/smol-b:2" not in await loaded(local)
         assert generate(url).json()["response"] == "[slot/smol-a:1] done"
         failed = [w for r in control.reports for w in r.windows if w.release == "smol:2"]
-        assert [(w.requests, w.errors, w.golden_score) for w in failed] == [(2, 2, 1.0)]  # passed its smoke test
+        assert [(w.requests, w.errors, w.oom, w.golden_score) for w in failed] == [(2, 2, 2, 1.0)]  # passed its smoke test
         assert control.reports[-1].health == "failing" and control.reports[-1].running.release == "smol:1"
 
         before = registry_gets(reg)

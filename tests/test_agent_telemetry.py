@@ -10,7 +10,7 @@ from slmops.fleet import histogram
 from slmops.fleet.agent import telemetry
 from slmops.fleet.agent.telemetry import Counters
 from slmops.server.metrics import Metrics
-from slmops.types.errors import EngineError, InvalidInput, RunnerCrashed
+from slmops.types.errors import EngineError, InvalidInput, OutOfMemory, RunnerCrashed, RunnerOutOfMemory
 
 M, OTHER = "slot/smol-a:1", "slot/smol-b:2"
 
@@ -37,14 +37,17 @@ def test_a_window_is_the_difference_of_two_scrapes_in_fleet_buckets() -> None:
     m.failure(M, EngineError("boom"), loaded=True)
     m.failure(M, EngineError("no memory"), loaded=False)
     m.failure(M, RunnerCrashed("killed"), loaded=False)
+    m.failure(M, RunnerOutOfMemory("killed by SIGKILL"), loaded=False)  # the OOM killer
+    m.failure(M, OutOfMemory("no room for the KV cache"), loaded=False)
     m.failure(M, InvalidInput("prompt too long"), loaded=True)  # the caller's mistake: not the model's failure
     counts = scrape(m)[M].minus(before[M])
     assert list(counts.ttft) == expected.counts  # each value in the bucket the fleet's own Histogram puts it in
     assert counts.finished == 100 and counts.tokens == 1000
-    assert counts.failures == {"error": 1, "load": 1, "crash": 1} and counts.errors == 3
+    assert counts.failures == {"error": 1, "load": 1, "crash": 1, "oom": 2} and counts.errors == 5
 
     w = telemetry.window(100.0, 160.0, "smol:1", counts, memory=123)
-    assert (w.start, w.end, w.release, w.requests, w.errors, w.load_failures) == (100.0, 160.0, "smol:1", 103, 3, 1)
+    assert (w.start, w.end, w.release, w.requests, w.errors, w.load_failures, w.oom) == (
+        100.0, 160.0, "smol:1", 105, 5, 1, 2)
     assert w.ttft_hist == expected.to_wire() and sum(w.itl_hist) == 100
     exact_p95 = sorted(40 + i * 3 for i in range(100))[94]
     assert abs(w.ttft_p95_ms - exact_p95) / exact_p95 < 0.1  # bucket interpolation: close, not exact

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +226,31 @@ def test_llama_cpp_compiles_constraints_to_checked_gbnf():
     deep = "root ::= " + "(" * (MAX_GRAMMAR_DEPTH + 1) + '"a"' + ")" * (MAX_GRAMMAR_DEPTH + 1)
     with pytest.raises(InvalidInput, match=f"nested more than {MAX_GRAMMAR_DEPTH} levels"):  # the dry run
         llama.compile(Constraint.gbnf(deep))
+
+
+@pytest.mark.slow
+def test_a_context_that_does_not_fit_in_memory_is_out_of_memory(model_file: Path) -> None:
+    """llama.cpp returns no context when its KV cache cannot be allocated: that is ``OutOfMemory`` (counted as
+    ``kind="oom"`` and gated on by a fleet), not a generic engine error. The address space is capped just above
+    what the loaded model takes, in a process of its own."""
+    script = textwrap.dedent('''
+        import resource
+        from slmops.engine.llamacpp import preload
+        preload()
+        import sys
+        from pathlib import Path
+        from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel
+        from slmops.types.errors import OutOfMemory
+        from slmops.types.options import LoadParams
+        model = LlamaModel(Path(sys.argv[1]))
+        size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (size + (32 << 20), resource.RLIM_INFINITY))
+        try:
+            LlamaContext(model, LoadParams(num_ctx=8192), n_seq_max=4)
+        except OutOfMemory as err:
+            print("oom:", err)
+    ''')
+    done = subprocess.run([sys.executable, "-c", script, str(model_file)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("oom: llama.cpp could not create a context of 8192 tokens"), done.stdout

@@ -72,14 +72,19 @@ def test_killed_runner_fails_only_its_requests_and_restarts(srv, sig):
     for t in threads:
         t.start()
     assert started[VICTIM].wait(60) and started[M].wait(60)
+    counted = failures(srv, VICTIM)
     psutil.Process(before[VICTIM]).send_signal(sig)
     for t in threads:
         t.join(120)
 
     last = victim["lines"][-1]
     assert victim["status"] == 200 and len(victim["lines"]) >= 2  # it was streaming, then its runner died
-    assert "error" in last and f'runner for model "{VICTIM}" stopped (killed by {sig.name})' in last["error"]
+    assert "error" in last and f'runner for model "{VICTIM}" stopped (killed by {sig.name}' in last["error"]
     assert "again" in last["error"]
+    # SIGKILL is what the kernel's OOM killer sends: counted as out of memory (a fleet gates on it per class)
+    kinds = {k: v - counted.get(k, 0) for k, v in failures(srv, VICTIM).items() if v != counted.get(k, 0)}
+    assert kinds == ({"oom": 1} if sig == signal.SIGKILL else {"crash": 1})
+    assert ("out of memory" in last["error"]) == (sig == signal.SIGKILL)
     # The other model's stream went on to its full length.
     end = survivor["lines"][-1]
     assert end["done"] and end["done_reason"] == "length" and end["eval_count"] == 300
@@ -90,6 +95,17 @@ def test_killed_runner_fails_only_its_requests_and_restarts(srv, sig):
     assert r.done and r.eval_count >= 1
     after = runners(srv)
     assert after[VICTIM] != before[VICTIM] and after[M] == before[M]
+
+
+def failures(srv, model: str) -> dict[str, float]:
+    """``slmops_model_failures_total`` of ``model`` by kind, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "slmops_model_failures_total" and sample.labels.get("model") == model:
+                out[sample.labels["kind"]] = out.get(sample.labels["kind"], 0) + sample.value
+    return out
 
 
 def test_non_streaming_request_gets_a_500_with_the_reason(srv):

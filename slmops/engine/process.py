@@ -26,7 +26,7 @@ from slmops.engine import messages as msg
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, ModelUnloaded, Request,
                                   stream_from, until_loaded, until_loaded_call)
 from slmops.engine.outputs import Output
-from slmops.types.errors import EngineError, InvalidInput, RunnerCrashed
+from slmops.types.errors import EngineError, InvalidInput, RunnerCrashed, RunnerOutOfMemory
 
 
 def _how_it_ended(code: int) -> str:
@@ -36,6 +36,17 @@ def _how_it_ended(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit status {code}"
+
+
+def _crashed(name: str, code: int) -> RunnerCrashed:
+    """What a runner's requests fail with when it dies. SIGKILL, which nothing in slmops sends a runner, is on
+    Linux most often the kernel's OOM killer: counted as out of memory, so a fleet's OOM gate sees it."""
+    if code == -signal.SIGKILL:
+        return RunnerOutOfMemory(f'the runner for model "{name}" stopped (killed by SIGKILL: most likely out of '
+                                 "memory) and its requests failed; free memory or lower num_ctx/num_parallel, then "
+                                 "send the request again")
+    return RunnerCrashed(f'the runner for model "{name}" stopped ({_how_it_ended(code)}) and its requests failed; '
+                         "send the request again to restart it")
 
 
 # The backend's native libraries load before anything imports numpy (see slmops.engine.llamacpp.preload).
@@ -157,9 +168,7 @@ class RunnerProcess:
         except (EOFError, OSError):
             pass
         code = self.proc.wait()
-        self.ended = ModelUnloaded(self.name) if self.shutting_down else RunnerCrashed(
-            f'the runner for model "{self.name}" stopped ({_how_it_ended(code)}) and its requests failed; '
-            f"send the request again to restart it")
+        self.ended = ModelUnloaded(self.name) if self.shutting_down else _crashed(self.name, code)
         for deliver in list(self._pending.values()):
             deliver(self.ended)
         self.conn.close()

@@ -63,6 +63,7 @@ class RequestContext:
     limiter: RateLimiter | None = None
     charged: int = 0  # tokens already taken from the bucket: reservations, settled when the request ends
     complete: bool = True  # False once cut short: the client left mid-stream, or the app raised
+    failure_counted: bool = False  # the model's failure is in the metrics already (counted where it happened)
 
     def can(self, permission: str) -> bool:
         return self.role == "local" or roles.allowed(self.role, permission)

@@ -48,6 +48,7 @@ class ServerConfig:
     preload: str | None = None  # a model to load at start (SLMOPS_MODEL)
     home: Path | None = None  # SLMOPS_HOME (the feedback log, the fleet's privacy file); None: the store's parent
     feedback: bool = default("SLMOPS_FEEDBACK")  # collect rated feedback without a fleet's say
+    ca_bundle: Path | None = None  # SLMOPS_CA_BUNDLE: more CAs for registries (/api/pull, /api/push)
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
@@ -145,8 +146,8 @@ async def _count_failure(request: Request, err: SlmopsError) -> None:
     """A request's model failed on the server's side: counted per stored model (a served name through the slot
     table) for the fleet agent's health window. Needs the request's context, which the access layer opens."""
     ctx = request_access.current()
-    if ctx is None or not ctx.model or not isinstance(err, (EngineError, IntegrityError)):
-        return
+    if ctx is None or not ctx.model or ctx.failure_counted or not isinstance(err, (EngineError, IntegrityError)):
+        return  # (a generation's failure is counted where it happened: server/inference.py)
     rt: ModelRuntime = request.app.state.runtime
     model = rt.resolver.stored_as(ctx.model)
     loaded = await asyncio.get_running_loop().run_in_executor(None, rt.engine.loaded)

@@ -23,6 +23,7 @@ from slmops.engine.outputs import Output, Stats
 from slmops.server import access
 from slmops.server.admission import Admission
 from slmops.server.loaded import LoadedModels
+from slmops.types.errors import EngineError, IntegrityError, SlmopsError
 
 
 class Observer(Protocol):
@@ -34,6 +35,10 @@ class Observer(Protocol):
     def cancellation(self, model: str) -> None:
         """A generation of ``model`` stopped because its client left."""
 
+    def failure(self, model: str, err: SlmopsError, loaded: bool) -> None:
+        """A generation of ``model`` failed with ``err`` (before its first piece or mid-stream); ``loaded``:
+        whether the model is still loaded after it."""
+
 
 class Unobserved:
     """An :class:`Observer` that keeps nothing."""
@@ -42,6 +47,9 @@ class Unobserved:
         pass
 
     def cancellation(self, model: str) -> None:
+        pass
+
+    def failure(self, model: str, err: SlmopsError, loaded: bool) -> None:
         pass
 
 
@@ -106,8 +114,18 @@ class Inference:
                     tally.cut_short()
                     self.observer.cancellation(spec.name)
                 raise
+            except (EngineError, IntegrityError) as err:  # the model's failure, not the caller's: counted here,
+                await self._failed(spec.name, err)     # since one mid-stream never reaches an error handler
+                raise
             finally:
                 tally.close()
+
+    async def _failed(self, model: str, err: SlmopsError) -> None:
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.loaded)
+        self.observer.failure(model, err, any(m.name == model for m in loaded))
+        ctx = access.current()
+        if ctx is not None:
+            ctx.failure_counted = True
 
     async def _pieces(self, spec: ModelSpec, req: Request) -> AsyncIterator[Output]:
         """Start the generation on a starter thread (it may load the model), then await pieces the engine hands

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from slmops.engine.outputs import Stats
 from slmops.fleet.histogram import BOUNDS_S
-from slmops.types.errors import EngineError, IntegrityError, RunnerCrashed, SlmopsError
+from slmops.types.errors import EngineError, IntegrityError, OutOfMemory, RunnerCrashed, SlmopsError
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -45,7 +45,7 @@ class Metrics:
         self.cancelled = Counter("slmops_cancelled_generations", "Generations stopped because the client left",
                                  ["model"], registry=r)
         self.failures = Counter("slmops_model_failures", "Requests that failed on the server's side, per stored "
-                                "model and kind (load, crash, error)", ["model", "kind"], registry=r)
+                                "model and kind (load, oom, crash, error)", ["model", "kind"], registry=r)
 
     def generation(self, model: str, stats: Stats, ttft_s: float | None) -> None:
         self.prompt_tokens.labels(model).inc(stats.prompt_eval_count)
@@ -62,7 +62,9 @@ class Metrics:
     def failure(self, model: str, err: SlmopsError, loaded: bool) -> None:
         """Count a request for ``model`` that failed with ``err``; ``loaded``: whether the model is loaded after
         it. Client mistakes (bad input, refusals, a full queue) are not failures of the model."""
-        if isinstance(err, RunnerCrashed):
+        if isinstance(err, OutOfMemory):
+            kind = "oom"  # a runner the OOM killer took, or an allocation llama.cpp could not make
+        elif isinstance(err, RunnerCrashed):
             kind = "crash"
         elif isinstance(err, IntegrityError) or (isinstance(err, EngineError) and not loaded):
             kind = "load"  # damaged or untrusted blobs, or an engine error that left the model unloaded

@@ -16,7 +16,6 @@ from fastapi.responses import Response
 
 import slmops
 from slmops.api import ollama as oa
-from slmops.config.settings import Settings
 from slmops.engine import answers
 from slmops.engine.tools import TOOLS_NOTE, template_handles_tools
 from slmops.modelfile import build, render
@@ -25,7 +24,7 @@ from slmops.security import roles
 from slmops.server import access, convert, streaming
 from slmops.server.runtime import ModelRuntime
 from slmops.store.pushing import push_to_registry
-from slmops.store.registry_auth import RegistryConfig
+from slmops.store.registry_auth import CREDENTIALS_FILE, RegistryConfig, read_logins
 from slmops.store.store import Store
 from slmops.types import options as opts
 from slmops.types.digest import Digest
@@ -258,13 +257,16 @@ async def pull(body: oa.PullRequest, request: Request):
     ``SLMOPS_REGISTRY_*`` login, which would go to whatever host the caller names."""
     store = _store(request)
     ref = Reference.parse(body.ref)
-    registry = _registry(body.insecure)
+    registry = _registry(request, body.insecure)
     return await _progress_response(body.stream, lambda p: store.pull(ref, p, registry=registry))
 
 
-def _registry(insecure: bool) -> RegistryConfig:
-    """Read per request, as ``docker login``'s file is: a login added while the server runs takes effect."""
-    return RegistryConfig.from_settings(Settings.from_env(), insecure=insecure, env_login=False)
+def _registry(request: Request, insecure: bool) -> RegistryConfig:
+    """The server's registry settings; the logins file is read per request, as ``docker login``'s is: a login
+    added while the server runs takes effect."""
+    config = request.app.state.config
+    home = config.home or _store(request).root.parent
+    return RegistryConfig(logins=read_logins(home / CREDENTIALS_FILE), ca_bundle=config.ca_bundle, insecure=insecure)
 
 
 @router.post("/api/push")
@@ -272,7 +274,7 @@ async def push(body: oa.PushRequest, request: Request):
     """Ollama's push: ``insecure`` allows plain HTTP; logins from ``registries.json`` only, as for a pull."""
     store = _store(request)
     ref = Reference.parse(body.ref)
-    registry = _registry(body.insecure)
+    registry = _registry(request, body.insecure)
     return await _progress_response(body.stream, lambda p: push_to_registry(store, ref, p, registry))
 
 

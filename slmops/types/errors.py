@@ -27,7 +27,9 @@ each through one table keyed by class, never by message text.
     ├── RateLimited             the caller's key is over its limit now (HTTP 429, ``retry_after`` seconds)
     ├── TooLarge                a body or upload over its size limit (HTTP 413)
     └── EngineError             llama.cpp failed (HTTP 500)
+        ├── OutOfMemory         memory ran out: a context or compute buffer could not be allocated
         └── RunnerCrashed       a model's runner process died; its requests failed, the next one restarts it
+            └── RunnerOutOfMemory   ... killed by SIGKILL, which on Linux is the kernel's OOM killer
 """
 
 from __future__ import annotations
@@ -138,5 +140,14 @@ class EngineError(SlmopsError):
     pass
 
 
+class OutOfMemory(EngineError):
+    """Counted apart from other engine errors (``slmops_model_failures{kind="oom"}``): a fleet gates on OOM per
+    hardware class, since a variant that fits one class's memory may not fit another's."""
+
+
 class RunnerCrashed(EngineError):
+    pass
+
+
+class RunnerOutOfMemory(RunnerCrashed, OutOfMemory):
     pass

@@ -120,7 +120,6 @@ class SamplingParams:
     seed: int = -1
     stop: tuple[str, ...] = field(default_factory=tuple)
     num_predict: int = -1
-    grammar: str | None = None  # GBNF that every generated token must follow
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the k most likely
 
 
@@ -152,11 +151,11 @@ def merge(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def to_sampling(options: Mapping[str, Any], grammar: str | None = None, logprobs: int | None = None) -> SamplingParams:
+def to_sampling(options: Mapping[str, Any], logprobs: int | None = None) -> SamplingParams:
     values = {k: options[k] for k in SAMPLING if k in options}
     if "stop" in values:
         values["stop"] = tuple(s for s in values["stop"] if s)
-    params = SamplingParams(**values, grammar=grammar, logprobs=logprobs)
+    params = SamplingParams(**values, logprobs=logprobs)
     _check_ranges(params)
     return params
 

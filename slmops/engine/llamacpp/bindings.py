@@ -17,7 +17,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from slmops.types.errors import EngineError, InvalidInput
+from slmops.types.errors import EngineError, InvalidInput, OutOfMemory
 from slmops.types.options import LoadParams, SamplingParams
 
 _init_lock = threading.Lock()
@@ -148,7 +148,8 @@ class LlamaContext:
         self.params = params
         self.ptr = lc.llama_init_from_model(model.ptr, cp)
         if not self.ptr:
-            raise EngineError(f"llama.cpp could not create a context of {params.num_ctx} tokens; lower num_ctx")
+            raise OutOfMemory(f"llama.cpp could not create a context of {params.num_ctx} tokens (its KV cache did "
+                              "not fit in memory); lower num_ctx")
         self.n_ctx = lc.llama_n_ctx(self.ptr)
         self.n_batch = params.num_batch
         self.mem = lc.llama_get_memory(self.ptr)

@@ -295,10 +295,10 @@ class Agent:
             return
         active = self.state.slot(self.state.active)
         counts = (await self._counters()).minus(self._health_base) if active is not None else Counters()
-        crashes = counts.failures.get("load", 0) + counts.failures.get("crash", 0)
+        crashes = sum(counts.failures.get(kind, 0) for kind in ("load", "oom", "crash"))
         requests = counts.finished + counts.errors
         if crashes or (counts.errors and counts.errors > self.options.max_error_rate * requests):
-            why = (f"{crashes} load failure(s) or crash(es)" if crashes else
+            why = (f"{crashes} load failure(s), out-of-memory kill(s) or crash(es)" if crashes else
                    f"{counts.errors} of {requests} requests failed") + " in its health window"
             if pending.previous is not None:
                 self.state.failed[f"{pending.release}@{active.digest if active else ''}"] = self.clock()

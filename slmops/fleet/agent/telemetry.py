@@ -2,7 +2,7 @@
 
 The server counts per stored model (a slot's hidden name): time to first token and time per output token in the
 fleet's quarter-octave buckets (:mod:`slmops.fleet.histogram`), tokens generated, and failures by kind (``load``,
-``crash``, ``error``). The agent reads the cumulative counts at the start and the end of a window and reports
+``oom``, ``crash``, ``error``; ``oom`` is reported as the window's ``oom``). The agent reads the cumulative counts at the start and the end of a window and reports
 the difference for the model serving now, labelled with its release: requests are the generations that finished
 plus the ones that failed, ``ttft_hist``/``itl_hist`` the bucket counts the control plane sums per hardware class,
 percentiles and tokens/s read from them. A counter that went down means the server restarted: its values then
@@ -25,7 +25,7 @@ TTFT = "slmops_time_to_first_token_seconds"
 TPOT = "slmops_time_per_output_token_seconds"
 TOKENS = "slmops_completion_tokens"
 FAILURES = "slmops_model_failures"
-KINDS = ("load", "crash", "error")
+KINDS = ("load", "oom", "crash", "error")  # slmops_model_failures{kind}: server/metrics.py
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ def window(start: float, end: float, release: str | None, counts: Counters, *, m
     ttft, itl = Histogram(counts.ttft), Histogram(counts.itl)
     return Window(start=start, end=end, release=release, requests=counts.finished + counts.errors,
                   errors=counts.errors, load_failures=counts.failures.get("load", 0) + load_failures,
+                  oom=counts.failures.get("oom", 0),
                   ttft_p50_ms=ttft.quantile(0.5), ttft_p95_ms=ttft.quantile(0.95),
                   itl_p50_ms=itl.quantile(0.5), itl_p95_ms=itl.quantile(0.95),
                   tokens_per_s=(itl.total / counts.itl_sum_s) if itl.total and counts.itl_sum_s > 0 else None,
