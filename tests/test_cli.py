@@ -1,5 +1,6 @@
 """The real `slmops` command in subprocesses, as a user runs it."""
 
+import json
 import os
 import socket
 import subprocess
@@ -44,6 +45,11 @@ def test_unknown_model_errors_are_one_line(cli_home):
     one_line_error(run_cli("run", "nope:1", "hi", home=cli_home), 'model "nope:1" not found, try pulling it first')
     one_line_error(run_cli("show", "nope", home=cli_home), 'model "nope:latest" not found')
     one_line_error(run_cli("rm", "nope", home=cli_home), 'model "nope:latest" not found')
+    # a model a served name resolves to (the fleet agent's slot) is not removed from under the server
+    (cli_home / "slots.json").write_text(json.dumps({"format": 1, "slots": [
+        {"served": "smol:latest", "model": "smollm2:135m", "release": "smol:1", "updated_at": 0}]}))
+    one_line_error(run_cli("rm", "smollm2:135m", home=cli_home), 'model "smollm2:135m" is what "smol:latest" serves')
+    (cli_home / "slots.json").unlink()
     one_line_error(run_cli("pull", "nope", home=cli_home), 'model "nope:latest" not found')
     one_line_error(run_cli("cp", "smollm2:135m", "../x", home=cli_home), "invalid model name")
     one_line_error(run_cli("list", home=cli_home, SLMOPS_CONTEXT_LENGTH="lots"), "SLMOPS_CONTEXT_LENGTH='lots' is invalid")

@@ -62,6 +62,14 @@ def test_a_switch_lets_the_stream_in_flight_finish_on_the_old_model(tmp_path: Pa
         assert generate(url, B).json()["response"] == f"[{B}] done"  # a slot's model by its own name too
         assert generate(url, "absent").status_code == 404
 
+        # the model a served name resolves to cannot be removed (every request for the name would fail); the
+        # old slot's model can
+        served = httpx.request("DELETE", url + "/api/delete", json={"model": B})
+        assert served.status_code == 409 and served.json()["error"].startswith(
+            f'model "{B}" is what "smol:latest" serves now;')
+        assert httpx.request("DELETE", url + "/api/delete", json={"model": A}).status_code == 200
+        assert generate(url, "smol").json()["response"] == f"[{B}] done"
+
 
 def test_slots_persist_and_only_stored_models_can_be_served(tmp_path: Path, gguf: bytes) -> None:
     store = stored(tmp_path, gguf, A)

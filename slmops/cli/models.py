@@ -180,9 +180,11 @@ def _show_info(s, name: ModelName, mf) -> None:
 
 def rm(models: list[str] = typer.Argument(..., help="One or more model names.")) -> None:
     """Remove models; blobs no other model uses are deleted."""
-    s = store()
+    from slmops.server.slots import SlotTable
+    s, slots = store(), SlotTable.load(settings().home / "slots.json")  # as `slmops serve` resolves names
     for m in models:
         with audited("rm", m):
+            slots.check_removable(ModelName.parse(m))
             s.remove(ModelName.parse(m))
         console.print(f"deleted '{m}'", markup=False)
 

@@ -208,6 +208,7 @@ async def copy(body: oa.CopyRequest, request: Request):
 @router.delete("/api/delete")
 async def delete(body: oa.DeleteRequest, request: Request):
     name = ModelName.parse(body.ref)
+    request.app.state.slots.check_removable(name)
     await _rt(request).models.unload(name.display)
     await asyncio.to_thread(_store(request).remove, name)
     return Response(status_code=200)

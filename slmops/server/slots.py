@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from slmops.api.slots import SlotInfo, SlotRequest, SlotsResponse
 from slmops.store.atomic import atomic_writer
-from slmops.types.errors import ConfigError, InvalidName, NotFound
+from slmops.types.errors import ConfigError, Conflict, InvalidName, NotFound
 from slmops.types.name import ModelName
 
 FORMAT = 1
@@ -87,6 +87,14 @@ class SlotTable:
     def served_as(self, model: str) -> str | None:
         """The served name ``model`` (a stored model's display name) answers to now, if any."""
         return next((s.served for s in self._slots.values() if s.model == model), None)
+
+    def check_removable(self, model: ModelName) -> None:
+        """Refuse to remove a stored model a served name resolves to: every request for that name would fail."""
+        served = self.served_as(model.display)
+        if served is not None:
+            raise Conflict(f'model "{model.display}" is what "{served}" serves now; point "{served}" at another '
+                           f"model first (the fleet agent does at the next release), or remove the slot with "
+                           f"DELETE /api/slots/{served}")
 
     # -- changing ------------------------------------------------------------------------------------------
     def put(self, served: ModelName, model: ModelName, release: str | None) -> Slot:
