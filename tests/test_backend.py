@@ -254,3 +254,59 @@ def test_a_context_that_does_not_fit_in_memory_is_out_of_memory(model_file: Path
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("oom: llama.cpp could not create a context of 8192 tokens"), done.stdout
+
+
+# -- accelerator fallback ---------------------------------------------------------------------------------------
+
+class _Gpu(_Fake):
+    """A backend that can offload, whose GPU loads fail as a CUDA out-of-memory does."""
+
+    name = "gpu-fake"
+    capabilities = Capabilities(constraints=frozenset({"json_schema"}), gpu_offload=True)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[int] = []
+
+    def load(self, spec, load, config):  # type: ignore[no-untyped-def]
+        from slmops.types.errors import OutOfMemory
+        self.loads.append(load.num_gpu)
+        if load.num_gpu:
+            raise OutOfMemory("CUDA error: out of memory (cudaMalloc 2.1 GiB)")
+        return _FakeModel(self)
+
+
+def test_a_failed_gpu_load_falls_back_to_the_cpu_and_says_why() -> None:
+    from slmops.engine.engine import Engine
+
+    backend = _Gpu()
+    spec = ModelSpec(name="fake", model_path=Path("/nonexistent"), context_length=64)
+    engine = Engine(EngineConfig(default_ctx=32, num_gpu=99), backend=backend)
+    try:
+        out = list(engine.run(spec, Request(prompt="hello", raw=True)))
+        assert "".join(o.text for o in out) == "hello"  # the request was served, on the CPU
+        assert backend.loads == [99, 0]
+        (status,) = engine.loaded()
+        assert status.fallback == ("loading with GPU offload failed (CUDA error: out of memory (cudaMalloc 2.1 GiB)); "
+                                   "on the CPU")
+        list(engine.run(spec, Request(prompt="again", raw=True)))
+        assert backend.loads == [99, 0]  # the CPU model serves what was asked for: no reload per request
+    finally:
+        engine.close()
+
+
+def test_gpu_offload_asked_of_a_backend_without_it_runs_on_the_cpu_and_says_so(fake_engine) -> None:
+    """This machine has no GPU: asking for layers on one runs the model on the CPU, reported in ps."""
+    from slmops.engine.engine import Engine
+
+    backend = _Fake()
+    spec = ModelSpec(name="fake", model_path=Path("/nonexistent"), context_length=64)
+    engine = Engine(EngineConfig(default_ctx=32), backend=backend)
+    try:
+        list(engine.run(spec, Request(prompt="hi", raw=True, options={"num_gpu": 12})))
+        assert engine.loaded()[0].fallback == "GPU offload was asked for (num_gpu 12), but fake has none here; on the CPU"
+        engine.unload("fake")
+        list(engine.run(spec, Request(prompt="hi", raw=True)))
+        assert engine.loaded()[0].fallback is None  # asked for nothing else than the CPU
+    finally:
+        engine.close()

@@ -2,6 +2,8 @@
 and variant offer chosen from each."""
 
 import json
+
+import pytest
 from pathlib import Path
 
 from conftest import run_cli
@@ -133,3 +135,25 @@ def test_two_core_machine_keeps_threads_at_cores_and_parallel_automatic():
     p = place(small)
     assert (p.num_thread, p.num_parallel, p.num_batch, p.kv_type) == (2, 0, 512, "f16")
     assert "at most 8" in p.reasons[3]
+
+
+@pytest.mark.slow
+def test_asking_for_the_gpu_on_a_machine_without_one_runs_on_the_cpu_and_says_so(cli_home):
+    """SLMOPS_NUM_GPU set by hand on this GPU-less machine: the model answers from the CPU, and `/api/ps`,
+    `slmops ps` and /metrics say it fell back."""
+    import httpx
+    from conftest import Server
+
+    srv = Server(cli_home, SLMOPS_NUM_GPU="99")
+    try:
+        r = httpx.post(srv.url + "/api/generate", json={"model": "smollm2:135m", "prompt": "hi", "stream": False,
+                                                        "options": {"num_predict": 2}}, timeout=120)
+        assert r.status_code == 200 and r.json()["done"]
+        (model,) = httpx.get(srv.url + "/api/ps", timeout=30).json()["models"]
+        assert model["fallback"] == ("GPU offload was asked for (num_gpu 99), but llama.cpp has none here; "
+                                     "on the CPU")
+        shown = run_cli("ps", home=cli_home, SLMOPS_HOST=f"127.0.0.1:{srv.port}").stdout
+        assert "smollm2:135m: GPU offload was asked for (num_gpu 99)" in shown
+        assert 'slmops_accelerator_fallback{model="smollm2:135m"} 1.0' in httpx.get(srv.url + "/metrics").text
+    finally:
+        srv.stop()

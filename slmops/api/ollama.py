@@ -236,6 +236,8 @@ class ProcessModel(_Resp):
     expires_at: str
     size_vram: int = 0
     context_length: int
+    # slmops: why the model runs on the CPU though a GPU was asked for; absent when it runs as asked
+    fallback: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ProcessResponse(_Resp):

@@ -82,3 +82,6 @@ def ps() -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         console.print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)
+    for m in models:
+        if m.get("fallback"):
+            console.print(f"{m['name']}: {m['fallback']}", markup=False, soft_wrap=True)

@@ -120,6 +120,7 @@ class Capabilities:
     embeddings: bool = False
     logprobs: bool = False
     adapters: bool = False  # LoRA adapters (a Modelfile's ADAPTER)
+    gpu_offload: bool = False  # it can run layers on a GPU here (this build, this machine)
     constraints: frozenset[str] = field(default_factory=frozenset)  # the Constraint kinds it compiles
 
 

@@ -121,6 +121,7 @@ class ModelStatus:
     waiting: int = 0
     max_batch: int = 0  # most sequences decoded in one step so far
     pid: int = 0  # the runner process; 0 when the model runs in this process
+    fallback: str | None = None  # why it runs on the CPU though a GPU was asked for (None: as asked)
 
 
 class EngineClient(Protocol):

@@ -8,6 +8,7 @@ runs inside. It takes plain values (specs, option dicts) and knows nothing of HT
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import replace
@@ -18,9 +19,12 @@ from slmops.engine.backend import Backend, Constraint, default_backend, require,
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, Request,  # noqa: F401
                                   spec_from_store, stream_from, until_loaded, until_loaded_call)
 from slmops.engine.model import LoadedModel
-from slmops.types.errors import InvalidInput
+from slmops.types.errors import EngineError, InvalidInput
 from slmops.engine.tools import prepare_messages
 from slmops.engine.outputs import Output
+
+
+log = logging.getLogger("slmops.engine")
 
 
 def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
@@ -45,7 +49,7 @@ class Engine:
         load = self._load_params(spec, options)
         with self._lock:
             current = self._loaded.get(spec.name)
-            if current and current.spec == spec and _serves(current.load_params, load):
+            if current and current.spec == spec and _serves(current.requested, load):
                 self._loaded.move_to_end(spec.name)
                 return current, 0
             if current:
@@ -54,9 +58,27 @@ class Engine:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
             require(self.backend, "adapters", bool(spec.adapters))
-            model = LoadedModel(self.backend, spec, load, self.config)
+            model = self._load_falling_back(spec, load)
             self._loaded[spec.name] = model
             return model, model.load_duration
+
+    def _load_falling_back(self, spec: ModelSpec, load: opts.LoadParams) -> LoadedModel:
+        """Load on the accelerator asked for, else on the CPU, saying why (``slmops ps``, ``/api/ps``, the
+        ``slmops_accelerator_fallbacks`` metric): a backend that cannot offload here, or a GPU load that failed (out
+        of its memory, a missing driver library) is retried on the CPU rather than failing the request."""
+        if load.num_gpu == 0:
+            return LoadedModel(self.backend, spec, load, self.config)
+        if not self.backend.capabilities.gpu_offload:
+            why = f"GPU offload was asked for (num_gpu {load.num_gpu}), but {self.backend.name} has none here"
+        else:
+            try:
+                return LoadedModel(self.backend, spec, load, self.config)
+            except EngineError as err:
+                why = f"loading with GPU offload failed ({err})"
+        log.warning("%s: %s; loading it on the CPU", spec.name, why)
+        model = LoadedModel(self.backend, spec, replace(load, num_gpu=0), self.config)
+        model.fallback, model.requested = f"{why}; on the CPU", load
+        return model
 
     def _load_params(self, spec: ModelSpec, options: dict[str, Any] | None) -> opts.LoadParams:
         merged = opts.merge(spec.params, options)

@@ -40,6 +40,8 @@ class LoadedModel:
         self.template = ChatTemplate.compile(source, self.model.bos_text, self.model.eos_text)
         self.lock = threading.Lock()
         self.closed = False
+        self.fallback: str | None = None  # set by the engine when it fell back to the CPU
+        self.requested = load  # what the load asked for (on a fallback, load_params says what it got)
         self.load_duration = time.perf_counter_ns() - t0
 
     # -- prompts -------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ class LoadedModel:
         runner = self.runner
         return ModelStatus(self.spec.name, self.spec, self.load_params.num_ctx, self.n_parallel,
                            waiting=len(runner.scheduler.waiting) if runner else 0,
-                           max_batch=runner.max_batch if runner else 0)
+                           max_batch=runner.max_batch if runner else 0, fallback=self.fallback)
 
     def close(self) -> None:
         """Free the backend's memory once the requests in progress have finished."""

@@ -139,6 +139,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         for model in models:
             m.batch_max.labels(model.name).set(model.max_batch)
             m.parallel.labels(model.name).set(model.n_parallel)
+            m.fallbacks.labels(model.name).set(1 if model.fallback else 0)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 

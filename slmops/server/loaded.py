@@ -27,6 +27,7 @@ class LoadedInfo:
     expires_at: float  # math.inf: never
     context_length: int
     size: int
+    fallback: str | None = None  # why it runs on the CPU though a GPU was asked for
 
 
 class LoadedModels:
@@ -88,7 +89,7 @@ class LoadedModels:
             if m.name in self._unloading:
                 continue
             size = m.spec.model_path.stat().st_size if m.spec.model_path.exists() else 0
-            out.append(LoadedInfo(m.name, m.spec, self.expiry.at(m.name), m.num_ctx, size))
+            out.append(LoadedInfo(m.name, m.spec, self.expiry.at(m.name), m.num_ctx, size, m.fallback))
         return out
 
     def queue_depth(self, models: list[ModelStatus] | None = None) -> int:

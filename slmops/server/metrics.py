@@ -44,6 +44,8 @@ class Metrics:
         self.in_flight = Gauge("slmops_requests_in_flight", "Model requests running or waiting", registry=r)
         self.cancelled = Counter("slmops_cancelled_generations", "Generations stopped because the client left",
                                  ["model"], registry=r)
+        self.fallbacks = Gauge("slmops_accelerator_fallback", "1 for a loaded model that runs on the CPU though a "
+                               "GPU was asked for (see /api/ps for why)", ["model"], registry=r)
         self.failures = Counter("slmops_model_failures", "Requests that failed on the server's side, per stored "
                                 "model and kind (load, oom, crash, error)", ["model", "kind"], registry=r)
 

@@ -169,7 +169,8 @@ async def ps(request: Request) -> oa.ProcessResponse:
         expires = "9999-12-31T23:59:59Z" if info.expires_at == float("inf") else convert.iso(info.expires_at)
         shown = rt.resolver.shown_as(info.name)  # as clients ask
         models.append(oa.ProcessModel(name=shown, model=shown, size=info.size, digest=digest, details=det,
-                                      expires_at=expires, size_vram=0, context_length=info.context_length))
+                                      expires_at=expires, size_vram=0, context_length=info.context_length,
+                                      fallback=info.fallback))
     return oa.ProcessResponse(models=models)
 
 

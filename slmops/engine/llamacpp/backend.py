@@ -7,7 +7,7 @@ import psutil
 
 from slmops.engine.backend import Capabilities, Constraint
 from slmops.engine.client import EngineConfig, ModelSpec
-from slmops.engine.llamacpp import grammar
+from slmops.engine.llamacpp import grammar, supports_gpu_offload
 from slmops.engine.llamacpp.bindings import init_backend
 from slmops.engine.llamacpp.model import LlamaCppModel
 from slmops.types.options import LoadParams
@@ -15,12 +15,12 @@ from slmops.types.options import LoadParams
 
 class LlamaCppBackend:
     name = "llama.cpp"
-    capabilities = Capabilities(continuous_batching=True, embeddings=True, logprobs=True, adapters=True,
-                                constraints=grammar.KINDS)
 
     def __init__(self, verbose: bool | None = None):
         """Initialises llama.cpp once per process; it logs only when ``verbose`` (``None`` keeps the setting)."""
         init_backend(verbose)
+        self.capabilities = Capabilities(continuous_batching=True, embeddings=True, logprobs=True, adapters=True,
+                                         constraints=grammar.KINDS, gpu_offload=supports_gpu_offload())
 
     def load(self, spec: ModelSpec, load: LoadParams, config: EngineConfig) -> LlamaCppModel:
         return LlamaCppModel(spec, load, config, psutil.virtual_memory().available)
