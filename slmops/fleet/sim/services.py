@@ -20,10 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -71,32 +71,42 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-class Process:
-    """A command in the background, its output in ``log``, ready once ``url + path`` answers."""
+def ok(response: httpx.Response) -> bool:
+    return response.status_code == 200
 
-    def __init__(self, cmd: list[str], log: Path, url: str, env: dict[str, str] | None = None):
+
+class Process:
+    """``cmd`` running in the background, its stdout and stderr in ``log``; ``url`` is where it serves. The one
+    wrapper of a served process, for the simulator and the test suite alike (``tests/procs.py``)."""
+
+    def __init__(self, cmd: Sequence[str | Path], log: Path, url: str, env: Mapping[str, str] | None = None):
         self.url = url
         self.log_path = log
         self._log = log.open("w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, path: str, statuses: tuple[int, ...] = (200,), within: float = 60.0) -> None:
+    def wait_ready(self, path: str = "/health", ready: Callable[[httpx.Response], bool] = ok, verify: Any = True,
+                   within: float = 60.0) -> None:
+        """Return once ``GET url+path`` gets an answer ``ready`` accepts. If the process exits first, or ``within``
+        seconds pass (a deadline for a hung start, not a speed check), stop it and raise with its log's tail."""
         deadline = time.monotonic() + within
         while True:
             try:
-                if httpx.get(self.url + path, timeout=1).status_code in statuses:
+                if ready(httpx.get(self.url + path, timeout=1, verify=verify)):
                     return
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise SourceError(f"{Path(self.proc.args[0]).name} did not start at {self.url}: {self.tail()}")
+                command = " ".join([Path(self.proc.args[0]).name, *self.proc.args[1:]])
+                raise SourceError(f"`{command}` did not start at {self.url}: {self.tail()}")
             time.sleep(0.05)
 
-    def tail(self, chars: int = 2000) -> str:
+    def tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self, sig: int = signal.SIGTERM, within: float = 30.0) -> None:
+        """Send ``sig``, wait up to ``within`` seconds, then kill. Stopping twice is harmless."""
         if self._log.closed:
             return
         if self.proc.poll() is None:
@@ -107,6 +117,12 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class ControlPlane(Process):
@@ -144,7 +160,7 @@ class Registry(Process):
         (folder / "config.yml").write_text(json.dumps(config))  # JSON is YAML
         super().__init__([binary, "serve", str(folder / "config.yml")], folder / "registry.log",
                          f"http://{self.host}")
-        self.wait_ready("/v2/", (200,), within=30)
+        self.wait_ready("/v2/", within=30)
 
     def push(self, repo: str, tag: str, model: bytes) -> tuple[bytes, dict[str, bytes]]:
         """An Ollama-style model (config + one model layer) under ``repo:tag``; the manifest and its blobs."""
