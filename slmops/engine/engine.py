@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from slmops.types import options as opts
+from slmops.engine.answers import offered_tools
 from slmops.engine.backend import Backend, Constraint, default_backend, require, require_constraint
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, Request,  # noqa: F401
                                   spec_from_store, stream_from, until_loaded, until_loaded_call)
@@ -49,7 +50,7 @@ class Engine:
         load = self._load_params(spec, options)
         with self._lock:
             current = self._loaded.get(spec.name)
-            if current and current.spec == spec and _serves(current.requested, load):
+            if current and current.spec == spec and _serves(current.asked, load):
                 self._loaded.move_to_end(spec.name)
                 return current, 0
             if current:
@@ -76,9 +77,8 @@ class Engine:
             except EngineError as err:
                 why = f"loading with GPU offload failed ({err})"
         log.warning("%s: %s; loading it on the CPU", spec.name, why)
-        model = LoadedModel(self.backend, spec, replace(load, num_gpu=0), self.config)
-        model.fallback, model.requested = f"{why}; on the CPU", load
-        return model
+        return LoadedModel(self.backend, spec, replace(load, num_gpu=0), self.config, asked=load,
+                           fallback=f"{why}; on the CPU")
 
     def _load_params(self, spec: ModelSpec, options: dict[str, Any] | None) -> opts.LoadParams:
         merged = opts.merge(spec.params, options)
@@ -98,7 +98,7 @@ class Engine:
     def _sampling(self, spec: ModelSpec,
                   req: Request) -> tuple[opts.SamplingParams, Any, list[dict[str, Any]] | None]:
         """(sampling parameters, the constraint compiled by the backend or None, the tools the model sees)."""
-        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        tools = offered_tools(req)
         constraint = Constraint.from_format(req.format)
         if tools and req.tool_choice != "auto":
             constraint = Constraint.tool_calls(tools, None if req.tool_choice == "required" else req.tool_choice)

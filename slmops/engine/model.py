@@ -26,8 +26,11 @@ DEFAULT_TEMPLATE = (
 
 
 class LoadedModel:
-    def __init__(self, backend: Backend, spec: ModelSpec, load: opts.LoadParams, config: EngineConfig):
-        """Loads ``spec`` on ``backend``; ``config`` gives the parallel sequences, queue and cache budgets."""
+    def __init__(self, backend: Backend, spec: ModelSpec, load: opts.LoadParams, config: EngineConfig,
+                 asked: opts.LoadParams | None = None, fallback: str | None = None):
+        """Loads ``spec`` on ``backend``; ``config`` gives the parallel sequences, queue and cache budgets. After
+        a fallback to the CPU (``fallback`` says why), ``asked`` is what the load asked for and ``load`` what it
+        got."""
         t0 = time.perf_counter_ns()
         self.spec = spec
         self.model: BackendModel = backend.load(spec, load, config)
@@ -40,8 +43,8 @@ class LoadedModel:
         self.template = ChatTemplate.compile(source, self.model.bos_text, self.model.eos_text)
         self.lock = threading.Lock()
         self.closed = False
-        self.fallback: str | None = None  # set by the engine when it fell back to the CPU
-        self.requested = load  # what the load asked for (on a fallback, load_params says what it got)
+        self.fallback = fallback
+        self.asked = asked or load
         self.load_duration = time.perf_counter_ns() - t0
 
     # -- prompts -------------------------------------------------------------------------------------------

@@ -150,9 +150,7 @@ async def _count_failure(request: Request, err: SlmopsError) -> None:
     if ctx is None or not ctx.model or ctx.failure_counted or not isinstance(err, (EngineError, IntegrityError)):
         return  # (a generation's failure is counted where it happened: server/inference.py)
     rt: ModelRuntime = request.app.state.runtime
-    model = rt.resolver.stored_as(ctx.model)
-    loaded = await asyncio.get_running_loop().run_in_executor(None, rt.engine.loaded)
-    request.app.state.metrics.failure(model, err, any(m.name == model for m in loaded))
+    await rt.inference.count_failure(rt.resolver.stored_as(ctx.model), err)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -115,12 +115,14 @@ class Inference:
                     self.observer.cancellation(spec.name)
                 raise
             except (EngineError, IntegrityError) as err:  # the model's failure, not the caller's: counted here,
-                await self._failed(spec.name, err)     # since one mid-stream never reaches an error handler
+                await self.count_failure(spec.name, err)  # since one mid-stream never reaches an error handler
                 raise
             finally:
                 tally.close()
 
-    async def _failed(self, model: str, err: SlmopsError) -> None:
+    async def count_failure(self, model: str, err: SlmopsError) -> None:
+        """Tell the observer that ``model`` (a stored model's name) failed with ``err``, and whether it is still
+        loaded; the request's context notes it, so the error handler does not count it again."""
         loaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.loaded)
         self.observer.failure(model, err, any(m.name == model for m in loaded))
         ctx = access.current()

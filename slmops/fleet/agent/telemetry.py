@@ -2,11 +2,11 @@
 
 The server counts per stored model (a slot's hidden name): time to first token and time per output token in the
 fleet's quarter-octave buckets (:mod:`slmops.fleet.histogram`), tokens generated, and failures by kind (``load``,
-``oom``, ``crash``, ``error``; ``oom`` is reported as the window's ``oom``). The agent reads the cumulative counts at the start and the end of a window and reports
-the difference for the model serving now, labelled with its release: requests are the generations that finished
-plus the ones that failed, ``ttft_hist``/``itl_hist`` the bucket counts the control plane sums per hardware class,
-percentiles and tokens/s read from them. A counter that went down means the server restarted: its values then
-count from zero, and the window takes them as they are.
+``oom``, ``crash``, ``error``; ``oom`` is reported as the window's ``oom``). The agent reads the cumulative counts
+at the start and the end of a window and reports the difference for the model serving now, labelled with its
+release: requests are the generations that finished plus the ones that failed, ``ttft_hist``/``itl_hist`` the
+bucket counts the control plane sums per hardware class, percentiles and tokens/s read from them. A counter that
+went down means the server restarted: its values then count from zero, and the window takes them as they are.
 
 ITL here is each generation's mean decode time per token (one value per request), which is what the server
 measures; tokens/s is requests over the summed per-token times (the harmonic mean of each request's decode rate).

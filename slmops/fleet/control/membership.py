@@ -40,7 +40,10 @@ async def all_groups(s: AsyncSession) -> list[Group]:
 
 async def all_layers(s: AsyncSession) -> dict[str, Layer]:
     """Every blueprint layer by name: one read that a whole fleet's computations share until the next change."""
-    rows = (await s.execute(select(Blueprint))).scalars()
+    return _by_name((await s.execute(select(Blueprint))).scalars())
+
+
+def _by_name(rows: Iterable[Blueprint]) -> dict[str, Layer]:
     return {r.layer: Layer(r.layer, r.priority, dict(r.config or {})) for r in rows}
 
 
@@ -51,10 +54,8 @@ async def layers_for(s: AsyncSession, device: Device, groups: Iterable[Selecting
     names = groups_of(device.tags, await all_groups(s) if groups is None else groups)
     wanted = [BASELINE, device_layer(device.id), *(group_layer(n) for n in names)]
     if layers is None:
-        rows = (await s.execute(select(Blueprint).where(Blueprint.layer.in_(wanted)))).scalars()
-        found = {r.layer: Layer(r.layer, r.priority, dict(r.config or {})) for r in rows}
-    else:
-        found = {name: layers[name] for name in wanted if name in layers}
+        layers = _by_name((await s.execute(select(Blueprint).where(Blueprint.layer.in_(wanted)))).scalars())
+    found = {name: layers[name] for name in wanted if name in layers}
     return order(found.get(BASELINE), [found[group_layer(n)] for n in names if group_layer(n) in found],
                  found.get(device_layer(device.id)))
 

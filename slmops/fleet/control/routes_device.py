@@ -126,8 +126,9 @@ class _Group:
 
 class DeviceSide:
     """This replica's device-facing state: caches of device keys, ETags, groups and channel releases, dropped
-    when the change version moves (those of the devices a change names, or all), and the report batcher. Caches are filled only by a lookup
-    that did not race with a drop (a generation counter), so nothing read before a change outlives it."""
+    when the change version moves (those of the devices a change names, or all), and the report batcher. Caches
+    are filled only by a lookup that did not race with a drop (a generation counter), so nothing read before a
+    change outlives it."""
 
     def __init__(self, plane: ControlPlane, options: DeviceOptions, session_secrets: dict[int, bytes], trust: Trust):
         self.db = plane.db
@@ -286,15 +287,9 @@ class DeviceSide:
                 groups, layers = self._groups, self._layers
             computed = await desired.compute(s, device, self.candidates, groups, layers)
             version, stored_hash = device.desired_version, device.desired_hash
-        if computed.hash != stored_hash:
-            version = await self._advance(device_id, computed.hash)
+        if computed.hash != stored_hash:  # one step forward, in the next batch (versions.VersionAdvancer)
+            version = await self.advancer.advance(device_id, computed.hash)
         return computed, version
-
-    async def _advance(self, device_id: str, digest: str) -> int:
-        """Move the device's desired version one step for a state hashing to ``digest``, in the next batch
-        (``versions.VersionAdvancer``); a replica that got there first already did (the conditional update then
-        changes nothing), so versions never skip or go back."""
-        return await self.advancer.advance(device_id, digest)
 
     async def _reissue(self, device_id: str, version: int, digest: str) -> int | None:
         """Move the device's version one step for the same state (``digest``), from ``version``: the new version

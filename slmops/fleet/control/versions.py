@@ -99,6 +99,7 @@ class VersionAdvancer:
                             else:
                                 f.set_exception(Unauthenticated(f"device {device_id} is not enrolled with this "
                                                                 "control plane; enrol it again"))
+                self._flying = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[VersionAdvancer]:
