@@ -122,7 +122,8 @@ def engine_config(cfg: Settings, placed: "Placement | None") -> "EngineConfig":
             fields[field_name] = cfg[setting]
     return EngineConfig(default_ctx=cfg["SLMOPS_CONTEXT_LENGTH"], max_loaded=cfg["SLMOPS_MAX_LOADED_MODELS"],
                         verbose=cfg["SLMOPS_DEBUG"], max_queue=cfg["SLMOPS_MAX_QUEUE"],
-                        kv_budget=cfg["SLMOPS_KV_BUDGET"], prefix_cache=cfg["SLMOPS_PREFIX_CACHE"], **fields)
+                        kv_budget=cfg["SLMOPS_KV_BUDGET"], prefix_cache=cfg["SLMOPS_PREFIX_CACHE"],
+                        onnx_providers=cfg["SLMOPS_ONNX_PROVIDERS"], **fields)
 
 
 def engine(cfg: Settings, config: "EngineConfig",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import pytest
 
 from conftest import free_port
 from procs import ServerProcess
@@ -346,3 +347,12 @@ class Proxy(Recorder):
     def stop(self) -> None:
         super().stop()
         self._client.close()
+
+
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory):
+    """A registry of its own for a module's tests, empty at first."""
+    assert Path(BINARY).exists(), "docker-registry is missing: apt-get install -y docker-registry (.ci/run does)"
+    reg = Registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()

@@ -47,6 +47,14 @@ def test_only_the_llamacpp_package_imports_llama_cpp():
     assert named == ["cli/common.py"]
 
 
+def test_only_the_onnx_package_imports_onnx_runtime():
+    onnx = PACKAGE / "engine" / "onnx"
+    outside = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if onnx not in p.parents and any(n.split(".")[0] in ("onnxruntime_genai", "onnxruntime")
+                                                      for n in _imports(p)))
+    assert outside == []
+
+
 def test_the_engine_outside_the_package_does_not_reach_into_its_modules():
     """Only wiring points name the package's modules: the default backend, and ops that are llama.cpp's own work
     (quantizing, perplexity, the GPU-offload probe)."""

@@ -14,7 +14,7 @@ import ollama
 import pytest
 
 from conftest import DEFAULT, Server, link_home, run_cli
-from registry import BINARY, DOCKER_MANIFEST, OCI_MANIFEST, Registry, tiny_gguf
+from registry import DOCKER_MANIFEST, OCI_MANIFEST, Registry, empty_registry, tiny_gguf  # noqa: F401
 from slmops.modelfile import build, parse
 from slmops.store import manifests as mt
 from slmops.store.pushing import BUNDLE_MEDIA_TYPE, PushLimits, push_to_registry
@@ -29,11 +29,8 @@ MODELFILE = "FROM smollm2:135m\nSYSTEM You are a pirate. Answer like one.\nPARAM
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    assert Path(BINARY).exists(), "docker-registry is missing: apt-get install -y docker-registry (.ci/run does)"
-    reg = Registry(tmp_path_factory.mktemp("push-registry"))
-    yield reg
-    reg.stop()
+def registry(empty_registry):
+    return empty_registry
 
 
 @pytest.fixture(scope="module")

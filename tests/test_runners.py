@@ -30,12 +30,10 @@ def srv(shared_home, tmp_path_factory):
 
 
 def runners(srv) -> dict[str, int]:
-    """Runner pids by model name: the server's children started as ``slmops.engine.worker FD CONFIG NAME``."""
-    out = {}
-    for child in psutil.Process(srv.proc.pid).children():
-        cmd = child.cmdline()
-        if any("slmops.engine.worker" in part for part in cmd):
-            out[cmd[-1]] = child.pid
+    """Runner pids by model name, as /api/ps gives them; each is a child process of the server."""
+    children = {c.pid for c in psutil.Process(srv.proc.pid).children()}
+    out = {m["name"]: m["pid"] for m in httpx.get(srv.url + "/api/ps").json()["models"]}
+    assert set(out.values()) <= children
     return out
 
 

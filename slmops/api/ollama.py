@@ -238,6 +238,8 @@ class ProcessModel(_Resp):
     context_length: int
     # slmops: why the model runs on the CPU though a GPU was asked for; absent when it runs as asked
     fallback: str | None = Field(None, exclude_if=lambda v: v is None)
+    # slmops: the runner process serving it (for ps, top, a crash report); absent when it runs in the server
+    pid: int | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ProcessResponse(_Resp):

@@ -33,8 +33,9 @@ def hw_cmd(json_: bool = typer.Option(False, "--json", help="Print as JSON.")) -
         rows.append(("GPU", "none found"))
     rows.append(("llama.cpp offload", "yes" if hw.llama_gpu_offload else "no (CPU build)"))
     rows.append(("ONNX Runtime", ", ".join(hw.onnx_providers) or "not installed"))
+    rows.append(("ONNX Runtime GenAI", hw.onnx_genai or "not installed (pip install 'slmops[onnx]')"))
     for k, v in rows:
-        console.print(f"{k:<18}{v}", markup=False, soft_wrap=True)
+        console.print(f"{k:<20}{v}", markup=False, soft_wrap=True)
     console.print(f"\n{placement.summary()}", markup=False, soft_wrap=True)
     for reason in placement.reasons:
         console.print(f"  - {reason}", markup=False, soft_wrap=True)

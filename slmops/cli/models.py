@@ -154,7 +154,8 @@ def _show_info(s, name: ModelName, mf) -> None:
     arch = info.architecture
     rows = [("architecture", arch), ("parameters", info.parameter_size),
             ("context length", str(info.context_length or "")),
-            ("embedding length", str(meta.get(f"{arch}.embedding_length", ""))), ("quantization", info.file_type)]
+            ("embedding length", str(meta.get(f"{arch}.embedding_length", ""))), ("quantization", info.file_type),
+            ("format", s.config(name).get("model_format", "gguf"))]
     chosen = s.variant(name)
     if chosen:
         rows.append(("variant", chosen[0]))

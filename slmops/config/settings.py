@@ -114,6 +114,17 @@ def _accelerators(text: str) -> tuple[str, ...]:
     return names
 
 
+def _onnx_providers(text: str) -> tuple[str, ...]:
+    from slmops.engine.onnx.providers import lookup  # pure: loads no runtime
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    for name in names:
+        try:
+            lookup(name)
+        except ConfigError as err:
+            raise ValueError(str(err).removeprefix("unknown ")) from None
+    return names
+
+
 def _quantization(text: str) -> str:
     from slmops.types.quant import FTYPES
     low = text.strip().lower()
@@ -222,6 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Accelerators to fall back to, in order (comma-separated); empty: npu, gpu, cpu."),
     Setting("SLMOPS_QUANTIZATION", _quantization, "auto",
             "Variant a pull prefers by quantization type (q8_0, f16 ...); auto: the hardware order decides."),
+    Setting("SLMOPS_ONNX_PROVIDERS", _onnx_providers, "",
+            "ONNX Runtime execution providers to try, in order (cuda,cpu); empty: NPU, then GPU, then CPU, from those present."),
     Setting("SLMOPS_NUM_BATCH", _positive_int, "0", "Prompt tokens per decode step; 0: placement decides."),
     Setting("SLMOPS_NUM_GPU", _gpu_layers, "-1", "Layers offloaded to the GPU; -1: placement decides (all if one fits)."),
     Setting("SLMOPS_KV_CACHE_TYPE", _choice("f16", "q8_0"), "", "KV cache type, f16 or q8_0; empty: placement decides."),

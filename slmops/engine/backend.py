@@ -121,6 +121,7 @@ class Capabilities:
     logprobs: bool = False
     adapters: bool = False  # LoRA adapters (a Modelfile's ADAPTER)
     gpu_offload: bool = False  # it can run layers on a GPU here (this build, this machine)
+    own_placement: bool = False  # it walks its own accelerators at load, falling back as it must (BackendModel.fallback)
     constraints: frozenset[str] = field(default_factory=frozenset)  # the Constraint kinds it compiles
 
 
@@ -224,12 +225,23 @@ class Backend(Protocol):
 
 # -- the backends ------------------------------------------------------------------------------------------------
 
-DEFAULT = "slmops.engine.llamacpp"  # the default backend: its ``create_backend(verbose)`` and ``preload()``
+# Each model format's backend: a module with ``create_backend(verbose)`` (and, for the default, ``preload()``).
+BACKENDS = {"gguf": "slmops.engine.llamacpp", "onnx": "slmops.engine.onnx"}
+DEFAULT = BACKENDS["gguf"]
+
+
+def backend_for(fmt: str, verbose: bool | None = None) -> Backend:
+    """The backend that runs models of format ``fmt``, loaded now; a missing optional engine is an error that
+    names the extra to install."""
+    module = BACKENDS.get(fmt)
+    if module is None:
+        raise Unsupported(f"{fmt} models", "slmops")
+    return import_module(module).create_backend(verbose)
 
 
 def default_backend(verbose: bool | None = None) -> Backend:
     """The default backend (llama.cpp), loaded now."""
-    return import_module(DEFAULT).create_backend(verbose)
+    return backend_for("gguf", verbose)
 
 
 def preload() -> None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, TypeVar
 
 from slmops.config.settings import default
 from slmops.engine.outputs import Output
-from slmops.store.store import Store
 from slmops.types.errors import EngineError
 from slmops.types.options import LoadParams
 from slmops.types.name import ModelName
+
+if TYPE_CHECKING:  # a runner process never opens the store: importing it there cost a third of its start
+    from slmops.store.store import Store
 
 T = TypeVar("T")
 
@@ -41,9 +43,11 @@ class ModelSpec:
     gguf_cache: Path | None = None
     context_length: int | None = None  # the model's training context, the cap for num_ctx
     unseal_key: bytes | None = field(default=None, repr=False)  # opens sealed blobs (encryption at rest)
+    format: str = "gguf"  # "gguf": model_path is the weights; "onnx": an ONNX Runtime GenAI model made of ``files``
+    files: dict[str, Path] = field(default_factory=dict)  # file name -> blob, for a model stored as several files
 
 
-def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
+def spec_from_store(store: "Store", name: ModelName) -> ModelSpec:
     """What the engine needs to run ``name``, after checking every blob against its digest (one read of the
     manifest: :meth:`Store.runnable`)."""
     model = store.runnable(name)
@@ -58,6 +62,8 @@ def spec_from_store(store: Store, name: ModelName) -> ModelSpec:
         gguf_cache=store.gguf_cache,
         context_length=model.info.context_length,
         unseal_key=store.blobs.key,
+        format=model.format,
+        files=model.files,
     )
 
 
@@ -104,6 +110,7 @@ class EngineConfig:
     kv_type: str = _LOAD.kv_type
     kv_budget: int = default("SLMOPS_KV_BUDGET")  # KV memory parallel sequences may take when chosen automatically
     prefix_cache: int = default("SLMOPS_PREFIX_CACHE")  # host memory for cached prefixes the KV cache evicts (0: none)
+    onnx_providers: tuple[str, ...] = default("SLMOPS_ONNX_PROVIDERS")  # ONNX Runtime's providers to try; (): auto
 
     def load_defaults(self) -> LoadParams:
         return LoadParams(num_ctx=self.default_ctx, num_batch=self.num_batch, num_thread=self.num_thread,
@@ -153,6 +160,9 @@ class EngineClient(Protocol):
         """Free the model once its running requests finish; False if it was not loaded."""
 
     def close(self) -> None: ...
+
+    def prestart(self) -> None:
+        """Get ready for a first model before any request asks for one (a server starting)."""
 
 
 Emit = Callable[[object], None]  # receives Output pieces, then a final Output or an exception

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from slmops.types import options as opts
 from slmops.engine.answers import offered_tools
-from slmops.engine.backend import Backend, Constraint, default_backend, require, require_constraint
+from slmops.engine.backend import Backend, Constraint, backend_for, require, require_constraint
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, Request,  # noqa: F401
                                   spec_from_store, stream_from, until_loaded, until_loaded_call)
 from slmops.engine.model import LoadedModel
@@ -36,11 +36,22 @@ def _serves(loaded: opts.LoadParams, wanted: opts.LoadParams) -> bool:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, backend: Backend | None = None, **settings: Any):
         """``Engine(EngineConfig(...))`` or ``Engine(default_ctx=2048, ...)`` with EngineConfig's fields;
-        ``backend``: what models run on (default: llama.cpp, loaded now)."""
+        ``backend``: what every model runs on (a test's); without one, each model's format picks its backend
+        (GGUF: llama.cpp, loaded now; ONNX: ONNX Runtime GenAI, loaded with the first such model)."""
         self.config = config or EngineConfig(**settings)
-        self.backend = backend or default_backend(self.config.verbose)
+        self._fixed = backend
+        self._backends: dict[str, Backend] = {}
+        self.backend = backend or self.backend_for("gguf")
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+
+    def backend_for(self, fmt: str) -> Backend:
+        if self._fixed is not None:
+            return self._fixed
+        backend = self._backends.get(fmt)
+        if backend is None:
+            backend = self._backends[fmt] = backend_for(fmt, self.config.verbose)
+        return backend
 
     def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> int:
         return self.load_model(spec, options)[1]
@@ -58,26 +69,28 @@ class Engine:
             while len(self._loaded) >= self.config.max_loaded:
                 _, old = self._loaded.popitem(last=False)
                 old.close()
-            require(self.backend, "adapters", bool(spec.adapters))
-            model = self._load_falling_back(spec, load)
+            backend = self.backend_for(spec.format)
+            require(backend, "adapters", bool(spec.adapters))
+            model = self._load_falling_back(backend, spec, load)
             self._loaded[spec.name] = model
             return model, model.load_duration
 
-    def _load_falling_back(self, spec: ModelSpec, load: opts.LoadParams) -> LoadedModel:
+    def _load_falling_back(self, backend: Backend, spec: ModelSpec, load: opts.LoadParams) -> LoadedModel:
         """Load on the accelerator asked for, else on the CPU, saying why (``slmops ps``, ``/api/ps``, the
         ``slmops_accelerator_fallbacks`` metric): a backend that cannot offload here, or a GPU load that failed (out
-        of its memory, a missing driver library) is retried on the CPU rather than failing the request."""
-        if load.num_gpu == 0:
-            return LoadedModel(self.backend, spec, load, self.config)
-        if not self.backend.capabilities.gpu_offload:
-            why = f"GPU offload was asked for (num_gpu {load.num_gpu}), but {self.backend.name} has none here"
+        of its memory, a missing driver library) is retried on the CPU rather than failing the request. A backend
+        that walks its own accelerators (ONNX Runtime's execution providers) reports its fallback itself."""
+        if load.num_gpu == 0 or backend.capabilities.own_placement:
+            return LoadedModel(backend, spec, load, self.config)
+        if not backend.capabilities.gpu_offload:
+            why = f"GPU offload was asked for (num_gpu {load.num_gpu}), but {backend.name} has none here"
         else:
             try:
-                return LoadedModel(self.backend, spec, load, self.config)
+                return LoadedModel(backend, spec, load, self.config)
             except EngineError as err:
                 why = f"loading with GPU offload failed ({err})"
         log.warning("%s: %s; loading it on the CPU", spec.name, why)
-        return LoadedModel(self.backend, spec, replace(load, num_gpu=0), self.config, asked=load,
+        return LoadedModel(backend, spec, replace(load, num_gpu=0), self.config, asked=load,
                            fallback=f"{why}; on the CPU")
 
     def _load_params(self, spec: ModelSpec, options: dict[str, Any] | None) -> opts.LoadParams:
@@ -104,12 +117,13 @@ class Engine:
             constraint = Constraint.tool_calls(tools, None if req.tool_choice == "required" else req.tool_choice)
         compiled = None
         model_params = spec.params
+        backend = self.backend_for(spec.format)
         if constraint:
-            require_constraint(self.backend, constraint)
-            compiled = self.backend.compile(constraint)
+            require_constraint(backend, constraint)
+            compiled = backend.compile(constraint)
             # The constraint decides where output ends; a model's turn-marker stops could cut a JSON string short.
             model_params = {k: v for k, v in spec.params.items() if k != "stop"}
-        require(self.backend, "logprobs", req.logprobs is not None)
+        require(backend, "logprobs", req.logprobs is not None)
         merged = opts.merge(model_params, req.options)
         return opts.to_sampling(merged, logprobs=req.logprobs), compiled, tools
 
@@ -137,7 +151,7 @@ class Engine:
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:
         """(vectors, tokens used, load time in ns)."""
-        require(self.backend, "embeddings")
+        require(self.backend_for(spec.format), "embeddings")
 
         def attempt() -> tuple[list[list[float]], int, int]:
             model, load_ns = self.load_model(spec, options)
@@ -159,6 +173,9 @@ class Engine:
         if model:
             model.close()
         return model is not None
+
+    def prestart(self) -> None:
+        """Nothing to start: models load in this process, and the default backend is loaded already."""
 
     def close(self) -> None:
         for name in list(self._loaded):

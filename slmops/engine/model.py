@@ -43,7 +43,7 @@ class LoadedModel:
         self.template = ChatTemplate.compile(source, self.model.bos_text, self.model.eos_text)
         self.lock = threading.Lock()
         self.closed = False
-        self.fallback = fallback
+        self.fallback = fallback or getattr(self.model, "fallback", None)
         self.asked = asked or load
         self.load_duration = time.perf_counter_ns() - t0
 
@@ -114,7 +114,7 @@ class LoadedModel:
     def status(self) -> ModelStatus:
         runner = self.runner
         return ModelStatus(self.spec.name, self.spec, self.load_params.num_ctx, self.n_parallel,
-                           waiting=len(runner.scheduler.waiting) if runner else 0,
+                           waiting=len(runner.scheduler.waiting) if runner else getattr(self.model, "waiting", 0),
                            max_batch=runner.max_batch if runner else 0, fallback=self.fallback)
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ def _crashed(name: str, code: int) -> RunnerCrashed:
 
 
 # The backend's native libraries load before anything imports numpy (see slmops.engine.llamacpp.preload).
+SPARE = "(spare)"  # a runner started before any model needs one (ProcessEngine.prestart)
 _BOOT = ("import sys; from slmops.engine.backend import preload; preload(); "
          "from slmops.engine.worker import main; main(sys.argv)")
 
@@ -186,7 +187,17 @@ class ProcessEngine:
         self.config = config
         self._start = start
         self._runners: OrderedDict[str, RunnerProcess] = OrderedDict()
+        self._spare: RunnerProcess | None = None
+        self._spare_used = False
         self._lock = threading.Lock()
+
+    def prestart(self) -> None:
+        """Start a runner before any model needs one (as the server starts): the first model then skips the
+        process start and imports (about half a second here) and only loads. One spare at most, never replaced
+        once a model has taken it, so an idle server holds one small process more, not one per model."""
+        with self._lock:
+            if self._spare is None and not self._spare_used:
+                self._spare = self._start(SPARE, self.config)
 
     def _runner(self, name: str) -> RunnerProcess:
         with self._lock:
@@ -198,7 +209,13 @@ class ProcessEngine:
             while len(self._runners) >= self.config.max_loaded:
                 _, old = self._runners.popitem(last=False)
                 old.shutdown()
-            runner = self._start(name, self.config)
+            spare, self._spare = self._spare, None
+            self._spare_used = self._spare_used or spare is not None
+            if spare is not None and spare.alive:
+                spare.name = name
+                runner = spare
+            else:
+                runner = self._start(name, self.config)
             self._runners[name] = runner
             return runner
 
@@ -242,6 +259,10 @@ class ProcessEngine:
         return had_model
 
     def close(self) -> None:
+        with self._lock:
+            spare, self._spare, self._spare_used = self._spare, None, True
+        if spare is not None:
+            spare.shutdown()
         for name in list(self._runners):
             self.unload(name)
 

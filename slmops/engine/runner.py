@@ -1,52 +1,37 @@
 """Continuous batching: one thread per loaded model runs scheduler steps over its backend's batched decoder.
 
-Requests join and leave between decode steps. Each has its own sampler (with its constraint), UTF-8 decoder and
-stop matcher; the scheduler (pure) decides what each step decodes, the backend's :class:`BatchDecoder` performs it.
+Requests join and leave between decode steps. Each has its own sampler (with its constraint) and output stream
+(:class:`~slmops.engine.streams.TokenStream`: text, stop strings, stats, shared with backends that run their own
+generate loop); the scheduler (pure) decides what each step decodes, the backend's :class:`BatchDecoder` performs it.
 All of a model's native calls for generation happen on this one thread (llama.cpp: ggml's worker threads stay with
 one caller).
 """
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from slmops.engine.backend import BatchDecoder, BatchPlan, Sampler
 from slmops.engine.client import Emit
-from slmops.engine.outputs import Output, Stats, TokenLogprob
 from slmops.engine.prefix_cache import PrefixCache
 from slmops.engine.scheduler import Batch, Finished, Scheduler
-from slmops.engine.stops import StopMatcher
+from slmops.engine.streams import TokenStream
 from slmops.types.options import SamplingParams
 
 
 @dataclass
 class _Request:
     req_id: int
-    prompt: list[int]
-    sampling: SamplingParams
-    emit: Emit
-    load_duration: int
+    out: TokenStream  # what the client sees: pieces, stop strings, logprobs, the final stats
     n_ctx: int | None = None
     constraint: Any = None  # compiled by the backend
     sampler: Sampler | None = None
-    stops: StopMatcher = field(init=False)
-    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    t_start: int = field(default_factory=time.perf_counter_ns)
-    t_first: int = 0
-    cached: int = 0  # prompt tokens served from the prefix cache
-    generated: list[int] = field(default_factory=list)
-    pending_lp: list[TokenLogprob] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.stops = StopMatcher(self.sampling.stop)
 
 
 class BatchRunner:
@@ -78,7 +63,8 @@ class BatchRunner:
                n_ctx: int | None = None, constraint: Any = None) -> int:
         """``constraint``: what the backend compiled from the request's, or None."""
         req_id = next(self._ids)
-        self._inbox.put(("add", _Request(req_id, prompt, sampling, emit, load_duration, n_ctx, constraint)))
+        self._inbox.put(("add", _Request(req_id, TokenStream(prompt, sampling, emit, load_duration), n_ctx,
+                                         constraint)))
         return req_id
 
     def cancel(self, req_id: int) -> None:
@@ -123,17 +109,18 @@ class BatchRunner:
 
     def _handle(self, kind: str, arg) -> None:
         if kind == "add" and self._closing is not None:
-            arg.emit(self._closing)
+            arg.out.emit(self._closing)
         elif kind == "add":
+            out = arg.out
             try:
-                self.scheduler.add(arg.req_id, arg.prompt, arg.sampling.num_predict
-                                   if arg.sampling.num_predict >= 0 else -1, arg.n_ctx)
-                arg.sampler = self.decoder.sampler(arg.sampling, arg.constraint, arg.n_ctx or self.scheduler.n_ctx_seq,
-                                                   arg.prompt)
+                self.scheduler.add(arg.req_id, out.prompt, out.sampling.num_predict
+                                   if out.sampling.num_predict >= 0 else -1, arg.n_ctx)
+                arg.sampler = self.decoder.sampler(out.sampling, arg.constraint, arg.n_ctx or self.scheduler.n_ctx_seq,
+                                                   out.prompt)
                 self._requests[arg.req_id] = arg
             except BaseException as err:
                 self.scheduler.cancel(arg.req_id)
-                arg.emit(err)
+                out.emit(err)
         elif kind == "job":
             fn, done = arg
             try:
@@ -180,42 +167,26 @@ class BatchRunner:
 
     def _on_token(self, req: _Request, tok: int, idx: int) -> bool:
         """Stream ``tok`` to its request; True when it ends the generation (end of turn or a stop string)."""
-        if not req.t_first:
-            req.t_first = time.perf_counter_ns()
+        out = req.out
+        if not out.t_first:
             seq = self.scheduler.running.get(req.req_id)
-            if seq is not None:
-                req.cached = seq.cached
+            out.first(seq.cached if seq is not None else 0)
         if self.decoder.is_end(tok):
             return True
-        req.generated.append(tok)
-        if req.sampling.logprobs is not None:
-            req.pending_lp.append(self.decoder.logprob(idx, tok, req.sampling.logprobs))
-        text, hit = req.stops.feed(req.utf8.decode(self.decoder.piece(tok)))
-        if text:
-            req.emit(Output(text=text, logprobs=tuple(req.pending_lp), prompt_eval_count=len(req.prompt),
-                            eval_count=len(req.generated)))
-            req.pending_lp = []
-        return hit
+        top = out.sampling.logprobs
+        return out.feed(tok, out.utf8.decode(self.decoder.piece(tok)),
+                        None if top is None else self.decoder.logprob(idx, tok, top))
 
     def _complete(self, f: Finished) -> None:
         req = self._drop(f.req_id)
-        if req is None:
-            return
-        now = time.perf_counter_ns()
-        first = req.t_first or now
-        stats = Stats(prompt_eval_count=len(req.prompt), prompt_eval_duration=first - req.t_start,
-                      eval_count=len(req.generated), eval_duration=now - first, load_duration=req.load_duration,
-                      total_duration=now - req.t_start + req.load_duration,
-                      cached_prompt_tokens=req.cached)
-        tail = req.stops.flush() + req.utf8.decode(b"", final=True)
-        req.emit(Output(text=tail, done=True, done_reason="stop" if f.reason == "stop" else "length", stats=stats,
-                        logprobs=tuple(req.pending_lp), context=tuple(req.prompt) + tuple(req.generated)))
+        if req is not None:
+            req.out.finish(f.reason)
 
     def _fail(self, req_id: int, err: BaseException) -> None:
         self.scheduler.cancel(req_id)
         req = self._drop(req_id)
         if req is not None:
-            req.emit(err if isinstance(err, Exception) else RuntimeError(str(err)))
+            req.out.fail(err)
 
     def _drop(self, req_id: int) -> _Request | None:
         req = self._requests.pop(req_id, None)

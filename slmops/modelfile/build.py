@@ -1,6 +1,7 @@
 """Build a model in the store from a Modelfile (``slmops create``), and the reverse (``show --modelfile``).
 
-Like Ollama: FROM an existing model inherits its layers; FROM a ``.gguf`` path imports the file (validated first);
+Like Ollama: FROM an existing model inherits its layers; FROM a ``.gguf`` path imports the file (validated first),
+FROM a folder an ONNX Runtime GenAI model (a blob per file, :mod:`slmops.store.folders`);
 PARAMETERs merge over the base's, TEMPLATE/SYSTEM/MESSAGEs replace the base's, LICENSEs and ADAPTERs add layers.
 The manifest is written last, so an interrupted create leaves no model behind.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from slmops.modelfile.template import ChatTemplate
 from slmops.modelfile.parser import Modelfile
-from slmops.store import manifests as mt
+from slmops.store import folders, manifests as mt
 from slmops.store.gguf import GGUFInfo
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.store import ProgressFn, Store, _no_progress
@@ -29,6 +30,15 @@ def _is_path(value: str) -> bool:
 def _digest(value: str) -> Digest | None:
     """FROM/ADAPTER may name an uploaded blob by digest (``sha256:<hex>``), as Ollama's create API does."""
     return Digest.parse(value.removeprefix("@")) if value.lstrip("@").startswith("sha256") else None
+
+
+def _folder(value: str, base_dir: Path | None) -> Path | None:
+    """FROM a folder: an ONNX Runtime GenAI model (checked by :func:`slmops.store.folders.import_folder`)."""
+    if base_dir is None or _digest(value) is not None:
+        return None
+    p = Path(value).expanduser()
+    folder = p if p.is_absolute() else base_dir / p
+    return folder if folder.is_dir() else None
 
 
 def _file(store: Store, value: str, base_dir: Path | None, what: str) -> tuple[Path, Digest | None]:
@@ -61,11 +71,15 @@ def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
         progress("reading model metadata", 0, None)
         base_layers, info = _base(store, mf, base_dir, progress, pull_missing)
         if quantize is not None:
-            model = next(l for l in base_layers if l.media_type == mt.MODEL)
+            model = next((l for l in base_layers if l.media_type == mt.MODEL), None)
+            if model is None:
+                raise InvalidInput("--quantize works on GGUF models; this one is an ONNX Runtime GenAI folder")
             progress("quantizing model", 0, None)
             new, info = quantize(model, info)
             base_layers = [new if l is model else l for l in base_layers]
-        layers = [l for l in base_layers if l.media_type in (mt.MODEL, mt.ADAPTER, mt.LICENSE)]
+        layers = [l for l in base_layers if l.media_type in (mt.MODEL, mt.FILE, mt.ADAPTER, mt.LICENSE)]
+        if mf.adapters and any(l.media_type == mt.FILE for l in layers):
+            raise InvalidInput("ADAPTER works on GGUF models; ONNX Runtime GenAI models take no LoRA adapters here")
         kept = {l.media_type: l for l in base_layers}
         for path in mf.adapters:
             _refuse_unverifiable(store, "ADAPTER")
@@ -109,6 +123,9 @@ def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
           pull_missing: bool) -> tuple[list[Layer], GGUFInfo]:
     if _is_path(mf.from_) or _digest(mf.from_):
         _refuse_unverifiable(store, "FROM")
+        folder = _folder(mf.from_, base_dir)
+        if folder is not None:
+            return folders.import_folder(store, folder, mf.from_, progress)
         file, digest = _file(store, mf.from_, base_dir, "FROM")
         layer, info = store.import_gguf(lambda: file.open("rb"), mf.from_, digest, progress, file.stat().st_size)
         return [layer], info
@@ -123,10 +140,9 @@ def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
     if store.trust is not None:
         store.trust(store, base)
     manifest = store.manifest(base)
-    model = manifest.layer(mt.MODEL)
-    if model is None:
+    if manifest.layer(mt.MODEL) is None and not folders.is_folder_model(manifest):
         raise InvalidInput(f'"{base.display}" has no model layer')
-    return manifest.layers, store.inspect(base)
+    return manifest.layers, store.inspect(base, manifest)
 
 
 def to_modelfile(store: Store, name: ModelName) -> Modelfile:

@@ -56,6 +56,7 @@ class Hardware:
     gpus: tuple[GPU, ...]
     onnx_providers: tuple[str, ...]
     llama_gpu_offload: bool  # this llama.cpp build can put layers on a GPU
+    onnx_genai: str | None = None  # the installed onnxruntime-genai's version; None: not installed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,11 +128,17 @@ def _nvidia_smi() -> str:
 
 
 def _onnx_providers() -> tuple[str, ...]:
+    from slmops.engine.onnx import runtime_providers  # the one package that imports ONNX Runtime
+    return runtime_providers()
+
+
+def _onnx_genai() -> str | None:
+    """The ONNX Runtime GenAI engine's version, read from its metadata: importing it would load native code."""
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        import onnxruntime
-    except ImportError:
-        return ()
-    return tuple(onnxruntime.get_available_providers())
+        return version("onnxruntime-genai")
+    except PackageNotFoundError:
+        return None
 
 
 def _llama_offload() -> bool:
@@ -182,7 +189,8 @@ def _text(value: str | bytes) -> str:
 def detect(read_cpuinfo: Callable[[], str] = _read_cpuinfo, run_nvidia_smi: Callable[[], str] = _nvidia_smi,
            machine: str | None = None, onnx_providers: Callable[[], tuple[str, ...]] = _onnx_providers,
            llama_offload: Callable[[], bool] = _llama_offload,
-           query_nvml: Callable[[], tuple[GPU, ...] | None] = _nvml) -> Hardware:
+           query_nvml: Callable[[], tuple[GPU, ...] | None] = _nvml,
+           genai: Callable[[], str | None] = _onnx_genai) -> Hardware:
     """This machine, read through the given probes (the defaults read the real one; tests pass recorded text).
     NVML is asked first and ``nvidia-smi`` only when NVML is not installed or cannot start."""
     import psutil  # only where the machine is read (not for the names other modules import from here)
@@ -197,7 +205,7 @@ def detect(read_cpuinfo: Callable[[], str] = _read_cpuinfo, run_nvidia_smi: Call
     if gpus is None:
         gpus = parse_nvidia_smi(run_nvidia_smi())
     return Hardware(cpu=cpu, ram_total_bytes=mem.total, ram_available_bytes=mem.available, gpus=gpus,
-                    onnx_providers=onnx_providers(), llama_gpu_offload=llama_offload())
+                    onnx_providers=onnx_providers(), llama_gpu_offload=llama_offload(), onnx_genai=genai())
 
 
 def gpu_unavailable(hw: Hardware) -> str | None:
@@ -215,5 +223,6 @@ def offer(hw: Hardware) -> Offer:
     npu = next((p for p in hw.onnx_providers if p in NPU_PROVIDERS), None)
     npu_reason = None if npu else ("no NPU found (ONNX Runtime reports no NPU provider)" if hw.onnx_providers
                                    else "no NPU found (ONNX Runtime is not installed)")
+    formats = {"gguf", "onnx"} if hw.onnx_genai else {"gguf"}
     return Offer({"cpu": None, "gpu": gpu_unavailable(hw), "npu": npu_reason}, frozenset(hw.cpu.features),
-                 frozenset({"gguf"}))
+                 frozenset(formats))

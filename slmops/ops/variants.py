@@ -1,5 +1,5 @@
 """The variant policy of this machine: hardware detection feeds :func:`slmops.store.variants.choose`, and derived
-variants are made with llama.cpp's quantizer. Injected into :class:`Store` by :func:`slmops.local.open_store`."""
+variants are made with llama.cpp's quantizer or exported to ONNX Runtime GenAI. Injected into :class:`Store` by :func:`slmops.local.open_store`."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ class MachinePolicy:
             typed = [v for v in variants if (v.quantize or v.name.rsplit("-", 1)[-1]) == self.quantization]
             variants = [v for v in typed if offer.why_not(v) is None] or variants
         choice = choose(model, variants, offer, self.accelerators, pinned)
-        qtype = choice.variant.quantize
-        return Derivation(choice, _quantizer(quant.parse(qtype)) if qtype else None)
+        v = choice.variant
+        if v.export is not None:
+            return Derivation(choice, _exporter(v.export), folder=True)
+        return Derivation(choice, _quantizer(quant.parse(v.quantize)) if v.quantize else None)
 
 
 def _detect_offer() -> Offer:
@@ -41,4 +43,11 @@ def _quantizer(qtype: str) -> Callable[[Path, Path], None]:
     def produce(src: Path, out: Path) -> None:
         from slmops.engine.llamacpp.bindings import quantize_file
         quantize_file(src, out, quant.FTYPES[qtype], allow_requantize=True)
+    return produce
+
+
+def _exporter(precision: str) -> Callable[[Path, Path], None]:
+    def produce(src: Path, out: Path) -> None:
+        from slmops.ops.onnx_export import export
+        export(src, out, precision=precision)
     return produce

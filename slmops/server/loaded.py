@@ -28,6 +28,7 @@ class LoadedInfo:
     context_length: int
     size: int
     fallback: str | None = None  # why it runs on the CPU though a GPU was asked for
+    pid: int = 0  # its runner process; 0 when it runs in the server's process
 
 
 class LoadedModels:
@@ -88,8 +89,8 @@ class LoadedModels:
         for m in self.engine.loaded() if models is None else models:
             if m.name in self._unloading:
                 continue
-            size = m.spec.model_path.stat().st_size if m.spec.model_path.exists() else 0
-            out.append(LoadedInfo(m.name, m.spec, self.expiry.at(m.name), m.num_ctx, size, m.fallback))
+            size = sum(p.stat().st_size for p in (m.spec.files.values() or [m.spec.model_path]) if p.exists())
+            out.append(LoadedInfo(m.name, m.spec, self.expiry.at(m.name), m.num_ctx, size, m.fallback, m.pid))
         return out
 
     def queue_depth(self, models: list[ModelStatus] | None = None) -> int:
@@ -112,6 +113,7 @@ class LoadedModels:
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+        self.engine.prestart()
 
     async def stop(self) -> None:
         """Stop reaping, close the engine (unloading everything), and let the engine thread go."""

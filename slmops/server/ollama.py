@@ -170,7 +170,7 @@ async def ps(request: Request) -> oa.ProcessResponse:
         shown = rt.resolver.shown_as(info.name)  # as clients ask
         models.append(oa.ProcessModel(name=shown, model=shown, size=info.size, digest=digest, details=det,
                                       expires_at=expires, size_vram=0, context_length=info.context_length,
-                                      fallback=info.fallback))
+                                      fallback=info.fallback, pid=info.pid or None))
     return oa.ProcessResponse(models=models)
 
 

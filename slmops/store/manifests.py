@@ -25,6 +25,8 @@ PARAMS = _OLLAMA + "params"
 MESSAGES = _OLLAMA + "messages"
 LICENSE = _OLLAMA + "license"
 ADAPTER = _OLLAMA + "adapter"
+FILE = "application/vnd.slmops.model.file"  # one file of a model stored as a folder (ONNX Runtime GenAI)
+TITLE = "org.opencontainers.image.title"  # a file layer's file name, as OCI tools (oras) write it
 
 
 class Layer(BaseModel):

@@ -2,7 +2,8 @@
 
 Order, so that a kill at any instant is harmless (as every store writer): each missing blob is streamed into
 ``blobs/partial/sha256-<hex>.partial``, hashed as it is written, and renamed to its name only once its size and
-digest match; the model layer is then validated as a GGUF; the manifest is written last, byte for byte as the
+digest match; the model layer is then validated as a GGUF (a folder model's ``genai_config.json`` is checked
+instead: :mod:`slmops.store.folders`); the manifest is written last, byte for byte as the
 registry served it (its digest is the one the registry shows). A pull that fails leaves the store as it was: the
 blobs it added that no manifest uses are dropped again, and only a partial file that may still be completed stays.
 
@@ -33,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator
 
 import httpx
 
-from slmops.store import manifests as mt
+from slmops.store import folders, manifests as mt
 from slmops.store.atomic import atomic_writer, fsync_dir, remove_abandoned_temps
 from slmops.store.blobs import CHUNK
 from slmops.store.gguf import inspect_gguf
@@ -65,13 +66,19 @@ class Plan:
     model: Descriptor
     config: Descriptor | None  # an Ollama config the artifact brings; None: made from the GGUF
     keep_bytes: bool
+    files: dict[str, Descriptor] | None = None  # a model stored as a folder (ONNX): its files by name
 
 
 def plan_of(remote: RemoteManifest, what: str) -> Plan:
     doc = remote.doc
     config = descriptor(doc["config"], what)
     layers = [descriptor(d, what) for d in doc["layers"]]
-    if all(l.media_type.startswith("application/vnd.ollama.image.") for l in layers):
+    if all(l.media_type.startswith("application/vnd.ollama.image.") or l.media_type == mt.FILE for l in layers):
+        named = [(folders.title(l), l) for l in layers if l.media_type == mt.FILE]
+        if named:
+            folders.check_names([n for n, _ in named], what)
+            files = dict(named)
+            return Plan([config, *layers], files[folders.CONFIG], config, keep_bytes=True, files=files)
         model = next((l for l in layers if l.media_type == mt.MODEL), None)
         if model is None:
             raise SourceError(f"{what} has no model layer ({mt.MODEL}); it is not a model slmops can run")
@@ -121,12 +128,16 @@ class RegistryPull:
             self._fetch(client, layer)
         self.progress("verifying sha256 digest", 0, None)
         try:
-            info = inspect_gguf(self.store.blobs.path(plan.model.digest), self.store.gguf_cache,
-                                self.store.blobs.key)
+            if plan.files is not None:
+                folders.parse_config(self.store.blobs.read_bytes(plan.model.digest), list(plan.files), what)
+                info = None
+            else:
+                info = inspect_gguf(self.store.blobs.path(plan.model.digest), self.store.gguf_cache,
+                                    self.store.blobs.key)
         except InvalidModelFile:
             self.invalid.add(plan.model.digest)  # the registry's true bytes, and no model: nothing to keep
             raise
-        data = remote.data if plan.keep_bytes else self._own_manifest(plan, info, remote)
+        data = remote.data if plan.keep_bytes else self._own_manifest(plan, info, remote)  # type: ignore[arg-type]
         signature = self._signature(client, remote.digest)
         self.progress("writing manifest", 0, None)
         return self._commit(data, signature)

@@ -20,7 +20,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -180,6 +180,22 @@ def plain_file(path: Path, key: bytes | None, what: str = "blob") -> Iterator[Pa
         yield Path(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def plain_folder(files: Mapping[str, Path], key: bytes | None, what: str = "model") -> Iterator[Path]:
+    """A folder holding ``files`` (name -> blob) under their names, for runtimes that load a model from a folder
+    (ONNX Runtime GenAI reads ``genai_config.json`` and finds each file beside it). The folder holds only symbolic
+    links: to the blob itself when it is plain, to a memfd of its plaintext when it is sealed, so no plaintext
+    reaches the disk. Gone when the block ends; what a runtime mapped from it stays valid."""
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slmops-folder-")))
+        for name, blob in files.items():
+            if "/" in name or name in ("", ".", ".."):
+                raise IntegrityError(f"{what} names a file {name!r}, which is not a plain file name")
+            target = stack.enter_context(plain_file(blob, key, f"{name} of {what}"))
+            (folder / name).symlink_to(target)
+        yield folder
 
 
 @contextlib.contextmanager

@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slmops.store import manifests as mt
+from slmops.store import folders, manifests as mt
 from slmops.store.atomic import atomic_writer, remove_abandoned_temps
 from slmops.store.blobs import BlobStore
 from slmops.store.catalog import Catalog, CatalogEntry
@@ -65,6 +65,8 @@ class Runnable:
     params: dict[str, Any]
     messages: list[dict[str, Any]]
     adapters: list[Path]
+    format: str = "gguf"  # "onnx": an ONNX Runtime GenAI folder, whose ``files`` the runtime reads
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 class Store:
@@ -147,8 +149,12 @@ class Store:
         cfg = self.config(name)
         return (cfg["variant"], cfg.get("variant_reason", "")) if cfg.get("variant") else None
 
-    def inspect(self, name: ModelName) -> GGUFInfo:
-        return inspect_gguf(self.model_path(name), self.gguf_cache, self.blobs.key)
+    def inspect(self, name: ModelName, manifest: Manifest | None = None) -> GGUFInfo:
+        """The model's header: a GGUF's, or what an ONNX folder's ``genai_config.json`` says."""
+        manifest = manifest or self.manifest(name)
+        if folders.is_folder_model(manifest):
+            return folders.inspect_stored(self, manifest, name.display)
+        return inspect_gguf(self.model_path(name, manifest), self.gguf_cache, self.blobs.key)
 
     def verify(self, name: ModelName, manifest: Manifest | None = None) -> None:
         """Every blob of the model still matches its digest, and the trust policy accepts it: a corrupted, swapped
@@ -174,7 +180,10 @@ class Store:
         return self.root.joinpath("signatures", *folders, tag + ".sig")
 
     def model_path(self, name: ModelName, manifest: Manifest | None = None) -> Path:
-        layer = (manifest or self.manifest(name)).layer(mt.MODEL)
+        manifest = manifest or self.manifest(name)
+        layer = manifest.layer(mt.MODEL)
+        if layer is None and folders.is_folder_model(manifest):
+            raise InvalidInput(f'"{name.display}" is an ONNX Runtime GenAI model; this works on GGUF models only')
         if layer is None:
             raise InvalidInput(f'"{name.display}" has no model layer')
         return self.blobs.path(layer.blob)
@@ -184,16 +193,22 @@ class Store:
         policy (a corrupted, swapped or unsigned file must not reach llama.cpp), then the weights' header read."""
         manifest = self.manifest(name)
         self.verify(name, manifest)
-        path = self.model_path(name, manifest)
+        if folders.is_folder_model(manifest):
+            files = {n: self.blob_path(l.blob) for n, l in folders.file_layers(manifest).items()}
+            path, fmt = files[folders.CONFIG], "onnx"
+        else:
+            files, path, fmt = {}, self.model_path(name, manifest), "gguf"
         return Runnable(
             name=name,
             model_path=path,
+            format=fmt,
+            files=files,
             template=self.read_text(manifest, mt.TEMPLATE),
             system=self.read_text(manifest, mt.SYSTEM),
             params=self.read_json(manifest, mt.PARAMS) or {},
             messages=self.read_json(manifest, mt.MESSAGES) or [],
             adapters=[self.blob_path(l.blob) for l in manifest.layers if l.media_type == mt.ADAPTER],
-            info=inspect_gguf(path, self.gguf_cache, self.blobs.key),
+            info=self.inspect(name, manifest),
         )
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -206,7 +221,7 @@ class Store:
 
     def config_layer(self, info: GGUFInfo, layers: list[Layer], extra: dict[str, Any] | None = None) -> Layer:
         config = {
-            "model_format": "gguf",
+            "model_format": "onnx" if any(l.media_type == mt.FILE for l in layers) else "gguf",
             "model_family": info.architecture,
             "model_families": [info.architecture],
             "model_type": info.parameter_size,
@@ -257,6 +272,9 @@ class Store:
     def _plan(self, entry: CatalogEntry, variant: str | None) -> Derivation | None:
         if self.variants is not None and entry.variants:
             return self.variants.plan(entry.name.display, entry.variants, variant)
+        if entry.variants and not any(v.format == "gguf" and v.quantize is None for v in entry.variants):
+            raise InvalidInput(f"{entry.name.display} is made on pull ({', '.join(v.name for v in entry.variants)}), "
+                               "which needs a store opened with a variant policy")
         if variant is not None:
             known = ", ".join(v.name for v in entry.variants)
             raise InvalidInput(f"{entry.name.display} has no variant {variant!r}" +
@@ -295,11 +313,16 @@ class Store:
             model, info = self.import_gguf(fetched.open, name.display, entry.digest, progress,
                                            entry.size or fetched.size)
             extra: dict[str, Any] = {"source": entry.source.get("type")}
+            models = [model]
             if plan is not None:
-                if plan.produce is not None:
+                if plan.folder:
+                    models, info = self._export(model, info, plan, name.display, progress, Path(tmp))
+                    extra.update(file_type=info.file_type, parameter_count=info.parameter_count)
+                elif plan.produce is not None:
                     model, info = self._derive(model, plan, name.display, progress)
+                    models = [model]
                 extra.update(variant=plan.choice.variant.name, variant_reason=plan.choice.why)
-            layers = [model, *self._catalog_layers(entry, info, fetched.license)]
+            layers = [*models, *self._catalog_layers(entry, info, fetched.license)]
             config = self.config_layer(info, layers, extra)
             progress("writing manifest", 0, None)
             manifest = self.write_manifest(name, layers, config)
@@ -320,6 +343,22 @@ class Store:
         with self.blobs.plain(base.blob, f"model of {what}") as src:
             return self.import_derived(lambda out: plan.produce(src, out), f"{what} ({plan.choice.variant.name})",
                                        progress)
+
+    def _export(self, base: Layer, base_info: GGUFInfo, plan: Derivation, what: str, progress: ProgressFn,
+                work: Path) -> tuple[list[Layer], GGUFInfo]:
+        """An ONNX variant: the shipped GGUF exported to an ONNX Runtime GenAI folder in the pull's work folder,
+        whose files become the model's layers. Its size and precision come from the GGUF and the variant."""
+        assert plan.produce is not None
+        variant = plan.choice.variant
+        progress(f"making variant {variant.name}", 0, None)
+        out = work / "onnx"
+        with self.blobs.plain(base.blob, f"model of {what}") as src:
+            # The exporter runs in child processes: a sealed store's memfd is named through this process's /proc.
+            plan.produce(Path(str(src).replace("/proc/self/", f"/proc/{os.getpid()}/", 1)), out)
+        layers, info = folders.import_folder(self, out, f"{what} ({variant.name})", progress)
+        info.file_type = (variant.export or "onnx").upper()
+        info.parameter_count = base_info.parameter_count
+        return layers, info
 
     def _drop_unreferenced(self, digest: Digest) -> None:
         """The shipped file a variant was made from goes, unless a model still uses it."""

@@ -1,8 +1,8 @@
 """Variants of a catalog model and the choice among them: which build of a model suits this machine.
 
-A catalog entry may list variants (``cpu-q4_1``, ``cpu-q8_0``, ``cuda-f16``, ``npu-onnx``), each for one
-accelerator, in the catalog's order of preference. One is the shipped file itself; the others are derived from it
-on pull by quantizing (``quantize``), which the catalog only lists where it loses nothing that matters. The
+A catalog entry may list variants (``cpu-q4_1``, ``cpu-q8_0``, ``cuda-f16``, ``cpu-onnx-int4``), each for one
+accelerator and model format, in the catalog's order of preference. One is the shipped file itself; the others are
+derived from it on pull by quantizing (``quantize``) or exporting to ONNX Runtime GenAI (``export``), which the catalog only lists where it loses nothing that matters. The
 deployment config (or ``SLMOPS_HARDWARE_PREFERRED``/``_FALLBACK``) orders accelerators, as the seed's
 ``preferred: npu, fallback: [gpu, cpu]``; the first accelerator this machine can use wins, and within it the first
 variant whose CPU requirements are met. Every step is recorded as a reason, so ``show`` can say why.
@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Protocol
 from slmops.types.errors import InvalidInput
 
 ACCELERATORS = ("npu", "gpu", "cpu")
+FORMATS = ("gguf", "onnx")
+ENGINE_MISSING = {"onnx": "ONNX Runtime GenAI is not installed (pip install 'slmops[onnx]')"}
 DEFAULT_ORDER = ("npu", "gpu", "cpu")
 
 
@@ -28,6 +30,7 @@ class Variant:
     accelerator: str  # npu | gpu | cpu
     format: str = "gguf"  # gguf | onnx
     quantize: str | None = None  # derived from the shipped file by quantizing to this type; None: the file itself
+    export: str | None = None  # an ONNX variant: exported from the shipped file at this precision (int4, int8, fp32)
     requires: tuple[str, ...] = ()  # CPU features it needs (e.g. avx2 for repacked kernels)
     description: str = ""
 
@@ -36,7 +39,13 @@ class Variant:
         acc = data.get("accelerator")
         if acc not in ACCELERATORS:
             raise InvalidInput(f"catalog variant {name}: accelerator must be one of {', '.join(ACCELERATORS)}")
-        return cls(name=name, accelerator=acc, format=data.get("format", "gguf"), quantize=data.get("quantize"),
+        fmt = data.get("format", "gguf")
+        if fmt not in FORMATS:
+            raise InvalidInput(f"catalog variant {name}: format must be one of {', '.join(FORMATS)}")
+        if (fmt == "onnx") != (data.get("export") is not None):
+            raise InvalidInput(f"catalog variant {name}: an onnx variant is made by export (int4, int8 or fp32), "
+                               "and only an onnx one")
+        return cls(name=name, accelerator=acc, format=fmt, quantize=data.get("quantize"), export=data.get("export"),
                    requires=tuple(data.get("requires", ())), description=data.get("description", ""))
 
 
@@ -51,7 +60,7 @@ class Offer:
 
     def why_not(self, v: Variant) -> str | None:
         if v.format not in self.formats:
-            return f"slmops has no {v.format.upper()} engine yet"
+            return ENGINE_MISSING.get(v.format, f"slmops has no {v.format.upper()} engine")
         reason = self.unavailable.get(v.accelerator, f"no {v.accelerator.upper()} found")
         if reason:
             return reason
@@ -114,6 +123,7 @@ class Derivation:
 
     choice: Choice
     produce: Callable[[Path, Path], None] | None = None  # (plaintext source, output path)
+    folder: bool = False  # ``produce`` writes a model folder (an ONNX export), not one GGUF file
 
 
 class VariantPolicy(Protocol):

@@ -17,6 +17,7 @@ from slmops.engine.client import EngineConfig, ModelSpec
 from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import TokenLogprob
 from slmops.engine.scheduler import MemOp
+from slmops.engine.streams import token_logprob
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.sealed import plain_file
 from slmops.types import options as opts
@@ -100,19 +101,7 @@ class LlamaDecoder:
         return self.model.piece(token)
 
     def logprob(self, idx: int, token: int, top: int) -> TokenLogprob:
-        """Log-softmax of the raw logits: the model's own distribution, before sampling settings."""
-        logits = self.ctx.logits(idx).astype(np.float64)
-        m = logits.max()
-        lse = m + np.log(np.exp(logits - m).sum())
-        def entry(t: int) -> TokenLogprob:
-            raw = self.model.piece(t)
-            return TokenLogprob(raw.decode("utf-8", "replace"), float(logits[t] - lse), raw)
-        chosen = entry(token)
-        if top <= 0:
-            return chosen
-        best = np.argpartition(-logits, top)[:top]
-        best = best[np.argsort(-logits[best])]
-        return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, tuple(entry(int(t)) for t in best))
+        return token_logprob(self.ctx.logits(idx), token, top, self.model.piece)
 
 
 class LlamaCppModel:
