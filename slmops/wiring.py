@@ -27,7 +27,7 @@ from slmops.types.name import ModelName
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from slmops.engine.client import EngineClient, EngineConfig
+    from slmops.engine.client import EngineClient, EngineConfig, ModelSpec
     from slmops.engine.process import RunnerProcess
     from slmops.ops.hw import Hardware
     from slmops.ops.placement import Placement
@@ -93,8 +93,22 @@ def placement(cfg: Settings, store: Store | None, detect: "Callable[[], Hardware
     choosing the GPU."""
     from slmops.ops.placement import place
     if detect is None:
-        from slmops.ops.hw import detect
+        from functools import partial
+
+        from slmops.ops.hw import detect as probe
+        detect = partial(probe, runtimes=False)
     return place(detect(), model_bytes=_stored_size(store, cfg["SLMOPS_MODEL"]), kv_bytes=cfg["SLMOPS_KV_BUDGET"])
+
+
+def _served_spec(store: Store, model: str) -> "ModelSpec | None":
+    """The model the server loads at start (``SLMOPS_MODEL``), when it is stored already."""
+    from slmops.engine.client import spec_from_store
+    if not model:
+        return None
+    try:
+        return spec_from_store(store, ModelName.parse(model))
+    except SlmopsError:  # not pulled yet (the server pulls it), or not a valid name (the server says so)
+        return None
 
 
 def _stored_size(store: Store | None, model: str) -> int | None:
@@ -230,9 +244,10 @@ def server(cfg: Settings, keys: "KeyStore", store: Store | None = None,
            detect: "Callable[[], Hardware] | None" = None,
            start: "Callable[[str, EngineConfig], RunnerProcess] | None" = None) -> Server:
     """The whole server from the settings: store, placement, engine, runtime, access policy and app."""
-    from slmops.server.app import create_app
     store = store or open_store(cfg)
-    access = access_policy(cfg, keys)
     placed = placement(cfg, store, detect)
-    models = runtime(cfg, store, engine(cfg, engine_config(cfg, placed), start))
-    return Server(create_app(store, models, server_config(cfg), access=access), access, placed)
+    models = engine(cfg, engine_config(cfg, placed), start)
+    models.prestart(_served_spec(store, cfg["SLMOPS_MODEL"]))  # runners boot (and load) while the server imports
+    from slmops.server.app import create_app
+    access = access_policy(cfg, keys)
+    return Server(create_app(store, runtime(cfg, store, models), server_config(cfg), access=access), access, placed)

@@ -36,9 +36,6 @@ class FakeEngine:
         self.failing: dict[str, Exception] = {}
         self._loaded: dict[str, ModelSpec] = {}
 
-    def prestart(self) -> None:
-        pass
-
     def load(self, spec: ModelSpec, options: dict[str, Any] | None = None) -> int:
         if spec.name in self.broken:
             raise EngineError(f"cannot load {spec.name}")

@@ -203,8 +203,15 @@ def test_a_chat_turn_supersedes_the_cached_previous_turn():
     assert c.insert([1, 2]) == (None, [], [])  # held whole inside entry 2
 
 
+class Reused(PrefixCache):
+    """Every entry counts as reused (only those spill): these tests follow where spilled entries go."""
+
+    def insert(self, tokens, reused=False):
+        return super().insert(tokens, True)
+
+
 def test_evicted_prefixes_spill_to_host_memory_and_come_back():
-    s = Scheduler(n_slots=2, n_ctx_seq=256, cache=PrefixCache(slots=[2, 3], budget_tokens=12),
+    s = Scheduler(n_slots=2, n_ctx_seq=256, cache=Reused(slots=[2, 3], budget_tokens=12),
                   spill=PrefixCache(slots=[70, 71], budget_tokens=12))
     ops = []
     for req, prompt in enumerate([list(range(8)), list(range(100, 108)), list(range(200, 208))]):
@@ -228,7 +235,7 @@ def test_evicted_prefixes_spill_to_host_memory_and_come_back():
 
 
 def test_a_cached_turn_makes_host_copies_of_its_earlier_turns_redundant():
-    s = Scheduler(n_slots=1, n_ctx_seq=256, cache=PrefixCache(slots=[1], budget_tokens=8),
+    s = Scheduler(n_slots=1, n_ctx_seq=256, cache=Reused(slots=[1], budget_tokens=8),
                   spill=PrefixCache(slots=[50, 51], budget_tokens=100))
     s.add(0, [1, 2, 3])
     step(s)
@@ -242,3 +249,24 @@ def test_a_cached_turn_makes_host_copies_of_its_earlier_turns_redundant():
     s.finish(2)
     ops = s.schedule().ops
     assert MemOp("forget", 50) in ops and [e.tokens for e in s.spill.entries.values()] == [(9, 9, 9)]
+
+
+def test_only_reused_prefixes_spill_to_host_memory():
+    """A one-off prompt evicted from the KV tier is dropped; one a later request started from (or a chat turn that
+    continued a cached one) is kept in host memory."""
+    s = Scheduler(n_slots=1, n_ctx_seq=256, cache=PrefixCache(slots=[1], budget_tokens=8),
+                  spill=PrefixCache(slots=[50, 51], budget_tokens=100))
+    for req, prompt in enumerate([[1, 2, 3], [7, 7, 7]]):  # the second evicts the first, never reused
+        s.add(req, prompt)
+        step(s)
+        s.finish(req)
+    ops = s.schedule().ops
+    assert not any(op.kind == "save" for op in ops) and not s.spill.entries
+    s.add(2, [7, 7, 7, 8])  # starts from the cached [7, 7, 7]: that entry is now reused
+    step(s)
+    s.finish(2)
+    s.add(3, [4, 4, 4])  # once cached, evicts the chat turn [7, 7, 7, 8] (it continued a cached prefix): spilled
+    step(s)
+    s.finish(3)
+    assert MemOp("save", 1, 50, 4) in s.schedule().ops
+    assert [e.tokens for e in s.spill.entries.values()] == [(7, 7, 7, 8)]

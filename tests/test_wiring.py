@@ -10,7 +10,7 @@ from slmops import wiring
 from slmops.cli import common
 from slmops.config.settings import SETTINGS, Settings, default
 from slmops.engine.client import EngineConfig, ModelSpec
-from slmops.engine.process import ProcessEngine
+from slmops.engine.process import SPARE, ProcessEngine
 from slmops.ops.hw import CPU, GPU, Hardware
 from slmops.ops.placement import ALL_LAYERS
 from slmops.security.keys import KeyStore
@@ -110,7 +110,8 @@ def test_the_whole_server_from_settings(deploy, tmp_path):
     assert state.runtime.admission.default_keep_alive == 120 and state.store.root == cfg.home / "models"
     assert state.runtime.engine.config.num_parallel == 2 and built.placement.device == "gpu"
     assert not built.access.auth_on() and built.access.audit is not None
-    assert FakeRunner.started == []  # no runner until a model is asked for
+    # one runner process started ahead (it boots while the server imports), ready for whichever model comes first
+    assert [name for name, _ in FakeRunner.started] == [SPARE]
 
 
 def test_store_policies_come_from_the_settings(tmp_path):

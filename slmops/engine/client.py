@@ -161,8 +161,9 @@ class EngineClient(Protocol):
 
     def close(self) -> None: ...
 
-    def prestart(self) -> None:
-        """Get ready for a first model before any request asks for one (a server starting)."""
+    def prestart(self, spec: ModelSpec | None = None) -> None:
+        """Get ready for a first model before any request asks for one (a server starting); ``spec``: the model
+        it will load at start, which may begin loading now."""
 
 
 Emit = Callable[[object], None]  # receives Output pieces, then a final Output or an exception

@@ -174,8 +174,9 @@ class Engine:
             model.close()
         return model is not None
 
-    def prestart(self) -> None:
-        """Nothing to start: models load in this process, and the default backend is loaded already."""
+    def prestart(self, spec: ModelSpec | None = None) -> None:
+        """Nothing to start: models load in this process (the server's start loads ``spec`` itself), and the
+        default backend is loaded already."""
 
     def close(self) -> None:
         for name in list(self._loaded):

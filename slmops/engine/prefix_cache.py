@@ -27,6 +27,7 @@ class Entry:
     slot: int
     tokens: tuple[int, ...]
     last_used: int
+    reused: bool = False  # a request started from it, or it continues one that started from the cache
 
 
 class PrefixCache:
@@ -60,14 +61,16 @@ class PrefixCache:
                 break
             node = child
         if touch and best[0] is not None:
-            self.entries[best[0]].last_used = next(self._clock)
+            self.touch(best[0])
         return best
 
     def touch(self, slot: int) -> None:
-        """Count ``slot`` as used now (LRU)."""
-        self.entries[slot].last_used = next(self._clock)
+        """Count ``slot`` as used now (LRU), by a request that starts from it."""
+        entry = self.entries[slot]
+        entry.last_used = next(self._clock)
+        entry.reused = True
 
-    def insert(self, tokens: list[int]) -> tuple[int | None, list[int], list[Entry]]:
+    def insert(self, tokens: list[int], reused: bool = False) -> tuple[int | None, list[int], list[Entry]]:
         """Reserve an entry for ``tokens``: (entry, or None if it is not stored; entries it supersedes; entries
         evicted to make room, with their tokens, so a lower tier can take them).
 
@@ -83,7 +86,7 @@ class PrefixCache:
         if not self.free:
             return None, superseded, evicted
         slot = self.free.pop(0)
-        self.entries[slot] = Entry(slot, tuple(tokens), next(self._clock))
+        self.entries[slot] = Entry(slot, tuple(tokens), next(self._clock), reused)
         self._add_path(tuple(tokens), slot)
         return slot, superseded, evicted
 

@@ -92,6 +92,12 @@ class RunnerProcess:
             raise item
         return item
 
+    def send(self, make: Callable[[int], msg.ToRunner]) -> None:
+        """Send one request whose reply nobody waits for (a load begun ahead: a later load of the same model
+        waits for it in the runner, and reports any error itself)."""
+        req_id = self._open(lambda item: self._pending.pop(req_id, None))
+        self._try_send(make(req_id))
+
     def start(self, spec: ModelSpec, req: Request, emit: Emit) -> Cancel:
         """Send a generation; its pieces reach ``emit`` on the reading thread as they arrive."""
         def deliver(item: object) -> None:
@@ -191,12 +197,16 @@ class ProcessEngine:
         self._spare_used = False
         self._lock = threading.Lock()
 
-    def prestart(self) -> None:
+    def prestart(self, spec: ModelSpec | None = None) -> None:
         """Start a runner before any model needs one (as the server starts): the first model then skips the
         process start and imports (about half a second here) and only loads. One spare at most, never replaced
-        once a model has taken it, so an idle server holds one small process more, not one per model."""
+        once a model has taken it, so an idle server holds one small process more, not one per model. With
+        ``spec`` (the model the server loads at start), its own runner starts and begins loading it at once."""
         with self._lock:
-            if self._spare is None and not self._spare_used:
+            if spec is not None and spec.name not in self._runners:
+                runner = self._runners[spec.name] = self._start(spec.name, self.config)
+                runner.send(lambda i: msg.Load(i, spec, None))
+            elif spec is None and self._spare is None and not self._spare_used:
                 self._spare = self._start(SPARE, self.config)
 
     def _runner(self, name: str) -> RunnerProcess:

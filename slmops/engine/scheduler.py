@@ -263,7 +263,7 @@ class Scheduler:
         """Free the slot; with ``keep`` its tokens first move to the prefix cache (when it has room)."""
         if keep and self.cache is not None:
             tokens = seq.tokens[: seq.n_past]
-            slot, superseded, evicted = self.cache.insert(tokens)
+            slot, superseded, evicted = self.cache.insert(tokens, reused=seq.cached > 0)
             self._ops.extend(MemOp("drop", s) for s in superseded)
             for entry in evicted:
                 self._spill(entry)
@@ -275,9 +275,11 @@ class Scheduler:
         self.free_slots.append(seq.slot)
 
     def _spill(self, entry: Entry) -> None:
-        """An entry evicted from the KV tier: copied to host memory when that tier takes it, then freed."""
-        if self.spill is not None:
-            kept, superseded, evicted = self.spill.insert(list(entry.tokens))
+        """An entry evicted from the KV tier: copied to host memory when that tier takes it, then freed. Only an
+        entry that was reused (a shared system prompt, a chat's history) is worth host memory: a one-off prompt
+        spilled would fill that tier with what no request asks for again."""
+        if self.spill is not None and entry.reused:
+            kept, superseded, evicted = self.spill.insert(list(entry.tokens), reused=True)
             self._ops.extend(MemOp("forget", e) for e in superseded + [x.slot for x in evicted])
             if kept is not None:
                 self._ops.append(MemOp("save", entry.slot, kept, len(entry.tokens)))

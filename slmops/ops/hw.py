@@ -190,9 +190,11 @@ def detect(read_cpuinfo: Callable[[], str] = _read_cpuinfo, run_nvidia_smi: Call
            machine: str | None = None, onnx_providers: Callable[[], tuple[str, ...]] = _onnx_providers,
            llama_offload: Callable[[], bool] = _llama_offload,
            query_nvml: Callable[[], tuple[GPU, ...] | None] = _nvml,
-           genai: Callable[[], str | None] = _onnx_genai) -> Hardware:
+           genai: Callable[[], str | None] = _onnx_genai, runtimes: bool = True) -> Hardware:
     """This machine, read through the given probes (the defaults read the real one; tests pass recorded text).
-    NVML is asked first and ``nvidia-smi`` only when NVML is not installed or cannot start."""
+    NVML is asked first and ``nvidia-smi`` only when NVML is not installed or cannot start. Without ``runtimes``
+    (the server's placement) the engines are not loaded to ask them: no ONNX Runtime providers, and llama.cpp's
+    offload support only where there is a GPU to offload to, so a server process holds no native engine."""
     import psutil  # only where the machine is read (not for the names other modules import from here)
 
     machine = machine or platform.machine()
@@ -205,7 +207,8 @@ def detect(read_cpuinfo: Callable[[], str] = _read_cpuinfo, run_nvidia_smi: Call
     if gpus is None:
         gpus = parse_nvidia_smi(run_nvidia_smi())
     return Hardware(cpu=cpu, ram_total_bytes=mem.total, ram_available_bytes=mem.available, gpus=gpus,
-                    onnx_providers=onnx_providers(), llama_gpu_offload=llama_offload(), onnx_genai=genai())
+                    onnx_providers=onnx_providers() if runtimes else (),
+                    llama_gpu_offload=llama_offload() if runtimes or gpus else False, onnx_genai=genai())
 
 
 def gpu_unavailable(hw: Hardware) -> str | None:

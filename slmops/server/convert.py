@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import secrets
+import struct
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-import numpy as np
 
 from slmops.api import ollama as oa
 from slmops.api import openai as oai
@@ -214,7 +215,7 @@ def completion_logprobs(lps: list[TokenLogprob], start_offset: int) -> oai.Compl
 
 def encode_embedding(vec: list[float], fmt: str) -> list[float] | str:
     if fmt == "base64":
-        return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+        return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()  # little-endian float32, as OpenAI
     return vec
 
 
@@ -226,7 +227,7 @@ def truncate_dimensions(vectors: list[list[float]], dims: int | None) -> list[li
     for v in vectors:
         if dims > len(v):
             raise InvalidInput(f"dimensions {dims} is larger than the model's {len(v)}")
-        a = np.asarray(v[:dims])
-        n = float(np.linalg.norm(a))
-        out.append((a / n if n else a).tolist())
+        a = v[:dims]
+        n = math.hypot(*a)
+        out.append([x / n for x in a] if n else list(a))
     return out

@@ -113,7 +113,6 @@ class LoadedModels:
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
-        self.engine.prestart()
 
     async def stop(self) -> None:
         """Stop reaping, close the engine (unloading everything), and let the engine thread go."""
