@@ -239,7 +239,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SLMOPS_NUM_GPU", _gpu_layers, "-1", "Layers offloaded to the GPU; -1: placement decides (all if one fits)."),
     Setting("SLMOPS_KV_CACHE_TYPE", _choice("f16", "q8_0"), "", "KV cache type, f16 or q8_0; empty: placement decides."),
     Setting("SLMOPS_KV_BUDGET", parse_size, "1GiB", "Memory the KV cache may take when choosing parallel sequences."),
-    Setting("SLMOPS_PREFIX_CACHE", parse_size, "256MiB", "Host memory for cached prompt prefixes evicted from the KV cache; 0: none."),
+    Setting("SLMOPS_PREFIX_CACHE", parse_size, "64MiB", "Host memory for cached prompt prefixes evicted from the KV cache; 0: none."),
     Setting("SLMOPS_OPENAI_COMPATIBLE", _bool, "true", "Serve the OpenAI-compatible /v1 API beside /api."),
     Setting("SLMOPS_FEEDBACK", _bool, "false", "Collect rated feedback with its prompt and answer text "
             "(/api/feedback; config privacy.feedback); on a fleet device the blueprint decides."),

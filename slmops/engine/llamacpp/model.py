@@ -119,7 +119,7 @@ class LlamaCppModel:
         with plain_file(spec.model_path, spec.unseal_key, "model") as path:  # llama.cpp maps it; the map outlives it
             self.model = LlamaModel(path, n_gpu_layers=load.num_gpu)
         self.load_params = load
-        cache_budget = load.num_ctx * 2  # cached prefixes in the KV cache: a couple of contexts' worth
+        cache_budget = load.num_ctx  # cached prefixes in the KV cache: one context's worth (each more costs its KV)
         spill_budget = config.prefix_cache // max(1, kv_bytes_per_token(self.info, load.kv_type))  # in host memory
         self.plan = BatchPlan(n_parallel, cache_budget, spill_budget)
         ctx_params = replace(load, num_ctx=load.num_ctx * n_parallel + cache_budget)
