@@ -138,3 +138,13 @@ def test_an_onnx_model_asked_onto_cuda_here_falls_back_to_the_cpu_and_says_so(on
         assert f'slmops_accelerator_fallback{{model="{ONNX}"}} 1.0' in metrics
     finally:
         s.stop()
+
+
+def test_slmops_run_answers_with_the_onnx_model(onnx_home, tmp_path):  # noqa: F811
+    from conftest import run_cli
+    home = link_home(onnx_home, tmp_path / "home")
+    (tmp_path / "Modelfile").write_text(f"FROM {ONNX}\nPARAMETER temperature 0\n")  # greedy: one answer
+    made = run_cli("create", "greedy-onnx", "-f", str(tmp_path / "Modelfile"), home=home)
+    assert made.returncode == 0, made.stderr
+    r = run_cli("run", "greedy-onnx", "What is the capital of France? Answer in one word.", home=home)
+    assert r.returncode == 0 and "Paris" in r.stdout, (r.stdout, r.stderr)

@@ -205,3 +205,24 @@ def test_without_onnxruntime_genai_everything_else_runs_and_an_onnx_model_names_
     r = run_cli("run", "tiny-onnx", "Say hi", home=cli_home, **env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "pip install 'slmops[onnx]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_folder_model_is_signed_over_every_file_and_a_changed_file_fails_verification(tmp_path):
+    from test_signing import keypair
+
+    from slmops.security.signing import TrustPolicy, sign, verify
+    from slmops.types.errors import IntegrityError
+
+    store = Store(tmp_path / "models")
+    folder = make_folder(tmp_path)
+    manifest = create(store, folder)
+    priv, pub = keypair(tmp_path, "release")
+    sign(store, NAME, priv)
+    verify(store, NAME, [pub])
+    trusting = Store(tmp_path / "models", trust=TrustPolicy([pub]))
+    assert spec_from_store(trusting, NAME).format == "onnx"  # loads under the policy
+    data = next(l for l in manifest.layers if l.annotations.get(mt.TITLE) == "model.onnx.data")
+    blob = store.blob_path(data.blob)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")  # one byte of the weights changed
+    with pytest.raises(IntegrityError):
+        spec_from_store(trusting, NAME)
