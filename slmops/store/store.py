@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from slmops.store import folders, manifests as mt
 from slmops.store.atomic import atomic_writer, remove_abandoned_temps
@@ -26,14 +26,15 @@ from slmops.store.catalog import Catalog, CatalogEntry
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.manifests import Layer, Manifest, ManifestStore
 from slmops.store.network import check_registry_host
-from slmops.store.pulling import pull_from_registry
-from slmops.store.registry_auth import RegistryConfig
 from slmops.store.sealed import KEY_HELP, scratch
 from slmops.store.variants import Derivation, VariantPolicy
 from slmops.store.sources import Source, default_sources
 from slmops.types.digest import Digest
 from slmops.types.errors import ConfigError, InvalidInput, ModelNotFound, SlmopsError, SourceError
 from slmops.types.name import DEFAULT_HOST, ModelName, Reference
+
+if TYPE_CHECKING:  # the registry client (httpx, TLS) loads with the first registry pull, not with every store
+    from slmops.store.registry_auth import RegistryConfig
 
 ProgressFn = Callable[[str, int, int | None], None]
 """``progress(status, completed_bytes, total_bytes)``; ``total`` is None for phases without a size."""
@@ -291,6 +292,8 @@ class Store:
             if variant is not None:
                 raise InvalidInput(f"variants are chosen for catalog models only; {ref.display} comes from a "
                                    "registry as it is")
+            from slmops.store.pulling import pull_from_registry
+            from slmops.store.registry_auth import RegistryConfig
             return pull_from_registry(self, ref, progress, registry or RegistryConfig())
         return self._pull_catalog(ref.name, progress, variant)
 
