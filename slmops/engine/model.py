@@ -81,10 +81,7 @@ class LoadedModel:
     def check_fits(self, n_prompt: int, n_ctx: int | None = None) -> None:
         n_ctx = min(n_ctx or self.load_params.num_ctx, self.load_params.num_ctx)
         if n_prompt >= n_ctx:
-            raise ContextOverflow(
-                f"prompt is {n_prompt} tokens but the context holds {n_ctx} (num_ctx); shorten the prompt or raise "
-                f"num_ctx (this model supports up to {self.model.n_ctx_train})"
-            )
+            raise ContextOverflow.prompt(n_prompt, n_ctx, self.model.n_ctx_train)
 
     def submit(self, tokens: list[int], sampling: opts.SamplingParams, emit: Emit, load_duration: int = 0,
                n_ctx: int | None = None, constraint: Any = None) -> Cancel:

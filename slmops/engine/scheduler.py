@@ -136,8 +136,7 @@ class Scheduler:
         if not prompt:
             raise ContextOverflow("empty prompt")
         if len(prompt) >= n_ctx:
-            raise ContextOverflow(f"prompt is {len(prompt)} tokens but the context holds {n_ctx} "
-                                  "(num_ctx); shorten the prompt or raise num_ctx")
+            raise ContextOverflow.prompt(len(prompt), n_ctx)
         if len(self.waiting) >= self.max_queue + len(self.free_slots):  # a free slot takes it at the next step
             raise Busy(f"server busy: {self.max_queue} requests already wait; retry later")
         self.waiting.append(Seq(req_id, list(prompt), max_new, n_ctx))

@@ -70,7 +70,12 @@ class InvalidModelFile(InvalidInput):
 
 
 class ContextOverflow(InvalidInput):
-    pass
+    @classmethod
+    def prompt(cls, n_prompt: int, n_ctx: int, n_ctx_train: int | None = None) -> ContextOverflow:
+        """The one wording for a prompt that does not fit, whichever loop finds it first."""
+        most = f" (this model supports up to {n_ctx_train})" if n_ctx_train else ""
+        return cls(f"prompt is {n_prompt} tokens but the context holds {n_ctx} (num_ctx); shorten the prompt or "
+                   f"raise num_ctx{most}")
 
 
 class Unsupported(InvalidInput):

@@ -75,8 +75,7 @@ class GenerateLoop:
         """Queue a request (``Busy`` when the queue is full) and return the function that cancels it."""
         n_ctx = min(n_ctx or self.n_ctx, self.n_ctx)
         if len(out.prompt) >= n_ctx:  # the engine checked it; a prompt past max_length fails in the runtime
-            raise ContextOverflow(f"prompt is {len(out.prompt)} tokens but the context holds {n_ctx} "
-                                  "(num_ctx); shorten the prompt or raise num_ctx")
+            raise ContextOverflow.prompt(len(out.prompt), n_ctx)
         num_predict = out.sampling.num_predict
         job = _Job(out, guidance, n_ctx, num_predict if num_predict >= 0 else -1)
         with self._cond:
