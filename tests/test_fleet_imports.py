@@ -25,7 +25,7 @@ LIGHT = ("slmops", "slmops.fleet.control.app", "slmops.fleet.control.db", "slmop
 
 # Distributions only the full install has, by the name they are imported as.
 FULL_ONLY = {"llama-cpp-python": "llama_cpp", "gguf": "gguf", "numpy": "numpy", "jinja2": "jinja2",
-             "jsonschema": "jsonschema", "prometheus-client": "prometheus_client", "psutil": "psutil"}
+             "jsonschema": "jsonschema", "psutil": "psutil", "pypdf": "pypdf"}
 
 HIDE = f"import sys\nfor name in {FULL_ONLY_MODULES!r}:\n    sys.modules[name] = None\n"
 

@@ -33,7 +33,7 @@ err_console = Console(stderr=True, highlight=False)
 # Import names of the libraries only the full install (slmops) has: the engine's first, then what serving, evaluating
 # and reading models use. The control-plane install (slmops-control, packaging/control) leaves them all out.
 ENGINE_MODULES = ("llama_cpp", "gguf", "numpy")
-FULL_ONLY_MODULES = ENGINE_MODULES + ("jinja2", "jsonschema", "prometheus_client", "psutil")
+FULL_ONLY_MODULES = ENGINE_MODULES + ("jinja2", "jsonschema", "psutil", "pypdf")
 CONTROL_PLANE_ONLY = "this is the control-plane install (slmops-control); install slmops for local models"
 
 

@@ -7,6 +7,7 @@ replicas behind one load balancer agree within a second.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -16,16 +17,20 @@ from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 import slmops
 from slmops.fleet.control.changes import OnChange
 from slmops.fleet.control.db import Database
+from slmops.fleet.control.metrics import ControlMetrics, RequestMetrics
 from slmops.server import errors
 from slmops.types.errors import SlmopsError
 
 log = logging.getLogger("slmops.fleet")
+READY_TIMEOUT_S = 2.0  # a database slower than this to answer SELECT 1 leaves the replica not ready
 
 
 @dataclass
@@ -43,6 +48,7 @@ class ControlPlane:
     clock: Callable[[], float] = time.time
     extras: dict = field(default_factory=dict)  # per-module state (caches, batchers), keyed by module
     watchers: list[OnChange] = field(default_factory=list)  # told of every change version seen
+    metrics: ControlMetrics = field(default_factory=ControlMetrics)  # this replica's /metrics
 
     def watch(self, on_change: OnChange) -> None:
         """Have ``on_change(version, devices)`` called when the database's change version moves (a mutation here
@@ -85,10 +91,27 @@ def create_app(plane: ControlPlane) -> FastAPI:
     app.include_router(routes_feedback.router)
     app.include_router(routes_rollouts.router)
     app.add_middleware(routes_device.DeviceFastPath)  # polls and reports: answered before FastAPI's routing
+    app.add_middleware(RequestMetrics, metrics=plane.metrics)  # outermost: counts the fast path's answers too
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready", include_in_schema=False)
+    async def ready() -> JSONResponse:
+        # Liveness (/health) says the process answers; readiness says it can do its work, which needs the
+        # database: a replica that cannot reach it is taken out of the load balancer, not restarted.
+        try:
+            await asyncio.wait_for(_ping(plane.db), READY_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - any failure to answer means not ready; the reason is logged
+            log.warning("not ready: the database does not answer (%s)", type(err).__name__)
+            return JSONResponse({"status": "not ready", "reason": "the database does not answer"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        await plane.metrics.refresh(plane)
+        return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def reply(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -116,3 +139,8 @@ def create_app(plane: ControlPlane) -> FastAPI:
         return reply(500, "internal error; see the control plane's log")
 
     return app
+
+
+async def _ping(db: Database) -> None:
+    async with db.read() as s:
+        await s.execute(text("SELECT 1"))

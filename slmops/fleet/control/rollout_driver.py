@@ -186,6 +186,7 @@ async def step(plane: ControlPlane, rollout_id: str, now: float) -> list[Decisio
         if decisions:
             await plane.db.bump(s, devices=moved)
             await ledger.append_many(s, entries)  # last: on PostgreSQL it holds the ledger's lock until commit
+    plane.metrics.decided(entries)  # committed: counted once, by the replica that made them
     return decisions
 
 
@@ -254,6 +255,7 @@ async def act(plane: ControlPlane, rollout_id: str, action: str, actor: str,
         await plane.db.bump(s, devices=moved)
         counts = await store.device_counts(s, row, release)
         await ledger.append_many(s, entries)  # last: on PostgreSQL it holds the ledger's lock until commit
+    plane.metrics.decided(entries)
     return store.to_info(row, rollout, release, counts)
 
 
