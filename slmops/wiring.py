@@ -243,11 +243,15 @@ class Server:
 def server(cfg: Settings, keys: "KeyStore", store: Store | None = None,
            detect: "Callable[[], Hardware] | None" = None,
            start: "Callable[[str, EngineConfig], RunnerProcess] | None" = None) -> Server:
-    """The whole server from the settings: store, placement, engine, runtime, access policy and app."""
+    """The whole server from the settings: store, placement, engine, runtime, access policy and app, with
+    OpenTelemetry traces when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
     store = store or open_store(cfg)
     placed = placement(cfg, store, detect)
     models = engine(cfg, engine_config(cfg, placed), start)
     models.prestart(_served_spec(store, cfg["SLMOPS_MODEL"]))  # runners boot (and load) while the server imports
     from slmops.server.app import create_app
+    from slmops.server.tracing import from_env as tracing
     access = access_policy(cfg, keys)
-    return Server(create_app(store, runtime(cfg, store, models), server_config(cfg), access=access), access, placed)
+    app = create_app(store, runtime(cfg, store, models), server_config(cfg), access=access,
+                     tracing=tracing(os.environ))  # OTEL_* are OpenTelemetry's own; its SDK reads the rest itself
+    return Server(app, access, placed)

@@ -1,8 +1,8 @@
 """The HTTP server's application factory. State lives on ``app.state``; nothing here is a module global.
 
-Middlewares, outermost first: the audit recorder, header checks (DNS rebinding, encoding), origin check and CORS,
-access (keys, roles, rate limits), body checks (size, JSON), metrics. Every error, from any layer, is mapped once
-here into Ollama's or OpenAI's error shape by path.
+Middlewares, outermost first: the audit recorder, the model request's trace span (with traces on), header checks
+(DNS rebinding, encoding), origin check and CORS, access (keys, roles, rate limits), body checks (size, JSON),
+metrics. Every error, from any layer, is mapped once here into Ollama's or OpenAI's error shape by path.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import slmops
 from slmops.config.settings import default
 from slmops.server import access as request_access
 from slmops.server import errors, feedback, ollama, openai, responses, slots
+from slmops.server import tracing as request_tracing
 from slmops.server.access import Access, AccessPolicy, Recorder, authorize
 from slmops.server.guards import LOCAL_ORIGINS, BodyLimit, HeaderCheck, OriginCheck, is_loopback
 from slmops.server.metrics import Metrics
 from slmops.server.runtime import ModelRuntime
+from slmops.server.tracing import Traced, Tracing
 from slmops.store.store import Store
 from slmops.types.errors import EngineError, IntegrityError, SlmopsError
 
@@ -52,9 +54,10 @@ class ServerConfig:
 
 
 def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None = None,
-               access: AccessPolicy | None = None) -> FastAPI:
+               access: AccessPolicy | None = None, tracing: Tracing | None = None) -> FastAPI:
     """``access``: keys, rate limits and audit; without one, no auth (in-process tests of other layers). The
-    runtime brings the metrics (``/metrics``) and the slot table (``/api/slots``)."""
+    runtime brings the metrics (``/metrics``) and the slot table (``/api/slots``). ``tracing``: OpenTelemetry
+    traces of model requests (:mod:`slmops.server.tracing`), shut down (flushed) with the app; None: none."""
     config = config or ServerConfig()
     metrics = runtime.metrics
 
@@ -66,7 +69,11 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
             except SlmopsError as err:  # the server still serves everything else; say why the model is not there
                 log.warning("could not load %s at start: %s", config.preload, err)
         yield
-        await runtime.stop()
+        try:
+            await runtime.stop()
+        finally:
+            if tracing is not None:  # after the runtime: generations that end while it stops are in their spans
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(title="slmops", version=slmops.__version__, lifespan=lifespan, dependencies=[Depends(authorize)],
                   description="Ollama-compatible /api and OpenAI-compatible /v1 API for local small language models.")
@@ -75,6 +82,7 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     app.state.metrics = metrics
     app.state.slots = runtime.resolver.slots
     app.state.config = config
+    app.state.tracing = tracing
     app.include_router(ollama.router)
     if config.openai:
         app.include_router(openai.router)
@@ -95,14 +103,17 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
         response.headers["x-slmops-version"] = slmops.__version__  # /api/version reports the Ollama API level
         return response
 
-    # Outermost last: recorder, header checks, origin check + CORS (answers preflights, decorates refusals),
-    # access, body checks, metrics.
+    # Outermost last: recorder, trace span, header checks, origin check + CORS (answers preflights, decorates
+    # refusals), access, body checks, metrics. The span sits inside the recorder, whose request context names the
+    # model a refused request asked for.
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     if access is not None:
         app.add_middleware(Access, policy=access)
     app.add_middleware(OriginCheck, allow_origins=list(config.origins), allow_origin_regex=LOCAL_ORIGINS,
                        allow_methods=["*"], allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"])
     app.add_middleware(HeaderCheck, bound_to=config.host, extra_hosts=config.extra_hosts)
+    if tracing is not None:
+        app.add_middleware(Traced, tracing=tracing)
     if access is not None:
         app.add_middleware(Recorder, policy=access)
     return app
@@ -161,6 +172,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SlmopsError)
     async def slmops_error(request: Request, err: SlmopsError):
         await _count_failure(request, err)
+        span = request_tracing.current()
+        if span is not None:
+            span.failed(err)
         return reply(request, errors.status_for(err), str(err), errors.openai_code(err), errors.headers_for(err))
 
     @app.exception_handler(RequestValidationError)

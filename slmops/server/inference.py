@@ -7,7 +7,8 @@ which frees its sequence.
 
 What a stream produced is reported twice: to the :class:`Observer` given at construction (the server's metrics:
 tokens, time to first token, cancellations), and to the request's context (:mod:`slmops.server.access`) piece by
-piece, so a stream the client drops is charged and audited for what it generated.
+piece, so a stream the client drops is charged and audited for what it generated; and, when traces are on, to the
+request's span (:mod:`slmops.server.tracing`), which turns the final stats into queue, prefill and decode spans.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 from slmops.engine.client import Cancel, Emit, EngineClient, ModelSpec, ModelUnloaded, Request, gave_up, unloaded
 from slmops.engine.outputs import Output, Stats
-from slmops.server import access
+from slmops.server import access, tracing
 from slmops.server.admission import Admission
 from slmops.server.loaded import LoadedModels
 from slmops.types.errors import EngineError, IntegrityError, SlmopsError
@@ -96,8 +97,10 @@ class Inference:
     async def stream(self, spec: ModelSpec, req: Request, keep_alive: float) -> AsyncIterator[Output]:
         """The engine's outputs, as they come. Raises request errors before the first piece. With a token limit,
         completion tokens are reserved before it starts."""
-        req = self.admission.request_for(spec, req)
-        tally = _Tally(access.current())
+        asked, req = req, self.admission.request_for(spec, req)
+        ctx, span = access.current(), tracing.current()
+        tally = _Tally(ctx)
+        traced = span.generation(ctx.model if ctx and ctx.model else spec.name, spec.name, asked) if span else None
         item: Any = None
         t0, ttft = time.perf_counter(), None
         with self.models.using(spec.name, keep_alive):
@@ -106,16 +109,23 @@ class Inference:
                     if ttft is None and (item.text or item.done):
                         ttft = time.perf_counter() - t0
                     tally.add(item)
+                    if traced is not None:
+                        traced.piece(item)
                     if item.done and item.stats is not None:
                         self.observer.generation(spec.name, item.stats, ttft)
                     yield item
-            except (GeneratorExit, asyncio.CancelledError):  # the client left; a refusal (503) is not a cancellation
+            except (GeneratorExit, asyncio.CancelledError) as err:  # the client left (a refusal, 503, is not that)
                 if item is None or not item.done:
                     tally.cut_short()
                     self.observer.cancellation(spec.name)
+                    if traced is not None:
+                        traced.cut_short(err)
                 raise
-            except (EngineError, IntegrityError) as err:  # the model's failure, not the caller's: counted here,
-                await self.count_failure(spec.name, err)  # since one mid-stream never reaches an error handler
+            except SlmopsError as err:
+                if traced is not None:
+                    traced.cut_short(err)
+                if isinstance(err, (EngineError, IntegrityError)):  # the model's failure, not the caller's: counted
+                    await self.count_failure(spec.name, err)  # here, as one mid-stream never reaches a handler
                 raise
             finally:
                 tally.close()
@@ -166,11 +176,15 @@ class Inference:
                     keep_alive: float) -> tuple[list[list[float]], int, int]:
         """Embeddings of ``inputs`` on the engine thread; the tokens they took are charged to the request."""
         options = self.admission.options_for(spec, options)
+        started_ns = time.time_ns()
         with self.models.using(spec.name, keep_alive):
             vectors, used, load_ns = await self.models.on_engine(self.engine.embed, spec, inputs, options, truncate)
-            ctx = access.current()
+            ctx, span = access.current(), tracing.current()
             if ctx is not None:
                 ctx.prompt_tokens += used
+            if span is not None:
+                span.embedded(ctx.model if ctx and ctx.model else spec.name, spec.name, vectors, used, load_ns,
+                              started_ns)
             return vectors, used, load_ns
 
     def close(self) -> None:
