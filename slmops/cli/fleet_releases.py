@@ -47,7 +47,7 @@ def _variants(items: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _golden(path: Path) -> list[dict[str, Any]]:
+def read_golden(path: Path) -> list[dict[str, Any]]:
     """Golden prompts, one JSON object a line ({"prompt": …, "expect": …}); checked here to name the line."""
     from slmops.api.fleet import Golden
 
@@ -81,7 +81,7 @@ def releases_create(release: str = typer.Argument(..., help="NAME:VERSION"),
     The control plane resolves every variant in its registry; with trusted keys, each must be signed by one."""
     name, version = _split(release)
     with client() as c:
-        made = c.create_release(name, version, _variants(variant), _golden(golden) if golden else [], notes)
+        made = c.create_release(name, version, _variants(variant), read_golden(golden) if golden else [], notes)
     if as_json:
         return print_json(made)
     console.print(f"release {made.release} created", markup=False)

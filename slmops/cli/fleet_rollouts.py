@@ -35,14 +35,14 @@ GATE_HEADER = ("CLASS", "GATE", "VALUE", "THRESHOLD", "RESULT", "NOTE")
 ID_ARG = typer.Argument(..., help="The rollout's id (ro_…); `slmops fleet rollout list` shows them.")
 
 
-def _percents(text: str) -> list[float]:
+def parse_percents(text: str) -> list[float]:
     try:
         return [float(p) for p in text.replace("%", "").split(",") if p.strip()]
     except ValueError:
         raise InvalidInput(f"--waves {text!r}: write cumulative percents such as 1,10,50,100") from None
 
 
-def _request(fields: dict[str, Any]) -> Any:
+def rollout_request(fields: dict[str, Any]) -> Any:
     """A RolloutRequest, with a refusal said as one line naming the option."""
     from slmops.api.fleet import RolloutRequest
 
@@ -74,7 +74,7 @@ def start(release: str = typer.Argument(..., help="NAME:VERSION of the release."
     """Start a rollout: wave 1 of each hardware class of the group gets the release now.
 
     The control plane moves each class to its next wave when its gates pass and reverts a class whose gates fail."""
-    req = _request({"release": release, "group": to, "waves": _percents(waves) if waves else None,
+    req = rollout_request({"release": release, "group": to, "waves": parse_percents(waves) if waves else None,
                     "base_percent": base_percent, "increment_factor": increment_factor, "bake": bake,
                     "min_devices": min_devices, "min_requests": min_requests, "gates": gate or None})
     with client() as c:

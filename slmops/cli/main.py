@@ -13,7 +13,7 @@ import typer
 import typer.exceptions
 
 import slmops
-from slmops.cli import agent, feedback, fleet, hw, importing, models, ops, run, security, serve
+from slmops.cli import agent, feedback, fleet, hw, importing, models, ops, release, run, security, serve, shrink
 from slmops.cli.common import CONTROL_PLANE_ONLY, console, engine_missing, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -42,6 +42,8 @@ app.command("quantize")(ops.quantize_cmd)
 app.command("eval")(ops.eval_cmd)
 app.command("bench")(ops.bench_cmd)
 app.command("optimize")(ops.optimize_cmd)
+app.command("release")(release.release_cmd)
+app.command("shrink")(shrink.shrink_cmd)
 app.command("hw")(hw.hw_cmd)
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(agent.app, name="agent")

