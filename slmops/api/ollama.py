@@ -105,10 +105,20 @@ class _Stats(_Resp):
     eval_duration: Optional[int] = None
 
 
+class KnowledgeChunk(_Resp):
+    """A chunk of a knowledge file given to the model (not in Ollama; its clients ignore the field)."""
+    source: str
+    chunk: int  # its number among the chunks of its file, from 0
+    page: Optional[int] = None  # of a PDF, from 1
+    section: Optional[str] = None  # the Markdown heading it falls under
+    score: float  # cosine similarity to the question
+
+
 class GenerateResponse(_Stats):
     response: str = ""
     context: Optional[list[int]] = None
     logprobs: Optional[list[Logprob]] = None
+    knowledge: Optional[list[KnowledgeChunk]] = None
 
 
 class ResponseMessage(_Resp):
@@ -120,6 +130,7 @@ class ResponseMessage(_Resp):
 class ChatResponse(_Stats):
     message: ResponseMessage
     logprobs: Optional[list[Logprob]] = None
+    knowledge: Optional[list[KnowledgeChunk]] = None
 
 
 class EmbedRequest(_Req):
@@ -246,6 +257,14 @@ class ProcessResponse(_Resp):
     models: list[ProcessModel]
 
 
+class KnowledgeFile(_Resp):
+    """A knowledge file of a model, in ``/api/show`` (not in Ollama)."""
+    name: str
+    size: int
+    chunks: int
+    digest: str
+
+
 class ShowResponse(_Resp):
     modelfile: str
     parameters: str = ""
@@ -257,6 +276,7 @@ class ShowResponse(_Resp):
     capabilities: list[str]
     modified_at: str
     messages: Optional[list[Message]] = None
+    knowledge: Optional[list[KnowledgeFile]] = Field(None, exclude_if=lambda v: v is None)
 
 
 class TokenizeRequest(_Req):

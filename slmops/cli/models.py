@@ -118,6 +118,7 @@ def show(
     template: bool = typer.Option(False, "--template", help="Show its chat template."),
     system: bool = typer.Option(False, "--system", help="Show its system message."),
     license: bool = typer.Option(False, "--license", help="Show its license."),
+    files: bool = typer.Option(False, "--files", help="List its knowledge files (FILE), with size and chunks."),
 ) -> None:
     """Show information about a model."""
     from slmops.modelfile import build
@@ -138,6 +139,8 @@ def show(
         console.print(mf.system or "", markup=False, soft_wrap=True)
     elif license:
         console.print("\n".join(mf.licenses), markup=False, soft_wrap=True)
+    elif files:
+        _show_files(s, name)
     else:
         _show_info(s, name, mf)
 
@@ -179,6 +182,22 @@ def _show_info(s, name: ModelName, mf) -> None:
     console.print()
 
 
+def _show_files(s, name: ModelName) -> None:
+    from slmops.store import knowledge
+
+    manifest = s.manifest(name)
+    listed = knowledge.list_files(s, manifest, f'"{name.display}"')
+    index = knowledge.read_index(s, manifest, f'"{name.display}"')
+    if index is None:
+        err_console.print(f'"{name.display}" has no knowledge files', markup=False)
+        return
+    _table(("NAME", "SIZE", "CHUNKS", "DIGEST"),
+           [(f.name, human_size(f.size), str(f.chunks), f.digest.removeprefix("sha256:")[:12]) for f in listed])
+    e = index.embedding
+    console.print(f"embedded with {e.model} ({e.dimension} dimensions, {e.digest.removeprefix('sha256:')[:12]})",
+                  markup=False, soft_wrap=True)
+
+
 def rm(models: list[str] = typer.Argument(..., help="One or more model names.")) -> None:
     """Remove models; blobs no other model uses are deleted."""
     from slmops.server.slots import SlotTable
@@ -215,11 +234,37 @@ def create(
     mf = parse(text)
     bar = PullBar()
     s = store()
+    embedder = _Embedder(s)
     try:
         with audited("create", model):
-            build.create(s, name, mf, file.resolve().parent, bar, quantize=_quantizer(s, name, quantize, allow_requantize))
+            build.create(s, name, mf, file.resolve().parent, bar, quantize=_quantizer(s, name, quantize, allow_requantize),
+                         embed=embedder)
     finally:
         bar.close()
+        embedder.close()
+
+
+class _Embedder:
+    """Knowledge embeddings for ``create``, on an engine in this process, started only when a FILE needs one."""
+
+    def __init__(self, s) -> None:  # type: ignore[no-untyped-def]
+        self._store = s
+        self._engine = None
+        self._specs: dict = {}
+
+    def __call__(self, model: str, texts: list[str]) -> list[list[float]]:
+        from slmops.cli.common import local_engine
+        from slmops.engine.client import spec_from_store
+        if self._engine is None:
+            self._engine = local_engine()
+        if model not in self._specs:
+            self._specs[model] = spec_from_store(self._store, ModelName.parse(model))
+        vectors, _, _ = self._engine.embed(self._specs[model], texts)
+        return vectors
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
 
 
 def _quantizer(s, name: ModelName, qtype: str | None, allow: bool):  # type: ignore[no-untyped-def]

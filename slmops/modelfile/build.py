@@ -3,6 +3,9 @@
 Like Ollama: FROM an existing model inherits its layers; FROM a ``.gguf`` path imports the file (validated first),
 FROM a folder an ONNX Runtime GenAI model (a blob per file, :mod:`slmops.store.folders`);
 PARAMETERs merge over the base's, TEMPLATE/SYSTEM/MESSAGEs replace the base's, LICENSEs and ADAPTERs add layers.
+FILEs add knowledge to the base's (a file of the same name replaces the base's), embedded by the EMBEDDING model
+(else the base's, else :data:`slmops.modelfile.knowledge.DEFAULT_EMBEDDING_MODEL`): a layer per file and one
+index (:mod:`slmops.store.knowledge`). Every file is read and chunked before anything is written.
 The manifest is written last, so an interrupted create leaves no model behind.
 """
 
@@ -12,9 +15,10 @@ import json
 from typing import Callable
 from pathlib import Path
 
+from slmops.modelfile import knowledge as kn
 from slmops.modelfile.template import ChatTemplate
 from slmops.modelfile.parser import Modelfile
-from slmops.store import folders, manifests as mt
+from slmops.store import folders, knowledge as ks, manifests as mt
 from slmops.store.gguf import GGUFInfo
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.store import ProgressFn, Store, _no_progress
@@ -61,12 +65,14 @@ Requantize = Callable[[Layer, GGUFInfo], "tuple[Layer, GGUFInfo]"]
 
 def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
            progress: ProgressFn = _no_progress, pull_missing: bool = True,
-           quantize: Requantize | None = None) -> Manifest:
+           quantize: Requantize | None = None, embed: kn.Embedder | None = None) -> Manifest:
     """``base_dir`` resolves relative paths; ``None`` (the HTTP API) allows model names and blob digests only.
     ``quantize`` turns the base model layer into a quantized one (``create --quantize``), before anything else is
-    written, so a refused quantization leaves no model behind."""
+    written, so a refused quantization leaves no model behind. ``embed`` computes knowledge embeddings; FILE
+    needs it."""
     if mf.template is not None:
         ChatTemplate.compile(mf.template)  # reject an unusable template before anything is written
+    files = _knowledge_files(mf, base_dir)
     with store.writing():
         progress("reading model metadata", 0, None)
         base_layers, info = _base(store, mf, base_dir, progress, pull_missing)
@@ -102,11 +108,93 @@ def create(store: Store, name: ModelName, mf: Modelfile, base_dir: Path | None,
             layers.append(store.put_json_layer(mt.MESSAGES, messages))
         for lic in mf.licenses:
             layers.append(store.put_text_layer(mt.LICENSE, lic))
+        layers += _knowledge(store, base_layers, mf.embedding, files, embed, progress, pull_missing)
         config = store.config_layer(info, layers)
         progress("writing manifest", 0, None)
         manifest = store.write_manifest(name, layers, config)
     progress("success", 0, None)
     return manifest
+
+
+def _knowledge_files(mf: Modelfile, base_dir: Path | None) -> list[tuple[str, bytes, list[ks.Chunk]]]:
+    """Each FILE's name, bytes and chunks; any file that cannot be used stops here, before the store is touched."""
+    if not mf.files:
+        return []
+    if base_dir is None:
+        raise InvalidInput("FILE reads a file on the machine that builds the model; build it with `slmops create` "
+                           "and push it, or create FROM a model that has the knowledge")
+    out: list[tuple[str, bytes, list[ks.Chunk]]] = []
+    for value in mf.files:
+        p = Path(value).expanduser()
+        path = p if p.is_absolute() else base_dir / p
+        kn.check_name(path.name)
+        if any(name == path.name for name, _, _ in out):
+            raise ModelfileError(f"FILE {path.name} is named twice; knowledge files are known by their file name")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelfileError(f"FILE {value} does not exist") from None
+        except OSError as err:
+            raise ModelfileError(f"FILE {value} cannot be read ({err.strerror or err})") from None
+        out.append((path.name, data, kn.prepare(path.name, data)))
+    return out
+
+
+def _knowledge(store: Store, base_layers: list[Layer], embedding: str | None,
+               files: list[tuple[str, bytes, list[ks.Chunk]]], embed: kn.Embedder | None,
+               progress: ProgressFn, pull_missing: bool) -> list[Layer]:
+    """The knowledge layers of the new model: the base's files (less those a FILE replaces) and the new ones, and
+    one index. Base chunks are embedded again only when the embedding model changes."""
+    base_index_layer = next((l for l in base_layers if l.media_type == mt.KNOWLEDGE_INDEX), None)
+    base = ks.KnowledgeIndex.from_bytes(store.blobs.read_bytes(base_index_layer.blob), "the FROM model") \
+        if base_index_layer is not None else None
+    if not files and (embedding is None or base is None or embedding == base.embedding.model):
+        if embedding is not None and base is None:
+            raise ModelfileError("EMBEDDING names the model that embeds knowledge files; add FILE lines")
+        return [l for l in base_layers if l.media_type in (mt.KNOWLEDGE_FILE, mt.KNOWLEDGE_INDEX)]
+    if embed is None:
+        raise InvalidInput("knowledge files need an embedding model to run here; build with `slmops create`")
+    model = embedding or (base.embedding.model if base is not None else kn.DEFAULT_EMBEDDING_MODEL)
+    identity = _embedding_model(store, model, progress, pull_missing)
+    replaced = {name for name, _, _ in files}
+    kept_files = [l for l in base_layers if l.media_type == mt.KNOWLEDGE_FILE and ks.file_title(l) not in replaced]
+    old = list(base.without(replaced).chunks) if base is not None else []
+    reuse = base is not None and base.embedding.digest == identity.digest
+    new = [c for _, _, chunks in files for c in chunks]
+    todo = new if reuse else old + new
+    if not todo:  # the same weights under another name: nothing to embed again
+        return [l for l in base_layers if l.media_type in (mt.KNOWLEDGE_FILE, mt.KNOWLEDGE_INDEX)]
+    progress(f"embedding {len(todo)} chunks with {model}", 0, None)
+    vectors: list[list[float]] = []
+    for i in range(0, len(todo), 32):
+        vectors += embed(model, [kn.embedding_text(c) for c in todo[i:i + 32]])
+    if len(vectors) != len(todo) or not vectors or len(vectors[0]) < 1:
+        raise InvalidInput(f"{model} gave {len(vectors)} embeddings for {len(todo)} chunks")
+    identity = ks.EmbeddingModel(identity.model, identity.digest, len(vectors[0]))
+    if reuse and base is not None and base.embedding.dimension != identity.dimension:
+        raise InvalidInput(f"{model} gave {identity.dimension} dimensions, the FROM model's knowledge "
+                           f"{base.embedding.dimension}")
+    index = ks.KnowledgeIndex.build(identity, todo, vectors)
+    if reuse and base is not None:
+        index = base.without(replaced).plus(index)
+    layers = kept_files + [ks.file_layer(store, name, data) for name, data, _ in files]
+    return layers + [ks.index_layer_of(store, index)]
+
+
+def _embedding_model(store: Store, model: str, progress: ProgressFn, pull_missing: bool) -> ks.EmbeddingModel:
+    """The embedding model's identity (its weights' digest), pulled from the catalog first if it is missing."""
+    try:
+        name = ModelName.parse(model)
+    except SlmopsError as err:
+        raise ModelfileError(f"EMBEDDING: {err}") from None
+    if not store.exists(name):
+        if not (pull_missing and store.catalog.lookup(name)):
+            raise ModelNotFound(name.display)
+        store.pull(name, progress)
+    weights = store.manifest(name).layer(mt.MODEL)
+    if weights is None:
+        raise InvalidInput(f'EMBEDDING: "{name.display}" has no GGUF model layer to embed with')
+    return ks.EmbeddingModel(name.display, weights.digest, 0)
 
 
 def _refuse_unverifiable(store: Store, what: str) -> None:

@@ -1,5 +1,9 @@
 """Modelfile parsing, Ollama's syntax: one instruction per line, case-insensitive keywords, ``#`` comments,
 values in ``\"\"\"`` spanning lines or in double quotes. Every error names its line.
+
+Beyond Ollama's instructions: ``FILE path`` adds a knowledge file (text, Markdown or PDF; a relative path is the
+Modelfile's directory's, as for FROM and ADAPTER), and ``EMBEDDING model`` names the model that embeds them
+(:mod:`slmops.modelfile.knowledge`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 from slmops.types import options as opts
 from slmops.types.errors import InvalidOption, ModelfileError
 
-INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "ADAPTER", "LICENSE")
+INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "ADAPTER", "LICENSE", "FILE", "EMBEDDING")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -25,6 +29,8 @@ class Modelfile:
     messages: list[dict[str, str]] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
     licenses: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # knowledge files, as written (paths or blob digests)
+    embedding: str | None = None  # the model that embeds them; None: the base's, else the default
 
 
 def _quote(value: str) -> str:
@@ -49,6 +55,10 @@ def render(mf: Modelfile, header: str = "") -> str:
         lines.append(f"ADAPTER {a}")
     for lic in mf.licenses:
         lines.append(f'LICENSE """{lic}"""')
+    if mf.embedding is not None:
+        lines.append(f"EMBEDDING {mf.embedding}")
+    for f in mf.files:
+        lines.append(f"FILE {_quote(f)}")
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +133,12 @@ def parse(text: str) -> Modelfile:
                 mf.system = value
             elif keyword == "ADAPTER":
                 mf.adapters.append(value.strip())
+            elif keyword == "FILE":
+                mf.files.append(value.strip())
+            elif keyword == "EMBEDDING":
+                if mf.embedding is not None:
+                    raise ModelfileError("more than one EMBEDDING", line_no)
+                mf.embedding = value.strip()
             else:
                 mf.licenses.append(value)
         line_no += text.count("\n", eol, pos) if pos > eol else 0  # lines a multi-line value spanned

@@ -82,21 +82,25 @@ def ollama_logprobs(lps: tuple[TokenLogprob, ...]) -> list[oa.Logprob] | None:
                                      for x in t.top] or None) for t in lps]
 
 
-def generate_chunk(model: str, out: Output, with_context: bool = True) -> dict:
+def generate_chunk(model: str, out: Output, with_context: bool = True,
+                   knowledge: list[oa.KnowledgeChunk] | None = None) -> dict:
+    """``knowledge``: the chunks retrieval gave the model, named in the last object only."""
     r = oa.GenerateResponse(model=model, created_at=now_iso(), response=out.text,
                             done=out.done, done_reason=out.done_reason, logprobs=ollama_logprobs(out.logprobs),
                             context=list(out.context) if out.done and with_context else None,
-                            **stats_fields(out.stats))
+                            knowledge=knowledge if out.done else None, **stats_fields(out.stats))
     return r.model_dump(exclude_none=True)
 
 
-def chat_chunk(model: str, out: Output) -> dict:
-    """A streamed piece or a whole answer; Ollama numbers calls within the message that carries them."""
+def chat_chunk(model: str, out: Output, knowledge: list[oa.KnowledgeChunk] | None = None) -> dict:
+    """A streamed piece or a whole answer; Ollama numbers calls within the message that carries them.
+    ``knowledge``: the chunks retrieval gave the model, named in the last object only."""
     calls = [oa.ToolCall(function=oa.ToolCallFunction(name=c.name, arguments=c.arguments, index=i))
              for i, c in enumerate(out.tool_calls)]
     msg = oa.ResponseMessage(content=out.text, tool_calls=calls or None)
     r = oa.ChatResponse(model=model, created_at=now_iso(), message=msg, done=out.done, done_reason=out.done_reason,
-                        logprobs=ollama_logprobs(out.logprobs), **stats_fields(out.stats))
+                        logprobs=ollama_logprobs(out.logprobs), knowledge=knowledge if out.done else None,
+                        **stats_fields(out.stats))
     return r.model_dump(exclude_none=True)
 
 

@@ -21,8 +21,9 @@ from slmops.engine.tools import TOOLS_NOTE, template_handles_tools
 from slmops.modelfile import build, render
 from slmops.modelfile.parser import Modelfile, parse
 from slmops.security import roles
-from slmops.server import access, convert, streaming
+from slmops.server import access, convert, knowledge, streaming
 from slmops.server.runtime import ModelRuntime
+from slmops.store import knowledge as ks
 from slmops.store.pushing import push_to_registry
 from slmops.store.registry_auth import CREDENTIALS_FILE, RegistryConfig, read_logins
 from slmops.store.store import Store
@@ -46,9 +47,32 @@ def _store(request: Request) -> Store:
 # -- inference ------------------------------------------------------------------------------------------------
 def _target(request: Request, model: str, keep_alive: Any):
     """The runtime, the named model's spec (404 if absent) and the request's keep-alive in seconds."""
+    rt, _, spec, keep = _targeted(request, model, keep_alive)
+    return rt, spec, keep
+
+
+def _targeted(request: Request, model: str, keep_alive: Any):
+    """As :func:`_target`, with the stored model's name (whose knowledge a chat or generate looks up)."""
     rt = _rt(request)
-    _, spec = rt.resolver.resolve(model)
-    return rt, spec, rt.admission.keep_alive_for(keep_alive)
+    name, spec = rt.resolver.resolve(model)
+    return rt, name, spec, rt.admission.keep_alive_for(keep_alive)
+
+
+async def _with_knowledge(request: Request, response: Response, name: ModelName, spec, req, keep: float):
+    """``req`` with the chunks of the model's knowledge it asks about, and their names for the answer (None
+    when the model has none), also in the :data:`knowledge.HEADER` header: Ollama's clients drop fields they
+    do not know."""
+    found = await knowledge.of(request.app.state).retrieve(name, knowledge.query_of(req), keep)
+    if found is not None:
+        response.headers[knowledge.HEADER] = found.header()
+    return knowledge.augment(req, spec, found), (found.metadata() if found else None)
+
+
+def _headed(streamed: Response, response: Response) -> Response:
+    """A streamed answer carries the headers set on ``response`` (FastAPI applies them to returned values only)."""
+    if knowledge.HEADER in response.headers:
+        streamed.headers[knowledge.HEADER] = response.headers[knowledge.HEADER]
+    return streamed
 
 
 async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
@@ -65,34 +89,36 @@ async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) 
 
 
 @router.post("/api/generate")
-async def generate(body: oa.GenerateRequest, request: Request):
-    rt, spec, keep = _target(request, body.model, body.keep_alive)
+async def generate(body: oa.GenerateRequest, request: Request, response: Response):
+    rt, name, spec, keep = _targeted(request, body.model, body.keep_alive)
     if not body.prompt and not body.context:
         return await _load_only(rt, body.model, spec, keep, "response")
-    outputs = await streaming.prime(rt.inference.stream(spec, convert.from_generate(body), keep))
+    req, used = await _with_knowledge(request, response, name, spec, convert.from_generate(body), keep)
+    outputs = await streaming.prime(rt.inference.stream(spec, req, keep))
     if body.stream:
-        return streaming.ndjson(streaming.amap(lambda o: convert.generate_chunk(body.model, o), outputs))
-    return convert.generate_chunk(body.model, await answers.acollect(outputs))
+        return _headed(streaming.ndjson(streaming.amap(
+            lambda o: convert.generate_chunk(body.model, o, knowledge=used), outputs)), response)
+    return convert.generate_chunk(body.model, await answers.acollect(outputs), knowledge=used)
 
 
 @router.post("/api/chat")
-async def chat(body: oa.ChatRequest, request: Request):
-    rt, spec, keep = _target(request, body.model, body.keep_alive)
+async def chat(body: oa.ChatRequest, request: Request, response: Response):
+    rt, name, spec, keep = _targeted(request, body.model, body.keep_alive)
     if not body.messages:
         return await _load_only(rt, body.model, spec, keep, "message")
-    req = convert.from_chat(body)
+    req, used = await _with_knowledge(request, response, name, spec, convert.from_chat(body), keep)
     outputs = await streaming.prime(answers.split_calls(rt.inference.stream(spec, req, keep), req))
     if body.stream:
-        return streaming.ndjson(_chat_lines(body.model, outputs))
-    return convert.chat_chunk(body.model, await answers.acollect(outputs))
+        return _headed(streaming.ndjson(_chat_lines(body.model, outputs, used)), response)
+    return convert.chat_chunk(body.model, await answers.acollect(outputs), used)
 
 
-async def _chat_lines(model: str, outputs: AsyncIterator) -> AsyncIterator[dict]:
+async def _chat_lines(model: str, outputs: AsyncIterator, used=None) -> AsyncIterator[dict]:
     """Ollama's streamed chat: content as it comes; a tool call in its own line once it is whole. A piece
     whose text is all held back (it may be the start of a call) makes no line."""
     async for out in outputs:
         if out.text or out.tool_calls or out.done:
-            yield convert.chat_chunk(model, out)
+            yield convert.chat_chunk(model, out, used)
 
 
 @router.post("/api/embed")
@@ -197,7 +223,13 @@ async def show(body: oa.ShowRequest, request: Request) -> oa.ShowResponse:
                            details=details(store, name), model_info=model_info,
                            capabilities=capabilities,
                            modified_at=convert.iso(store.record(name).modified_at),
-                           messages=[oa.Message(**m) for m in mf.messages] or None)
+                           messages=[oa.Message(**m) for m in mf.messages] or None,
+                           knowledge=await asyncio.to_thread(_knowledge_files, store, name))
+
+
+def _knowledge_files(store: Store, name: ModelName) -> list[oa.KnowledgeFile] | None:
+    files = ks.list_files(store, store.manifest(name), f'"{name.display}"')
+    return [oa.KnowledgeFile(name=f.name, size=f.size, chunks=f.chunks, digest=f.digest) for f in files] or None
 
 
 @router.post("/api/copy")

@@ -7,13 +7,15 @@ import json
 import time
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Request
+from dataclasses import replace
+
+from fastapi import APIRouter, Request, Response
 
 import slmops
 from slmops.api import openai as oai
 from slmops.engine import answers
 from slmops.engine.outputs import Output, Stats
-from slmops.server import convert, streaming
+from slmops.server import convert, knowledge, streaming
 from slmops.server.runtime import ModelRuntime
 from slmops.types.errors import InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
@@ -47,20 +49,29 @@ async def _together(runs: list) -> list:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
+async def chat_completions(body: oai.ChatCompletionRequest, request: Request, response: Response):
+    """With knowledge, the chunks given to the model are named in the :data:`knowledge.HEADER` header."""
     rt = _rt(request)
-    _, spec = rt.resolver.resolve(body.model)
+    name, spec = rt.resolver.resolve(body.model)
     req = convert.from_chat_completion(body)
+    if body.stream and body.n != 1:
+        raise InvalidInput("n > 1 is not supported with stream; make n requests")
+    found = await knowledge.of(request.app.state).retrieve(name, knowledge.query_of(req),
+                                                           rt.admission.default_keep_alive)
+    req = knowledge.augment(req, spec, found)
     created, cid = int(time.time()), convert.new_id("chatcmpl")
     if body.stream:
-        if body.n != 1:
-            raise InvalidInput("n > 1 is not supported with stream; make n requests")
         outputs = await streaming.prime(answers.split_calls(_stream(rt, spec, req), req))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming.sse(_chat_stream(outputs, body.model, cid, created, include_usage))
+        streamed = streaming.sse(_chat_stream(outputs, body.model, cid, created, include_usage))
+        if found is not None:
+            streamed.headers[knowledge.HEADER] = found.header()
+        return streamed
+    if found is not None:
+        response.headers[knowledge.HEADER] = found.header()
     choices, stats = [], []
-    finals = await _together([_run(rt, spec, convert.from_chat_completion(body, seed_offset=i))
-                              for i in range(body.n)])
+    finals = await _together([_run(rt, spec, replace(req, options=convert.from_chat_completion(
+        body, seed_offset=i).options)) for i in range(body.n)])
     for i, answer in enumerate(finals):
         text, calls = answer.text, answer.tool_calls
         message = oai.AssistantMessage(content=text if (text or not calls) else None,

@@ -27,6 +27,8 @@ LICENSE = _OLLAMA + "license"
 ADAPTER = _OLLAMA + "adapter"
 FILE = "application/vnd.slmops.model.file"  # one file of a model stored as a folder (ONNX Runtime GenAI)
 TITLE = "org.opencontainers.image.title"  # a file layer's file name, as OCI tools (oras) write it
+KNOWLEDGE_FILE = "application/vnd.slmops.knowledge.file"  # a Modelfile FILE's bytes, its name in TITLE
+KNOWLEDGE_INDEX = "application/vnd.slmops.knowledge.index"  # chunks of those files and their embeddings
 
 
 class Layer(BaseModel):

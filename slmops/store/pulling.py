@@ -69,11 +69,14 @@ class Plan:
     files: dict[str, Descriptor] | None = None  # a model stored as a folder (ONNX): its files by name
 
 
+SLMOPS_LAYERS = (mt.FILE, mt.KNOWLEDGE_FILE, mt.KNOWLEDGE_INDEX)  # slmops's own layers beside Ollama's
+
+
 def plan_of(remote: RemoteManifest, what: str) -> Plan:
     doc = remote.doc
     config = descriptor(doc["config"], what)
     layers = [descriptor(d, what) for d in doc["layers"]]
-    if all(l.media_type.startswith("application/vnd.ollama.image.") or l.media_type == mt.FILE for l in layers):
+    if all(l.media_type.startswith("application/vnd.ollama.image.") or l.media_type in SLMOPS_LAYERS for l in layers):
         named = [(folders.title(l), l) for l in layers if l.media_type == mt.FILE]
         if named:
             folders.check_names([n for n, _ in named], what)
