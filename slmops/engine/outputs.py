@@ -17,6 +17,7 @@ class Stats:
     total_duration: int
     cached_prompt_tokens: int = 0
     truncated_prompt_tokens: int = 0
+    queue_duration: int = 0  # waiting for the model's batch (ns), before prompt_eval_duration began
 
     @property
     def prompt_tokens_per_s(self) -> float:

@@ -147,6 +147,9 @@ class BatchRunner:
         ends = np.cumsum([len(i.tokens) for i in batch.items]) - 1
         for end, item in zip(ends, batch.items):
             want[end] = 1 if item.sample else 0
+            req = self._requests.get(item.req_id)
+            if req is not None and not req.out.t_admitted:  # its prompt's first step: its wait ends
+                req.out.admitted()
         self.decoder.decode(tokens, pos, seqs, want)
         sampled: dict[int, int] = {}
         finished: list[Finished] = []

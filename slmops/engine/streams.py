@@ -24,8 +24,8 @@ class TokenStream:
     """The streaming state of one request. ``utf8`` is for loops whose tokens are bytes (llama.cpp pieces split
     characters across tokens); loops that detokenize to text themselves leave it unused."""
 
-    __slots__ = ("prompt", "sampling", "emit", "load_duration", "stops", "utf8", "t_start", "t_first", "cached",
-                 "generated", "pending_lp")
+    __slots__ = ("prompt", "sampling", "emit", "load_duration", "stops", "utf8", "t_start", "t_admitted", "t_first",
+                 "cached", "generated", "pending_lp")
 
     def __init__(self, prompt: list[int], sampling: SamplingParams, emit: Emit, load_duration: int = 0):
         self.prompt = prompt
@@ -35,10 +35,16 @@ class TokenStream:
         self.stops = StopMatcher(sampling.stop)
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self.t_start = time.perf_counter_ns()
+        self.t_admitted = 0  # when the loop first evaluated any of its prompt: the wait for a batch ends there
         self.t_first = 0  # when the first token was sampled: the prompt's evaluation ends there
         self.cached = 0  # prompt tokens served from a prefix cache
         self.generated: list[int] = []
         self.pending_lp: list[TokenLogprob] = []  # for tokens whose text is not out yet
+
+    def admitted(self) -> None:
+        """The loop is evaluating this request's prompt now (the first time counts)."""
+        if not self.t_admitted:
+            self.t_admitted = time.perf_counter_ns()
 
     def first(self, cached: int = 0) -> None:
         """The first token was sampled (end-of-turn included), ``cached`` of the prompt's tokens were reused."""
@@ -63,9 +69,11 @@ class TokenStream:
         turn, a stop string) or anything else, which Ollama reports as "length"."""
         now = time.perf_counter_ns()
         first = self.t_first or now
-        stats = Stats(prompt_eval_count=len(self.prompt), prompt_eval_duration=first - self.t_start,
+        admitted = min(self.t_admitted or self.t_start, first)
+        stats = Stats(prompt_eval_count=len(self.prompt), prompt_eval_duration=first - admitted,
                       eval_count=len(self.generated), eval_duration=now - first, load_duration=self.load_duration,
-                      total_duration=now - self.t_start + self.load_duration, cached_prompt_tokens=self.cached)
+                      total_duration=now - self.t_start + self.load_duration, cached_prompt_tokens=self.cached,
+                      queue_duration=admitted - self.t_start)
         tail = self.stops.flush() + self.utf8.decode(b"", final=True)
         self.emit(Output(text=tail, done=True, done_reason="stop" if reason == "stop" else "length", stats=stats,
                          logprobs=tuple(self.pending_lp), context=tuple(self.prompt) + tuple(self.generated)))

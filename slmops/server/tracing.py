@@ -12,11 +12,11 @@ side that answers it, and the caller's span becomes its parent through the incom
 generation adds child spans rebuilt from the engine's stats. Those are durations measured in the runner process,
 so they are laid back from the moment the server had the final record, inside the generation's own time:
 
-- ``queue``: from the generation's start in the server to the model's start on it (a busy model, the starter
-  thread, the pipe to the runner);
+- ``queue``: from the generation's start in the server to the first step of the model's batch that evaluates its
+  prompt (the starter thread, the pipe to the runner, the batch scheduler's queue); with a load, one ``queue`` span
+  before it and one after, for the batch's queue;
 - ``load``: the model's load, when this request paid for it;
-- ``prefill``: the prompt's evaluation up to the first sampled token (any wait in the model's batch scheduler is
-  in it: the engine does not report that wait apart);
+- ``prefill``: the prompt's evaluation up to the first sampled token;
 - ``decode``: from the first sampled token to the last.
 
 ``gen_ai.response.time_to_first_chunk`` is the server's view: seconds from the request's arrival to the model's
@@ -284,10 +284,15 @@ class Generation:
         t0, p = self.started_ns, self.parent
         decode = max(t0, end - stats.eval_duration)
         prefill = max(t0, decode - stats.prompt_eval_duration)
-        load = max(t0, prefill - stats.load_duration)
-        p._child("queue", t0, load)
+        batched = max(t0, prefill - stats.queue_duration)  # its wait for the model's batch began here
+        load = max(t0, batched - stats.load_duration)
         if stats.load_duration:
-            p._child("load", load, prefill)
+            p._child("queue", t0, load)
+            p._child("load", load, batched)
+            if stats.queue_duration:
+                p._child("queue", batched, prefill)
+        else:
+            p._child("queue", t0, prefill)
         p._child("prefill", prefill, decode, **{"slmops.tokens": stats.prompt_eval_count,
                                                "slmops.cached_tokens": stats.cached_prompt_tokens})
         p._child("decode", decode, end, **{"slmops.tokens": stats.eval_count})

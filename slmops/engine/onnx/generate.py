@@ -142,6 +142,7 @@ class GenerateLoop:
                 if job.guidance is not None:  # llguidance rejected the grammar (or a schema it cannot compile)
                     raise InvalidInput(f"the output constraint cannot be used: {one_line(err)}") from None
                 raise
+            job.out.admitted()
             job.gen.append_tokens(np.asarray(job.out.prompt, dtype=np.int32))
             job.text = self.tokenizer.create_stream()
             return True
