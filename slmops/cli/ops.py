@@ -22,15 +22,17 @@ from slmops.types.name import ModelName
 
 
 class TensorBar:
-    """Tensors quantized so far, as llama.cpp reports them."""
+    """Steps of a long job done so far (tensors quantized, blocks measured, training steps), with a note such as
+    the last loss."""
 
     def __init__(self, what: str):
         self.progress = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=err_console, disable=not sys.stderr.isatty())
-        self.task = self.progress.add_task(what, total=None)
+                                 TextColumn("{task.fields[note]}"), console=err_console,
+                                 disable=not sys.stderr.isatty())
+        self.task = self.progress.add_task(what, total=None, note="")
 
-    def __call__(self, done: int, total: int) -> None:
-        self.progress.update(self.task, completed=done, total=total)
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        self.progress.update(self.task, completed=done, total=total, note=note)
 
     def __enter__(self) -> Self:
         self.progress.start()

@@ -1,4 +1,5 @@
-"""``slmops shrink``: a smaller, faster model without its least important transformer blocks, and what it cost."""
+"""``slmops shrink`` and ``slmops distill``: a smaller, faster model without its least important transformer blocks,
+what that cost, and training that wins some of it back."""
 
 from __future__ import annotations
 
@@ -43,12 +44,7 @@ def shrink_cmd(
     src, dst = ModelName.parse(source), ModelName.parse(to)
     if not s.exists(src):
         raise ModelNotFound(src.display)
-    text = None
-    if calibration is not None:
-        try:
-            text = calibration.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"cannot read the calibration text {calibration}: {e}") from None
+    text = _read(calibration)
     with audited("shrink", to, source=src.display), TensorBar("measuring blocks") as bar:
         size_before = s.record(src).size
         shrunk = shrink_model(s, src, dst, drop, _blocks(blocks), text, tokens,
@@ -99,20 +95,83 @@ def _print(out: dict[str, Any]) -> None:
     console.print(f"wrote {out['model']}: {out['blocks'] - len(out['dropped'])} of {out['blocks']} blocks "
                   f"(dropped {', '.join(map(str, out['dropped']))}), {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB",
                   markup=False)
-    rows = out.get("report")
-    if not rows:
-        return
+    if out.get("report"):
+        _print_report(out["report"])
+
+
+def _print_report(rows: list[dict[str, Any]]) -> None:
+    """One row per model, then each later model against the first."""
     table = [("MODEL", "SIZE", "PERPLEXITY", "GOLDEN", "DECODE tok/s", "PROMPT tok/s", "PEAK RSS")]
     for r in rows:
         table.append((r["model"], f"{r['size_bytes'] / 1e6:.0f} MB", f"{r['perplexity']:.2f}",
                       "{}/{}".format(*r["golden"]), f"{r['decode_tokens_per_s']:.1f}",
                       f"{r['prompt_tokens_per_s']:.0f}", f"{r['peak_rss_bytes'] / 1e6:.0f} MB"))
-    base, new = rows
-    table.append(("  new / source", f"{new['size_bytes'] / base['size_bytes']:.2f}x",
-                  f"{new['perplexity'] / base['perplexity']:.2f}x", "",
-                  f"{new['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
-                  f"{new['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}x",
-                  f"{new['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x"))
+    base = rows[0]
+    for new in rows[1:]:
+        table.append((f"  {new['model']} / {base['model']}", f"{new['size_bytes'] / base['size_bytes']:.2f}x",
+                      f"{new['perplexity'] / base['perplexity']:.2f}x", "",
+                      f"{new['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
+                      f"{new['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}x",
+                      f"{new['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         console.print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False, soft_wrap=True)
+
+
+def distill_cmd(
+    student: str = typer.Argument(..., help="Model to heal (it is not changed): a pruned or quantized one."),
+    teacher: str = typer.Option(..., "--teacher", help="The model it was made from."),
+    to: str = typer.Option(..., "--to", help="Name of the new model."),
+    steps: int = typer.Option(40, "--steps", min=1, help="Training steps."),
+    lr: float = typer.Option(5e-5, "--lr", help="Learning rate (AdamW)."),
+    seq_len: int = typer.Option(256, "--seq-len", min=16, help="Tokens per training window."),
+    batch: int = typer.Option(2, "--batch", min=1, help="Windows per step."),
+    text: Path = typer.Option(None, "--text", help="Text to train on (default: the shipped calibration text)."),
+    report: bool = typer.Option(True, "--report/--no-report",
+                                help="Measure teacher, student and result: perplexity, golden prompts, speed, memory."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Speed runs per model in the report; medians are reported."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of the loss curve and the table here."),
+    json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a student toward its teacher's token distributions (KL), on the CPU; write it back as a GGUF."""
+    from slmops.ops.distill import DistillPlan, distill_model
+
+    s = store()
+    names = [ModelName.parse(n) for n in (teacher, student, to)]
+    for n in names[:2]:
+        if not s.exists(n):
+            raise ModelNotFound(n.display)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InvalidInput("--plot needs matplotlib; pip install 'slmops[bench]'") from None
+    plan = DistillPlan(steps=steps, lr=lr, seq_len=seq_len, batch=batch)
+    with audited("distill", to, source=names[1].display, teacher=names[0].display), TensorBar("training") as bar:
+        result = distill_model(s, names[0], names[1], names[2], plan, _read(text), progress=lambda item: bar(
+            item["done"], item["total"], f"loss {item['loss']:.4f}") if item.get("step") == "train" else None,
+            status=lambda msg: err_console.print(msg, markup=False))
+    out: dict[str, Any] = {"model": names[2].display, "student": names[1].display, "teacher": names[0].display,
+                           "steps": steps, "losses": result.losses, "seconds": result.seconds,
+                           "tokens_per_step": result.tokens_per_step}
+    if report:
+        out["report"] = _measure(s, names, runs)
+    if plot is not None:
+        from slmops.ops.distill import plot as draw
+        draw(out, plot)
+    if json_:
+        print(json.dumps(out, indent=2))
+        return
+    console.print(f"wrote {out['model']}: {steps} steps in {result.seconds:.0f} s, loss {result.losses[0]:.4f} -> "
+                  f"{result.losses[-1]:.4f}", markup=False)
+    if report:
+        _print_report(out["report"])
+
+
+def _read(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"cannot read {path}: {e}") from None

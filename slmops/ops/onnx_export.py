@@ -100,6 +100,9 @@ def repair_tokenizer(folder: Path, eos: str, add_bos: bool) -> None:
     decoders = (tj.get("decoder") or {}).get("decoders") or []
     byte_level = any(d.get("type") == "ByteLevel" for d in decoders)
     if byte_level:
+        # A byte-level BPE has no SentencePiece model: one saved beside it (transformers writes a stray one when
+        # sentencepiece is installed) would be read first, by llama.cpp's converter among others.
+        (folder / "tokenizer.model").unlink(missing_ok=True)
         tj["normalizer"] = None
         tj["model"]["byte_fallback"] = False
         tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}

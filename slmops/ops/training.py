@@ -1,0 +1,89 @@
+"""Training steps on the CPU, run in a child process (:mod:`slmops.ops.children`): PyTorch and transformers, which
+load a GGUF's weights dequantized to float32.
+
+Distillation heals a pruned or quantized student against its teacher (the model it was made from): the loss is
+the KL divergence from the teacher's next-token distribution to the student's, at every position of windows of
+a text (Hinton et al.'s soft targets, temperature-scaled). Matching whole distributions carries far more signal
+per token than the text's own next tokens, which is why a few dozen steps on a few thousand tokens recover much
+of what the cut lost. Every step reports its loss as a JSON line; the parent draws the progress bar and the curve.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from slmops.ops.children import report
+
+
+def _load(gguf: Path):  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+
+
+def windows(ids: list[int], length: int) -> list[list[int]]:
+    """Overlapping windows (half a window apart) covering ``ids``: every token is seen with context."""
+    if len(ids) <= length:
+        return [ids]
+    step = max(1, length // 2)
+    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, step)]
+
+
+def distill(teacher_gguf: Path, student_gguf: Path, text: str, out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Train the student on ``text`` against the teacher; save it as a Hugging Face folder at ``out``."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(plan.get("seed", 0))
+    if plan.get("threads"):
+        torch.set_num_threads(int(plan["threads"]))
+    tok = AutoTokenizer.from_pretrained(str(teacher_gguf.parent), gguf_file=teacher_gguf.name)
+    teacher, student = _load(teacher_gguf).eval(), _load(student_gguf).train()
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise SystemExit("the student's vocabulary differs from the teacher's; distil models of one family")
+    chunks = windows(tok(text).input_ids, int(plan["seq_len"]))
+    opt = torch.optim.AdamW(student.parameters(), lr=float(plan["lr"]), weight_decay=0.0)
+    steps, batch, temp = int(plan["steps"]), int(plan["batch"]), float(plan.get("temperature", 1.0))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    losses, t0 = [], time.monotonic()
+    for step in range(steps):
+        picked = [chunks[(step * batch + j) % len(chunks)] for j in range(batch)]
+        width = min(len(c) for c in picked)
+        ids = torch.tensor([c[:width] for c in picked])
+        with torch.no_grad():
+            target = F.log_softmax(teacher(ids).logits / temp, dim=-1)
+        pred = F.log_softmax(student(ids).logits / temp, dim=-1)
+        loss = F.kl_div(pred.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean") * temp**2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        report(step="train", done=step + 1, total=steps, loss=losses[-1])
+    from slmops.ops.onnx_export import save_hf
+
+    save_hf(student, tok, student_gguf, out)
+    return {"losses": losses, "tokens_per_step": batch * width, "windows": len(chunks),
+            "seconds": time.monotonic() - t0}
+
+
+def main(argv: list[str]) -> None:
+    """``distill TEACHER STUDENT TEXT_FILE OUT_DIR PLAN_JSON``: the result is the last JSON line."""
+    step, *args = argv
+    if step == "distill":
+        teacher, student, text, out, plan = args
+        report(**distill(Path(teacher), Path(student), Path(text).read_text(), Path(out), json.loads(plan)))
+    else:
+        raise SystemExit(f"unknown step {step!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
