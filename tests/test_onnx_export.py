@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from onnx_model import onnx_folder  # noqa: F401
 
-from slmops.ops import onnx_export
+from slmops.ops import children
 from slmops.ops.onnx_export import export
 from slmops.types.errors import InvalidInput, SourceError
 
@@ -19,7 +19,7 @@ QUESTION = "What is the capital of France? Answer in one word."
 
 def test_missing_dependencies_are_named_with_the_extra_to_install(monkeypatch, tmp_path: Path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(onnx_export.importlib.util, "find_spec",
+    monkeypatch.setattr(children.importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
     out = tmp_path / "out"
     with pytest.raises(SourceError, match=r"onnxruntime_genai.*slmops\[convert,onnx\]"):
