@@ -123,7 +123,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         cells = [[r["model"], f"{r['perplexity']:.2f}", "{}/{}".format(*r["golden"]),
                   f"{r['decode_tokens_per_s']:.1f}", f"{r['size_bytes'] / 1e6:.0f} MB"] for r in rows]
         table = ax.table(cellText=cells, colLabels=["model", "perplexity", "golden", "decode tok/s", "size"],
-                         loc="center")
+                         colWidths=[0.42, 0.15, 0.11, 0.17, 0.13], loc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(8)
         table.scale(1, 1.4)
