@@ -28,14 +28,20 @@ CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmop
 BIN = Path(sys.executable).parent / "slmops"
 
 
+def cached_home(name: str, model: ModelName) -> Path:
+    """An SLMOPS_HOME under the machine's test cache holding ``model``, pulled through the real catalog source the
+    first time only."""
+    home = CACHE / name
+    store = Store(home / "models")
+    if not store.exists(model):
+        store.pull(model)
+    return home
+
+
 @pytest.fixture(scope="session")
 def shared_home() -> Path:
     """An SLMOPS_HOME holding the real default model, pulled through the real catalog source once per machine."""
-    home = CACHE / "home"
-    store = Store(home / "models")
-    if not store.exists(DEFAULT):
-        store.pull(DEFAULT)
-    return home
+    return cached_home("home", DEFAULT)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import HTTP, CACHE, Server, link_home
+from conftest import HTTP, Server, cached_home, link_home
 from slmops.store.store import Store
 from slmops.types.name import ModelName
 
@@ -18,11 +18,7 @@ UNRELATED = "The stock market fell sharply on Tuesday."
 @pytest.fixture(scope="module")
 def minilm_home(tmp_path_factory):
     """A home with all-minilm only, pulled (downloaded and converted) once per machine into its own cache."""
-    cached = CACHE / "minilm-home"
-    store = Store(cached / "models")
-    if not store.exists(MINILM):
-        store.pull(MINILM)
-    return link_home(cached, tmp_path_factory.mktemp("minilm"))
+    return link_home(cached_home("minilm-home", MINILM), tmp_path_factory.mktemp("minilm"))
 
 
 @pytest.fixture(scope="module")

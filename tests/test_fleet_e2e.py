@@ -48,10 +48,10 @@ ALLOW = {"SLMOPS_ALLOW_PRIVATE_REGISTRIES": "true", "SLMOPS_CONFIG": ""}
 
 
 class ControlPlane(ServerProcess):
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, **env: str):
         port = free_port()
         self.env = {**os.environ, **ALLOW, "SLMOPS_HOME": str(home), "SLMOPS_FLEET_HOST": f"127.0.0.1:{port}",
-                    "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": ""}
+                    "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": "", **env}
         super().__init__([BIN, "fleet", "serve", "--insecure-registries"], home / "fleet.log",
                          f"http://127.0.0.1:{port}", env=self.env)
         self.wait_ready()

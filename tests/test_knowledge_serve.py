@@ -13,7 +13,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import CACHE, HTTP, Server, link_home, run_cli
+from conftest import HTTP, Server, cached_home, link_home, run_cli
 from registry import empty_registry  # noqa: F401 - the fixture
 from slmops.store import knowledge as ks
 from slmops.store.store import Store
@@ -44,11 +44,7 @@ def ok(r) -> None:
 
 @pytest.fixture(scope="module")
 def minilm_cache() -> Path:
-    cached = CACHE / "minilm-home"
-    store = Store(cached / "models")
-    if not store.exists(MINILM):
-        store.pull(MINILM)
-    return cached
+    return cached_home("minilm-home", MINILM)
 
 
 @pytest.fixture(scope="module")

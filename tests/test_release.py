@@ -24,9 +24,9 @@ import pytest
 import typer
 import yaml
 
-from conftest import BIN, free_port, link_home, run_cli
-from procs import ServerProcess
+from conftest import BIN, link_home, run_cli
 from registry import BINARY, DOCKER_MANIFEST, OCI_MANIFEST, Registry
+from test_fleet_e2e import ControlPlane
 from slmops.client.fleet import FleetClient
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import NotFound
@@ -96,18 +96,6 @@ def test_the_workflow_installs_from_the_repository_and_runs_a_valid_release_line
 
 # -- end to end ----------------------------------------------------------------------------------------------------
 
-class ControlPlane(ServerProcess):
-    """`slmops fleet serve` trusting only ``trusted`` (so every release's signature is checked)."""
-
-    def __init__(self, home: Path, trusted: Path):
-        port = free_port()
-        self.env = {**os.environ, **ALLOW, "SLMOPS_HOME": str(home), "SLMOPS_FLEET_HOST": f"127.0.0.1:{port}",
-                    "SLMOPS_FLEET_DB": "", "SLMOPS_FLEET_KEY": "", "SLMOPS_FLEET_TRUSTED_KEYS": str(trusted)}
-        super().__init__([BIN, "fleet", "serve", "--insecure-registries"], home / "fleet.log",
-                         f"http://127.0.0.1:{port}", env=self.env)
-        self.wait_ready()
-
-
 @dataclass
 class World:
     registry: Registry
@@ -146,7 +134,7 @@ def world(tmp_path_factory, shared_home):
     signing_key, public = keypair(secrets, "release")
     registry = Registry(tmp / "registry")
     (tmp / "plane").mkdir()
-    plane = ControlPlane(tmp / "plane", public)
+    plane = ControlPlane(tmp / "plane", SLMOPS_FLEET_TRUSTED_KEYS=str(public))  # every signature checked
     try:
         made = run_cli("fleet", "keys", "create", "ci", "--role", "operator", home=tmp / "plane",
                        SLMOPS_FLEET_HOST=plane.env["SLMOPS_FLEET_HOST"], SLMOPS_FLEET_DB="")

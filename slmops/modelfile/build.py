@@ -183,18 +183,24 @@ def _knowledge(store: Store, base_layers: list[Layer], embedding: str | None,
 
 def _embedding_model(store: Store, model: str, progress: ProgressFn, pull_missing: bool) -> ks.EmbeddingModel:
     """The embedding model's identity (its weights' digest), pulled from the catalog first if it is missing."""
-    try:
-        name = ModelName.parse(model)
-    except SlmopsError as err:
-        raise ModelfileError(f"EMBEDDING: {err}") from None
-    if not store.exists(name):
-        if not (pull_missing and store.catalog.lookup(name)):
-            raise ModelNotFound(name.display)
-        store.pull(name, progress)
+    name = _stored(store, model, "EMBEDDING", progress, pull_missing)
     weights = store.manifest(name).layer(mt.MODEL)
     if weights is None:
         raise InvalidInput(f'EMBEDDING: "{name.display}" has no GGUF model layer to embed with')
     return ks.EmbeddingModel(name.display, weights.digest, 0)
+
+
+def _stored(store: Store, text: str, keyword: str, progress: ProgressFn, pull_missing: bool) -> ModelName:
+    """The model a Modelfile line names, pulled from the catalog first if the store lacks it (as Ollama does)."""
+    try:
+        name = ModelName.parse(text)
+    except SlmopsError as err:
+        raise ModelfileError(f"{keyword}: {err}") from None
+    if not store.exists(name):
+        if not (pull_missing and store.catalog.lookup(name)):
+            raise ModelNotFound(name.display)
+        store.pull(name, progress)
+    return name
 
 
 def _refuse_unverifiable(store: Store, what: str) -> None:
@@ -217,14 +223,7 @@ def _base(store: Store, mf: Modelfile, base_dir: Path, progress: ProgressFn,
         file, digest = _file(store, mf.from_, base_dir, "FROM")
         layer, info = store.import_gguf(lambda: file.open("rb"), mf.from_, digest, progress, file.stat().st_size)
         return [layer], info
-    try:
-        base = ModelName.parse(mf.from_)
-    except SlmopsError as err:
-        raise ModelfileError(f"FROM: {err}") from None
-    if not store.exists(base):
-        if not (pull_missing and store.catalog.lookup(base)):
-            raise ModelNotFound(base.display)
-        store.pull(base, progress)
+    base = _stored(store, mf.from_, "FROM", progress, pull_missing)
     if store.trust is not None:
         store.trust(store, base)
     manifest = store.manifest(base)
