@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")  # a release's version
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,63}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 Role = Literal["admin", "operator", "viewer"]
@@ -199,7 +200,7 @@ class VariantSpec(_Request):
 
 class ReleaseRequest(_Request):
     name: str
-    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")
+    version: str = Field(pattern=VERSION_RE.pattern)
     variants: list[VariantSpec] = Field(min_length=1, max_length=32)
     golden: list[Golden] = Field(default_factory=list, max_length=64)
     notes: str = Field("", max_length=4096)

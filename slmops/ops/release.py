@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slmops.api.fleet import NAME_RE, Golden, RolloutRequest
+from slmops.api.fleet import NAME_RE, VERSION_RE, Golden, RolloutRequest
 from slmops.store.atomic import atomic_writer
 from slmops.store.registry_auth import RegistryConfig
 from slmops.types import quant
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 
 AS_IS = "as-is"  # a variant that is the model the Modelfile makes, unquantized
 STEPS = ("check", "create", "quantize", "gate", "sign", "push", "release", "channel", "rollout")
-_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")  # the control plane's (api.fleet.ReleaseRequest)
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ class ReleasePlan:
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
             raise InvalidInput(f"release name {self.name!r}: lowercase letters, digits and ._- (64 at most)")
-        if not _VERSION.match(self.version):
+        if not VERSION_RE.match(self.version):
             raise InvalidInput(f"release version {self.version!r}: letters, digits and .+- (32 at most)")
         if not self.variants:
             raise InvalidInput("a release needs at least one --variant HARDWARE=TYPE")

@@ -35,7 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from slmops.api.fleet import NAME_RE, TAG_RE, ChannelInfo, Golden, ReleaseInfo, ReleaseRequest, VariantInfo, VariantSpec
+from slmops.api.fleet import NAME_RE, TAG_RE, VERSION_RE, ChannelInfo, Golden, ReleaseInfo, ReleaseRequest, VariantInfo, VariantSpec
 from slmops.fleet.control import ledger
 from slmops.fleet.control.models import Channel, Release, Variant
 from slmops.store.registry import RegistryClient, RemoteManifest, fetch_signature
@@ -244,7 +244,7 @@ def _naming(what: str) -> Iterator[None]:
 def split_release(text: str) -> tuple[str, str]:
     """``NAME:VERSION`` → (name, version); InvalidInput otherwise."""
     name, sep, version = text.partition(":")
-    if not sep or not NAME_RE.match(name) or not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,31}", version):
+    if not sep or not NAME_RE.match(name) or not VERSION_RE.fullmatch(version):
         raise InvalidInput(f"{text[:80]!r} is not NAME:VERSION (smol:1.2.0)")
     return name, version
 
