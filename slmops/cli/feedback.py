@@ -11,10 +11,12 @@ records anyway.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 import httpx
@@ -100,6 +102,26 @@ def export(release: Optional[str] = typer.Option(None, "--release", help="Only t
     for record in FeedbackLog(settings().home / "feedback").records(release, after):
         out.write(export_line(record))
     out.flush()
+
+
+@app.command("dataset")
+def dataset(exports: list[Path] = typer.Argument(..., help="Feedback exports (JSONL) to build from."),
+            out: Path = typer.Option(..., "--out", "-o", help="Folder to write the dataset to."),
+            heldout: float = typer.Option(0.2, "--heldout", help="Share of the well-rated answers kept out of "
+                                                                  "training, for the gate."),
+            release: Optional[str] = typer.Option(None, "--release", help="Only this release's ratings."),
+            json_: bool = typer.Option(False, "--json", help="Print the provenance as JSON.")) -> None:
+    """Build a fine-tuning dataset: deduplicated, split into train and held-out, with every rating's provenance."""
+    from slmops.ops.dataset import build
+
+    ds = build(exports, out, heldout, release)
+    if json_:
+        print(json.dumps(ds.provenance, indent=2))
+        return
+    c = ds.provenance["counts"]
+    console.print(f"wrote {out}: {c['train']} to train on, {c['heldout']} held out, {c['rejected']} rated -1 kept "
+                  f"aside; {c['duplicates']} duplicate(s) and {c['conflicting']} contradicting rating(s) dropped; "
+                  f"dataset {ds.digest}", markup=False)
 
 
 @app.command("clear")

@@ -13,7 +13,7 @@ import typer
 import typer.exceptions
 
 import slmops
-from slmops.cli import agent, feedback, fleet, hw, importing, models, ops, release, run, security, serve, shrink
+from slmops.cli import agent, feedback, fleet, hw, importing, models, ops, release, run, security, serve, shrink, tune
 from slmops.cli.common import CONTROL_PLANE_ONLY, console, engine_missing, err_console, settings, use_config
 from slmops.config.settings import SETTINGS
 from slmops.types.errors import SlmopsError
@@ -45,6 +45,7 @@ app.command("optimize")(ops.optimize_cmd)
 app.command("release")(release.release_cmd)
 app.command("shrink")(shrink.shrink_cmd)
 app.command("distill")(shrink.distill_cmd)
+app.command("tune")(tune.tune_cmd)
 app.command("hw")(hw.hw_cmd)
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(agent.app, name="agent")

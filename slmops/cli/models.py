@@ -175,11 +175,35 @@ def _show_info(s, name: ModelName, mf) -> None:
         console.print("\n  System")
         for line in mf.system.splitlines()[:2]:
             console.print(f"    {line}", markup=False)
+    made = _made_from(s.config(name))
+    if made:
+        console.print("\n  Made from")
+        for k, v in made:
+            console.print(f"    {k:<20}{v}", markup=False, soft_wrap=True)
     for lic in mf.licenses[:1]:
         console.print("\n  License")
         for line in [l for l in lic.splitlines() if l.strip()][:2]:
             console.print(f"    {line.strip()}", markup=False)
     console.print()
+
+
+def _made_from(config: dict) -> list[tuple[str, str]]:
+    """What a model made here (pruned, distilled, tuned) says it came from, as its config records it."""
+    rows = []
+    if "pruned_from" in config:
+        rows.append(("pruned from", f"{config['pruned_from']} (blocks {', '.join(map(str, config['pruned_blocks']))} "
+                                    "dropped)"))
+    if "distilled_from" in config:
+        rows.append(("distilled", f"{config['student']} toward {config['distilled_from']}"))
+    if "tuned_from" in config:
+        d, t = config["dataset"], config["tune"]
+        rows += [("tuned from", f"{config['tuned_from']['model']} ({config['tuned_from']['digest'][:19]})"),
+                 ("feedback", f"{d['counts']['train']} answers trained on, {d['counts']['heldout']} held out, from "
+                              + ", ".join(sorted(d["releases"]))),
+                 ("dataset", d["digest"]),
+                 ("training", f"LoRA rank {t['rank']}, {t['steps']} steps, loss {t['loss_first']:.3f} -> "
+                              f"{t['loss_last']:.3f}")]
+    return rows
 
 
 def _show_files(s, name: ModelName) -> None:

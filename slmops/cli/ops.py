@@ -136,10 +136,8 @@ def bench_cmd(
     from slmops.ops.bench import BenchPlan, bench
 
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidInput("--plot needs matplotlib; pip install 'slmops[bench]'") from None
+        from slmops.ops.charts import require
+        require()
     s = store()
     names = [ModelName.parse(m) for m in models]
     for n in names:

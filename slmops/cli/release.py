@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 def release_cmd(
     release: str = typer.Argument(..., help="NAME:VERSION of the release (assistant:1.4.0); the version is also "
                                             "the models' tag in the registry."),
-    file: Path = typer.Option(Path("Modelfile"), "--file", "-f", help="The Modelfile to release."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="The Modelfile to release (default: Modelfile)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Release a model already in the store (one `slmops "
+                                                              "tune` made) instead of a Modelfile."),
     registry: str = typer.Option(..., "--registry", help="HOST[:PORT]/NAMESPACE the variants are pushed under."),
     variant: Optional[list[str]] = typer.Option(None, "--variant", help="HARDWARE=TYPE: a hardware key (cpu, cuda, "
                                                 "cpu-aarch64, *) and its quantization (q8_0, q4_k_m …, or as-is); "
@@ -43,6 +45,10 @@ def release_cmd(
     golden: Optional[Path] = typer.Option(None, "--golden", help="Golden prompts, JSON lines of {prompt, expect | "
                                           "expect_regex, max_tokens}: gated here on every variant and shipped with "
                                           "the release for the devices' smoke test."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Gate on held-out conversations: a dataset "
+                                           "folder (`slmops feedback dataset`) or a JSONL of {messages} lines."),
+    max_heldout_increase: float = typer.Option(0.0, "--max-heldout-increase", help="Gate: most perplexity "
+                                               "increase (percent) of the held-out answers over the baseline."),
     min_golden_score: float = typer.Option(1.0, "--min-golden-score", min=0.0, max=1.0,
                                            help="Gate: share of the golden prompts each variant must pass."),
     ctx: int = typer.Option(512, "--ctx", help="Gate: tokens per perplexity window."),
@@ -73,11 +79,14 @@ def release_cmd(
     name, _, version = release.partition(":")
     if not version:
         raise InvalidInput(f"{release!r} is not NAME:VERSION (assistant:1.4.0)")
+    if file is not None and model is not None:
+        raise InvalidInput("release a Modelfile (-f) or a model (--model), not both")
     gate = GatePlan(max_ppl_increase, _golden(golden), min_golden_score, ctx, windows,
-                    ModelName.parse(baseline) if baseline else None)
-    plan = ReleasePlan(name, version, file, registry, tuple(VariantPlan.parse(v) for v in variant or ["*=as-is"]),
+                    ModelName.parse(baseline) if baseline else None, _heldout(heldout), max_heldout_increase)
+    plan = ReleasePlan(name, version, None if model else file or Path("Modelfile"), registry,
+                       tuple(VariantPlan.parse(v) for v in variant or ["*=as-is"]),
                        key, gate, _publish(release, fleet_url, channel, to, no_rollout, waves, bake, notes),
-                       allow_requantize, password or None)
+                       allow_requantize, password or None, ModelName.parse(model) if model else None)
     cfg = settings()
     wiring = Wiring(RegistryConfig.from_settings(cfg, insecure=insecure), lambda: _fleet(plan.publish.fleet_url),
                     local_engine, cfg.home / "releases" / f"{name}-{version}.json")
@@ -104,6 +113,29 @@ def _golden(path: Path | None) -> tuple:
     from slmops.api.fleet import Golden
     from slmops.cli.fleet_releases import read_golden as read
     return tuple(Golden.model_validate(g) for g in read(path))
+
+
+def _heldout(path: Path | None) -> tuple:
+    """Held-out conversations: a dataset folder's (checked against its provenance), or a JSONL file's."""
+    if path is None:
+        return ()
+    from slmops.ops.dataset import conversations, load
+
+    if path.is_dir():
+        rows = load(path).heldout
+    else:
+        try:
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            answered = all(r["messages"][-1]["role"] == "assistant" and isinstance(r["messages"][-1]["content"], str)
+                           for r in rows)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError):
+            answered = False
+        if not answered:
+            raise InvalidInput(f"--heldout {path}: give a dataset folder or a JSONL of {{\"messages\": [...]}} "
+                               "lines, each ending with the answer")
+    if not rows:
+        raise InvalidInput(f"--heldout {path} holds no conversations")
+    return tuple(tuple(c) for c in conversations(rows))
 
 
 def _publish(release: str, url: str | None, channel: str, to: str | None, no_rollout: bool, waves: str | None,

@@ -142,10 +142,8 @@ def distill_cmd(
         if not s.exists(n):
             raise ModelNotFound(n.display)
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidInput("--plot needs matplotlib; pip install 'slmops[bench]'") from None
+        from slmops.ops.charts import require
+        require()
     plan = DistillPlan(steps=steps, lr=lr, seq_len=seq_len, batch=batch)
     with audited("distill", to, source=names[1].display, teacher=names[0].display), TensorBar("training") as bar:
         result = distill_model(s, names[0], names[1], names[2], plan, _read(text), progress=lambda item: bar(

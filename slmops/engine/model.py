@@ -25,6 +25,16 @@ DEFAULT_TEMPLATE = (
 )
 
 
+def served_messages(spec: ModelSpec, messages: list[dict[str, Any]], system: str | None = None) -> list[dict[str, Any]]:
+    """Modelfile SYSTEM and MESSAGEs go before the conversation, as Ollama does; scoring and fine-tuning render
+    conversations the same way, so they see what serving sends."""
+    msgs = [dict(m) for m in spec.messages] + [dict(m) for m in messages]
+    sys_text = system if system is not None else spec.system
+    if sys_text and not any(m.get("role") == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": sys_text})
+    return msgs
+
+
 class LoadedModel:
     def __init__(self, backend: Backend, spec: ModelSpec, load: opts.LoadParams, config: EngineConfig,
                  asked: opts.LoadParams | None = None, fallback: str | None = None):
@@ -49,12 +59,7 @@ class LoadedModel:
 
     # -- prompts -------------------------------------------------------------------------------------------
     def chat_messages(self, messages: list[dict[str, Any]], system: str | None = None) -> list[dict[str, Any]]:
-        """Modelfile SYSTEM and MESSAGEs go before the conversation, as Ollama does."""
-        msgs = [dict(m) for m in self.spec.messages] + [dict(m) for m in messages]
-        sys_text = system if system is not None else self.spec.system
-        if sys_text and not any(m.get("role") == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": sys_text})
-        return msgs
+        return served_messages(self.spec, messages, system)
 
     def render(self, messages: list[dict[str, Any]], tools: list[Any] | None = None,
                template: str | None = None) -> str:

@@ -106,28 +106,9 @@ def distill_model(store: Store, teacher: ModelName, student: ModelName, dst: Mod
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """The loss curve, and (with a report) teacher, student and result side by side: one PNG for a README."""
-    import matplotlib
+    from slmops.ops.charts import training_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.get("report") or []
-    fig, axes = plt.subplots(1, 2 if rows else 1, figsize=(11 if rows else 6, 3.6), squeeze=False)
-    ax = axes[0][0]
-    ax.plot(range(1, len(result["losses"]) + 1), result["losses"], color="#3366aa")
-    ax.set(xlabel="step", ylabel="KL(teacher || student)", title=f"distilling {result['student']}")
-    ax.grid(alpha=0.3)
-    if rows:
-        ax = axes[0][1]
-        ax.axis("off")
-        cells = [[r["model"], f"{r['perplexity']:.2f}", "{}/{}".format(*r["golden"]),
-                  f"{r['decode_tokens_per_s']:.1f}", f"{r['size_bytes'] / 1e6:.0f} MB"] for r in rows]
-        table = ax.table(cellText=cells, colLabels=["model", "perplexity", "golden", "decode tok/s", "size"],
-                         colWidths=[0.42, 0.15, 0.11, 0.17, 0.13], loc="center")
-        table.auto_set_font_size(False)
-        table.set_fontsize(8)
-        table.scale(1, 1.4)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    cells = [[r["model"], f"{r['perplexity']:.2f}", "{}/{}".format(*r["golden"]), f"{r['decode_tokens_per_s']:.1f}",
+              f"{r['size_bytes'] / 1e6:.0f} MB"] for r in result.get("report") or []]
+    training_chart(path, result["losses"], f"distilling {result['student']}", "KL(teacher || student)",
+                   ["model", "perplexity", "golden", "decode tok/s", "size"], cells, [0.42, 0.15, 0.11, 0.17, 0.13])

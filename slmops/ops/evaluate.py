@@ -49,6 +49,18 @@ def perplexity(spec: ModelSpec, text: str, n_ctx: int = 512, max_windows: int = 
     return Perplexity(value=math.exp(nll / count), tokens=count, windows=windows)
 
 
+def answer_perplexity(spec: ModelSpec, conversations: list[list[dict[str, Any]]], n_ctx: int = 1024,
+                      threads: int = 0) -> Perplexity:
+    """Perplexity of each conversation's answer given the turns before it, rendered as serving renders them: the
+    held-out score of a model tuned on rated feedback (:mod:`slmops.ops.tune`)."""
+    from slmops.engine.llamacpp.perplexity import score_answers
+
+    if not conversations:
+        raise InvalidInput("no held-out conversations to score")
+    nll, count, n = score_answers(spec, conversations, n_ctx, threads)
+    return Perplexity(value=math.exp(nll / count), tokens=count, windows=n)
+
+
 @dataclass
 class GoldenResult:
     passed: int

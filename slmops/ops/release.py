@@ -74,6 +74,10 @@ class GatePlan:
     ctx: int = 512
     windows: int = 0  # 0: the whole held-out text
     baseline: ModelName | None = None  # None: the model the Modelfile makes
+    # conversations whose last message is a well-rated answer (a tuning dataset's held-out file): each model's
+    # perplexity of those answers may exceed the baseline's by at most max_heldout_increase percent
+    heldout: tuple[tuple[dict[str, str], ...], ...] = ()
+    max_heldout_increase: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class PublishPlan:
 class ReleasePlan:
     name: str
     version: str
-    modelfile: Path
+    modelfile: Path | None  # what the release is made from: a Modelfile, or
     registry: str  # host[:port]/namespace the variants are pushed under
     variants: tuple[VariantPlan, ...]
     signing_key: Path
@@ -96,8 +100,11 @@ class ReleasePlan:
     publish: PublishPlan
     allow_requantize: bool = False
     key_password: str | None = None
+    source: ModelName | None = None  # a model already in the store (one `slmops tune` made), released as it is
 
     def __post_init__(self) -> None:
+        if (self.modelfile is None) == (self.source is None):
+            raise InvalidInput("release a Modelfile (-f) or a model in the store (--model), one of them")
         if not NAME_RE.match(self.name):
             raise InvalidInput(f"release name {self.name!r}: lowercase letters, digits and ._- (64 at most)")
         if not VERSION_RE.match(self.version):
@@ -252,14 +259,19 @@ class ReleasePipeline:
         from slmops.modelfile import parse
         from slmops.security.signing import check_key_file
 
-        parse(self._modelfile_text())
+        made_from = f"{self.plan.source.display} is in the store" if self.plan.source else "Modelfile parses"
+        if self.plan.source is None:
+            parse(self._modelfile_text())
+        elif not self.store.exists(self.plan.source):
+            raise ModelNotFound(self.plan.source.display)
         check_key_file(self.plan.signing_key, "private key", self.plan.key_password)
         channels = {c.name: c.release for c in self.fleet().channels()}
         at = channels.get(self.plan.publish.channel)
-        return "done", (f"Modelfile parses, {self.plan.signing_key.name} signs, control plane answers (channel "
+        return "done", (f"{made_from}, {self.plan.signing_key.name} signs, control plane answers (channel "
                         f"{self.plan.publish.channel}: {at or 'not set yet'})"), {"channel_before": at}
 
     def _modelfile_text(self) -> str:
+        assert self.plan.modelfile is not None
         try:
             return self.plan.modelfile.read_text()
         except (OSError, UnicodeDecodeError):
@@ -268,7 +280,10 @@ class ReleasePipeline:
     def _create(self) -> tuple[str, str, dict[str, Any]]:
         from slmops.modelfile import build, parse
 
-        text, name = self._modelfile_text(), self.plan.model(AS_IS)
+        name = self.plan.model(AS_IS)
+        if self.plan.source is not None:
+            return self._copy(self.plan.source, name)
+        text = self._modelfile_text()
         key = fingerprint({"modelfile": text, "name": name.display})
         done = self.memo.get("create", key)
         if done and self._has(name, done["digest"]):
@@ -279,6 +294,16 @@ class ReleasePipeline:
         self.memo.put("create", key, {"model": name.display, "digest": digest})
         self.digests[AS_IS] = digest
         return "done", f"{name.display} ({_short(digest)})", {"model": name.display, "digest": digest}
+
+    def _copy(self, source: ModelName, name: ModelName) -> tuple[str, str, dict[str, Any]]:
+        """A model made before (its manifest, config and provenance unchanged) under the release's name."""
+        digest = str(self.store.manifests.digest(source))
+        self.digests[AS_IS] = digest
+        data = {"model": name.display, "digest": digest, "source": source.display}
+        if self._has(name, digest):
+            return "skipped", f"{name.display} ({_short(digest)}) is {source.display} already", data
+        self.store.copy(source, name)
+        return "done", f"{name.display} ({_short(digest)}) from {source.display}", data
 
     def _quantize(self) -> tuple[str, str, dict[str, Any]]:
         from slmops.ops.quantize import quantize_model
@@ -369,10 +394,19 @@ class ReleasePipeline:
         variants = [{"hardware": v.hardware, "reference": p.model(v.qtype).display,
                      "manifest_digest": self.digests[v.qtype]} for v in p.variants]
         made = self.fleet().create_release(p.name, p.version, variants,
-                                           [g.model_dump(exclude_none=True) for g in p.gate.golden], p.publish.notes)
+                                           [g.model_dump(exclude_none=True) for g in p.gate.golden], self._notes())
         shown = ", ".join(f"{v.hardware} {'signed' if v.signed else 'unsigned'}" for v in made.variants)
         return "done", f"release {made.release} created ({shown})", {
             "variants": {v.hardware: v.manifest_digest for v in made.variants}}
+
+    def _notes(self) -> str:
+        """The notes given, else, for a tuned model, its base and the feedback it was trained on."""
+        from slmops.ops.tune import notes, provenance
+
+        if self.plan.publish.notes or self.plan.source is None:
+            return self.plan.publish.notes
+        made = provenance(self.store, self.plan.source)
+        return notes(made) if made else ""
 
     def _channel(self) -> tuple[str, str, dict[str, Any]]:
         channel, label = self.plan.publish.channel, self.plan.label
@@ -404,12 +438,13 @@ class ReleasePipeline:
         p, g, pub = self.plan, self.plan.gate, self.plan.publish
         refs = ", ".join(p.model(q).display for q in p.qtypes())
         text = {
-            "create": f"create {p.model(AS_IS).display} from {p.modelfile}",
+            "create": f"create {p.model(AS_IS).display} from {p.source.display if p.source else p.modelfile}",
             "quantize": ", ".join(f"{p.model(q).display} ({q})" for q in p.qtypes() if q != AS_IS)
                         or "nothing to quantize",
             "gate": (f"evaluate {refs} against {(g.baseline or p.model(AS_IS)).display}: perplexity within "
                      f"{g.max_ppl_increase:+g}%, golden score at least {g.min_golden_score:g} over "
-                     f"{len(g.golden)} prompt(s)"),
+                     f"{len(g.golden)} prompt(s)" + (f", held-out answers within {g.max_heldout_increase:+g}% over "
+                                                     f"{len(g.heldout)} conversation(s)" if g.heldout else "")),
             "sign": f"sign {refs} with {p.signing_key.name}",
             "push": f"push {refs}",
             "release": f"create release {p.label} on {pub.fleet_url}: "
@@ -432,24 +467,38 @@ def evaluate_gate(engine_factory: Callable[[], Any], store: Store, baseline: Mod
     limit on each model that is not the baseline, and the release's golden prompts on each; ``failure`` says every
     reason a model may not be released, in one line, or is None."""
     from slmops.engine.client import spec_from_store
-    from slmops.ops.evaluate import evaluate, gate, increase
+    from slmops.ops.evaluate import answer_perplexity, evaluate, gate, increase
 
+    conversations = [list(c) for c in g.heldout]
     engine = engine_factory()
     try:
-        base = evaluate(engine, spec_from_store(store, baseline), g.ctx, g.windows)
+        base_spec = spec_from_store(store, baseline)
+        base = evaluate(engine, base_spec, g.ctx, g.windows)
+        base_held = answer_perplexity(base_spec, conversations).value if conversations else None
         rows, failures = [], []
         for name in models:
             spec = spec_from_store(store, name)
             report = base if name == baseline else evaluate(engine, spec, g.ctx, g.windows)
             golden = golden_check(engine, spec, g.golden, g.min_golden_score)
-            rows.append({"model": name.display, "eval": report.to_json(),
-                         "perplexity_increase_percent": round(increase(report, base), 3), "golden": golden})
+            row = {"model": name.display, "eval": report.to_json(),
+                   "perplexity_increase_percent": round(increase(report, base), 3), "golden": golden}
+            if base_held is not None:
+                held = base_held if name == baseline else answer_perplexity(spec, conversations).value
+                rise = 100 * (held / base_held - 1)
+                row["heldout"] = {"perplexity": held, "baseline": base_held, "increase_percent": round(rise, 3),
+                                  "conversations": len(conversations)}
+                if rise > g.max_heldout_increase and name != baseline:
+                    failures.append(f"held-out answers' perplexity of {name.display} is {rise:+.1f}% over "
+                                    f"{baseline.display} ({held:.3f} vs {base_held:.3f}, limit "
+                                    f"{g.max_heldout_increase:+.1f}%); keep the baseline")
+            rows.append(row)
             failures += [f for f in (gate(report, base, g.max_ppl_increase) if name != baseline else None,
                                      golden["failure"]) if f]
     finally:
         engine.close()
-    verdict = "; ".join(f"{r['model']} {r['perplexity_increase_percent']:+.2f}% perplexity, golden "
-                        f"{r['golden']['passed']}/{r['golden']['total']}" for r in rows)
+    verdict = "; ".join(f"{r['model']} {r['perplexity_increase_percent']:+.2f}% perplexity, "
+                        + (f"{r['heldout']['increase_percent']:+.2f}% held-out answers, " if "heldout" in r else "")
+                        + f"golden {r['golden']['passed']}/{r['golden']['total']}" for r in rows)
     failure = "gate failed: " + "; ".join(f.removeprefix("gate failed: ") for f in failures) if failures else None
     return {"baseline": base.to_json(), "models": rows, "verdict": verdict, "failure": failure}
 

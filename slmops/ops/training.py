@@ -6,6 +6,11 @@ the KL divergence from the teacher's next-token distribution to the student's, a
 a text (Hinton et al.'s soft targets, temperature-scaled). Matching whole distributions carries far more signal
 per token than the text's own next tokens, which is why a few dozen steps on a few thousand tokens recover much
 of what the cut lost. Every step reports its loss as a JSON line; the parent draws the progress bar and the curve.
+
+Fine-tuning on rated feedback trains a LoRA adapter (``peft``) instead of the weights: a few megabytes that
+llama.cpp applies on top of the released model (a Modelfile's ``ADAPTER``), so a release that is only a new adapter
+ships only that. The loss is the cross-entropy of the rated answers (and the end of turn after them) given their
+conversation, rendered with the model's own chat template as serving renders it; prompts are context, not targets.
 """
 
 from __future__ import annotations
@@ -75,12 +80,76 @@ def distill(teacher_gguf: Path, student_gguf: Path, text: str, out: Path, plan: 
             "seconds": time.monotonic() - t0}
 
 
+def _examples(tok, template_src: str, conversations: list[list[dict[str, Any]]], max_len: int):  # type: ignore[no-untyped-def]
+    """(token ids, labels) per conversation: the answer and end of turn are the labels, the rest is -100."""
+    from slmops.modelfile.template import ChatTemplate
+
+    template = ChatTemplate.compile(template_src, tok.bos_token or "", tok.eos_token or "")
+    out = []
+    for conv in conversations:
+        prompt = template.render(conv[:-1])
+        head = tok(prompt, add_special_tokens=True).input_ids
+        answer = tok(conv[-1]["content"], add_special_tokens=False).input_ids
+        if tok.eos_token_id is not None:
+            answer.append(tok.eos_token_id)
+        ids = (head + answer)[-max_len:]
+        labels = ([-100] * len(head) + answer)[-max_len:]
+        out.append((ids, labels))
+    return out
+
+
+def lora(base_gguf: Path, examples: dict[str, Any], out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Train a LoRA adapter on ``examples`` (template and conversations); save it and the base's config at ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(plan.get("seed", 0))
+    if plan.get("threads"):
+        torch.set_num_threads(int(plan["threads"]))
+    tok = AutoTokenizer.from_pretrained(str(base_gguf.parent), gguf_file=base_gguf.name)
+    model = _load(base_gguf)
+    data = _examples(tok, examples["template"], examples["train"], int(plan["max_len"]))
+    config = LoraConfig(r=int(plan["rank"]), lora_alpha=float(plan["alpha"]), lora_dropout=0.0, bias="none",
+                        target_modules=list(plan["targets"]), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(plan["lr"]), weight_decay=0.0)
+    steps, batch = int(plan["steps"]), int(plan["batch"])
+    order = torch.randperm(len(data)).tolist()
+    losses, t0, pad = [], time.monotonic(), tok.pad_token_id if tok.pad_token_id is not None else 0
+    peft_model.train()
+    for step in range(steps):
+        picked = [data[order[(step * batch + j) % len(data)]] for j in range(batch)]
+        width = max(len(ids) for ids, _ in picked)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in picked])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in picked])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in picked])
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss))
+        report(step="train", done=step + 1, total=steps, loss=losses[-1])
+    peft_model.save_pretrained(str(out / "adapter"))
+    model.config.architectures = [type(model).__name__]  # the converter picks its model class by this
+    model.config.save_pretrained(str(out / "base"))
+    trainable = sum(p.numel() for p in params)
+    return {"losses": losses, "examples": len(data), "trainable_parameters": trainable,
+            "seconds": time.monotonic() - t0}
+
+
 def main(argv: list[str]) -> None:
-    """``distill TEACHER STUDENT TEXT_FILE OUT_DIR PLAN_JSON``: the result is the last JSON line."""
+    """``distill TEACHER STUDENT TEXT_FILE OUT_DIR PLAN_JSON`` or ``lora BASE EXAMPLES_JSON OUT_DIR PLAN_JSON``: the
+    result is the last JSON line."""
     step, *args = argv
     if step == "distill":
         teacher, student, text, out, plan = args
         report(**distill(Path(teacher), Path(student), Path(text).read_text(), Path(out), json.loads(plan)))
+    elif step == "lora":
+        base, examples, out, plan = args
+        report(**lora(Path(base), json.loads(Path(examples).read_text()), Path(out), json.loads(plan)))
     else:
         raise SystemExit(f"unknown step {step!r}")
 

@@ -90,7 +90,7 @@ class FileSource:
         return Fetched(open=lambda: path.open("rb"), size=path.stat().st_size)
 
 
-CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 
 
 def llama_converter(python: str, req: str, dest: Path) -> Path:
@@ -102,8 +102,7 @@ def llama_converter(python: str, req: str, dest: Path) -> Path:
         for m in tar.getmembers():
             parts = m.name.split("/", 3)
             rel = parts[3] if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] else ""
-            if rel and any(rel == f or rel.startswith(f) for f in CONVERTER_FILES if f.endswith("/")) \
-                    or rel == CONVERTER_FILES[0]:
+            if rel and any(rel.startswith(f) if f.endswith("/") else rel == f for f in CONVERTER_FILES):
                 members.append(m)
         if not members:
             raise SourceError(f"{req} has no llama.cpp converter")
@@ -116,7 +115,18 @@ def llama_converter(python: str, req: str, dest: Path) -> Path:
 
 def to_gguf(python: str, script: Path, model_dir: Path, out: Path, outtype: str, what: str) -> Path:
     """Run the converter on a Hugging Face folder; ``out`` exists only if it succeeded."""
-    cmd = [python, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+    return _convert([python, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out)], out, what)
+
+
+def lora_to_gguf(python: str, script: Path, adapter_dir: Path, base_dir: Path, out: Path, what: str) -> Path:
+    """llama.cpp's ``convert_lora_to_gguf.py`` (beside ``script``, the model converter) on a PEFT adapter folder;
+    ``base_dir`` holds the base model's ``config.json``, which is all it reads of the base."""
+    lora = script.with_name("convert_lora_to_gguf.py")
+    return _convert([python, str(lora), str(adapter_dir), "--base", str(base_dir), "--outtype", "f16",
+                     "--outfile", str(out)], out, what)
+
+
+def _convert(cmd: list[str], out: Path, what: str) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py, not the installed one
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent, stdin=subprocess.DEVNULL)
     if proc.returncode != 0 or not out.is_file():

@@ -141,13 +141,8 @@ class LlamaCppModel:
         self._embed_ctx: LlamaContext | None = None
 
     def _load_adapters(self, spec: ModelSpec) -> None:
-        adapters = []
-        for adapter in spec.adapters:
-            inspect_gguf(adapter, spec.gguf_cache, spec.unseal_key)
-            with plain_file(adapter, spec.unseal_key, "adapter") as path:  # read whole into the adapter
-                adapters.append(self.model.load_lora(path))
-        if adapters:
-            self.ctx.set_loras(adapters)
+        assert self.ctx is not None
+        apply_adapters(self.model, self.ctx, spec)
 
     def _special(self, token: int) -> str:
         return self.model.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
@@ -186,3 +181,14 @@ class LlamaCppModel:
             self._embed_ctx.close()
         self.ctx.close()
         self.model.close()
+
+
+def apply_adapters(model: LlamaModel, ctx: LlamaContext, spec: ModelSpec) -> None:
+    """The Modelfile's ADAPTERs on ``ctx``: wherever a model is scored or served, it is the model as released."""
+    adapters = []
+    for adapter in spec.adapters:
+        inspect_gguf(adapter, spec.gguf_cache, spec.unseal_key)
+        with plain_file(adapter, spec.unseal_key, "adapter") as path:  # read whole into the adapter
+            adapters.append(model.load_lora(path))
+    if adapters:
+        ctx.set_loras(adapters)

@@ -9,25 +9,77 @@ from __future__ import annotations
 
 import numpy as np
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from slmops.engine.client import ModelSpec
 from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel
+from slmops.engine.llamacpp.model import apply_adapters
 from slmops.store.sealed import plain_file
 from slmops.types.errors import InvalidInput
 from slmops.types.options import LoadParams
 
 
-def score(spec: ModelSpec, text: str, n_ctx: int, max_windows: int = 0, threads: int = 0) -> tuple[float, int, int]:
-    """(summed negative log-likelihood, tokens scored, windows) of ``text`` under ``spec``'s model."""
+@contextmanager
+def _loaded(spec: ModelSpec, n_ctx: int, threads: int) -> Iterator[tuple[LlamaModel, LlamaContext]]:
+    """``spec``'s model with its adapters, on a context of ``n_ctx`` tokens decoded in one batch."""
     with plain_file(spec.model_path, spec.unseal_key, "model") as path:
         model = LlamaModel(path)
     try:
         ctx = LlamaContext(model, LoadParams(num_ctx=n_ctx, num_batch=n_ctx, num_thread=threads))
         try:
-            return _score(model, ctx, text, n_ctx, max_windows)
+            apply_adapters(model, ctx, spec)
+            yield model, ctx
         finally:
             ctx.close()
     finally:
         model.close()
+
+
+def score(spec: ModelSpec, text: str, n_ctx: int, max_windows: int = 0, threads: int = 0) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, tokens scored, windows) of ``text`` under ``spec``'s model."""
+    with _loaded(spec, n_ctx, threads) as (model, ctx):
+        return _score(model, ctx, text, n_ctx, max_windows)
+
+
+def score_answers(spec: ModelSpec, conversations: list[list[dict[str, Any]]], n_ctx: int = 1024,
+                  threads: int = 0) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, answer tokens scored, conversations) of each conversation's last message
+    given the ones before it; a conversation longer than ``n_ctx`` keeps its latest tokens."""
+    from slmops.engine.model import DEFAULT_TEMPLATE, served_messages
+    from slmops.modelfile.template import ChatTemplate
+
+    with _loaded(spec, n_ctx, threads) as (model, ctx):
+        special = [model.piece(t, special=True).decode("utf-8", "replace") if t >= 0 else "" for t in
+                   (model.bos, model.eos)]
+        template = ChatTemplate.compile(spec.template or DEFAULT_TEMPLATE, *special)
+        nll, count = 0.0, 0
+        for conversation in conversations:
+            prompt = template.render(served_messages(spec, conversation[:-1]))
+            if model.add_bos and special[0] and prompt.startswith(special[0]):
+                prompt = prompt[len(special[0]):]
+            head = model.tokenize(prompt, add_special=True, parse_special=True)
+            answer = model.tokenize(conversation[-1]["content"], add_special=False, parse_special=False)
+            if model.eos >= 0:
+                answer.append(model.eos)  # ending the answer there is part of the answer
+            tokens = np.array((head + answer)[-n_ctx:], dtype=np.int32)
+            n, first = len(tokens), max(0, len(tokens) - len(answer) - 1)
+            ctx.clear()
+            ctx.decode_batch(tokens, np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32),
+                             np.ones(n, dtype=np.int8))
+            logits = ctx.all_logits(n)[first:n - 1].astype(np.float64)
+            nll += _nll(logits, tokens[first + 1:])
+            count += n - 1 - first
+    if not count:
+        raise InvalidInput("no answer to score: give conversations that end with an answer")
+    return nll, count, len(conversations)
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    top = logits.max(axis=1)
+    log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    return float((log_z - logits[np.arange(len(targets)), targets]).sum())
 
 
 def _score(model: LlamaModel, ctx: LlamaContext, text: str, n_ctx: int, max_windows: int) -> tuple[float, int, int]:
@@ -48,8 +100,6 @@ def _score(model: LlamaModel, ctx: LlamaContext, text: str, n_ctx: int, max_wind
                          np.ones(n_ctx, dtype=np.int8))
         logits = ctx.all_logits(n_ctx)[first:n_ctx - 1].astype(np.float64)
         targets = window[first + 1:]
-        top = logits.max(axis=1)
-        log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-        nll += float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        nll += _nll(logits, targets)
         count += len(targets)
     return nll, count, windows
