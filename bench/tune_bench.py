@@ -1,7 +1,7 @@
 """The feedback loop in one run: a synthetic set of rated support answers → ``slmops feedback dataset`` →
 ``slmops tune`` with its report (held-out answers, held-out text, golden prompts) and loss curve → ``slmops bench``
-of the base and the tuned model (speeds alternated run by run, medians), so what the adapter costs at serving time
-is measured beside what it bought.
+of the base, the tuned model (base + adapter) and the same training merged into the weights (``--merge``), speeds
+alternated run by run (medians), so what the adapter costs at serving time is measured beside what it bought.
 
     python bench/tune_bench.py [--home DIR] [--steps 30] [--lr 1e-4] [--runs 3]
 
@@ -75,14 +75,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     a = p.parse_args()
     tuned = f"{a.model.split(':')[0]}:tuned-bench"
+    merged = f"{a.model.split(':')[0]}:merged-bench"
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         ds = cli(a.home, "feedback", "dataset", str(feedback(Path(tmp) / "feedback.jsonl")), "-o", str(data))
         png = HERE.parent / "docs" / "bench" / "tune.png"
         out = cli(a.home, "tune", a.model, "--data", str(data), "--to", tuned, "--steps", str(a.steps), "--lr", a.lr,
                   "--plot", str(png))
-    speed = cli(a.home, "bench", a.model, tuned, "--runs", str(a.runs), "--tokens", "64", "--prompt-tokens", "256")
-    result = {"dataset": ds["counts"], "tune": out, "bench": speed, "cpus": os.cpu_count(),
+        folded = cli(a.home, "tune", a.model, "--data", str(data), "--to", merged, "--steps", str(a.steps), "--lr",
+                     a.lr, "--merge")
+    speed = cli(a.home, "bench", a.model, tuned, merged, "--runs", str(a.runs), "--tokens", "64",
+                "--prompt-tokens", "256")
+    result = {"dataset": ds["counts"], "tune": out, "merged": folded, "bench": speed, "cpus": os.cpu_count(),
               "load_average_1m": os.getloadavg()[0]}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -92,7 +96,7 @@ def main() -> None:
     base = speed[0]
     print("| model | held-out answers ppl | held-out text ppl | golden | decode tok/s | prompt tok/s | peak RSS |")
     print("|---|---|---|---|---|---|---|")
-    for r, b in zip(out["report"], speed):
+    for r, b in zip(out["report"] + folded["report"][1:], speed):
         print(f"| `{r['model']}` | {r['heldout_perplexity']:.2f} ({r['heldout_increase_percent']:+.1f}%) | "
               f"{r['text_perplexity']:.2f} ({r['text_increase_percent']:+.1f}%) | {r['golden'][0]}/{r['golden'][1]} | "
               f"{b['decode_tokens_per_s']:.1f} ({b['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}×) | "

@@ -57,9 +57,9 @@ def test_only_the_onnx_package_imports_onnx_runtime():
 
 def test_the_engine_outside_the_package_does_not_reach_into_its_modules():
     """Only wiring points name the package's modules: the default backend, and ops that are llama.cpp's own work
-    (quantizing, pruning, perplexity, the GPU-offload probe)."""
+    (quantizing, pruning, perplexity, the GPU-offload probe, trained weights back to GGUF)."""
     allowed = {"engine/backend.py", "ops/quantize.py", "ops/variants.py", "ops/evaluate.py", "ops/hw.py",
-               "ops/shrink.py", "ops/distill.py"}
+               "ops/shrink.py", "ops/back_to_gguf.py"}
     users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if LLAMACPP not in p.parents
              and any(n.startswith("slmops.engine.llamacpp") for n in _imports(p))}
     assert users <= allowed and "slmops.engine.llamacpp" in (PACKAGE / "engine" / "backend.py").read_text()

@@ -250,3 +250,23 @@ def test_an_adapter_that_makes_the_held_out_answers_worse_is_refused_by_the_gate
     with world.fleet() as fleet:
         assert "9.0.0" not in {r.version for r in fleet.releases()}
         assert (fleet.channel("canary").release if channel_before else None) == channel_before
+
+
+@pytest.mark.slow
+def test_a_merged_tune_is_a_whole_model_of_the_base_type_with_no_adapter(tmp_path: Path, cli_home: Path) -> None:
+    dataset.build([export(tmp_path / "f.jsonl")], tmp_path / "data")
+    r = run_cli("tune", "smollm2:135m", "--data", str(tmp_path / "data"), "--to", "assistant:merged", "--steps", "2",
+                "--merge", "--no-report", "--json", home=cli_home, timeout=900)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["merged"] and out["adapter_bytes"] is None
+    s = Store(cli_home / "models")
+    base, merged = (ModelName.parse(n) for n in ("smollm2:135m", "assistant:merged"))
+    layers = s.manifest(merged).layers
+    assert not [x for x in layers if x.media_type == "application/vnd.ollama.image.adapter"]
+    weights = [x.digest for x in layers if x.media_type == "application/vnd.ollama.image.model"]
+    assert len(weights) == 1 and weights[0] != s.manifest(base).layer("application/vnd.ollama.image.model").digest
+    assert s.inspect(merged).file_type == s.inspect(base).file_type  # quantized back to the base's type
+    assert s.config(merged)["tune"]["merge"] is True and s.config(merged)["tuned_from"]["model"] == "smollm2:135m"
+    answer = run_cli("run", "assistant:merged", "How do I reset the Zephyr thermostat?", home=cli_home)
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr

@@ -34,6 +34,8 @@ def tune_cmd(
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (the adapter's scale is alpha / rank)."),
     batch: int = typer.Option(4, "--batch", min=1, help="Examples per step."),
     max_len: int = typer.Option(512, "--max-len", min=32, help="Tokens per example; longer ones keep their end."),
+    merge: bool = typer.Option(False, "--merge", help="Fold the adapter into the weights (quantized back to the "
+                                                      "base's type): a whole model, decoding at the base's speed."),
     report: bool = typer.Option(True, "--report/--no-report", help="Score the base and the tuned model: held-out "
                                 "answers, held-out text, golden prompts."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of the loss curve and the table here."),
@@ -51,7 +53,7 @@ def tune_cmd(
         from slmops.ops.charts import require
         require()
     ds = load(data)
-    plan = TunePlan(steps=steps, lr=lr, rank=rank, alpha=alpha, batch=batch, max_len=max_len)
+    plan = TunePlan(steps=steps, lr=lr, rank=rank, alpha=alpha, batch=batch, max_len=max_len, merge=merge)
     with audited("tune", to, source=src.display, dataset=ds.digest), TensorBar("training") as bar:
         tuned = tune_model(s, src, ds, dst, plan, progress=lambda item: bar(
             item["done"], item["total"], f"loss {item['loss']:.4f}") if item.get("step") == "train" else None,
@@ -59,7 +61,8 @@ def tune_cmd(
     out: dict[str, Any] = {"model": dst.display, "base": src.display, "dataset": ds.digest,
                            "examples": tuned.examples, "heldout": len(ds.heldout), "steps": steps,
                            "losses": tuned.losses, "seconds": tuned.seconds, "adapter_bytes": tuned.adapter_bytes,
-                           "trainable_parameters": tuned.trainable_parameters,
+                           "trainable_parameters": tuned.trainable_parameters, "merged": merge,
+                           "size_bytes": s.record(dst).size,
                            "replaced_adapters": tuned.replaced_adapters}
     if report:
         out["report"] = _measure(s, src, dst, ds)
@@ -68,8 +71,9 @@ def tune_cmd(
     if json_:
         print(json.dumps(out, indent=2))
         return
-    console.print(f"wrote {out['model']}: {out['base']} + a {tuned.adapter_bytes / 1e6:.1f} MB adapter, "
-                  f"{steps} steps on {tuned.examples} answers in {tuned.seconds:.0f} s, loss "
+    made = (f"merged into {out['base']}'s weights" if merge else
+            f"{out['base']} + a {(tuned.adapter_bytes or 0) / 1e6:.1f} MB adapter")
+    console.print(f"wrote {out['model']}: {made}, {steps} steps on {tuned.examples} answers in {tuned.seconds:.0f} s, loss "
                   f"{tuned.losses[0]:.4f} -> {tuned.losses[-1]:.4f}", markup=False)
     if report:
         _print(out["report"])

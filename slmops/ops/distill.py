@@ -11,11 +11,9 @@ the student and the training plan, so where it came from can be traced.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +82,10 @@ def distill_model(store: Store, teacher: ModelName, student: ModelName, dst: Mod
                                                           json.dumps(asdict(plan))], work, "distilling", progress)
         if not result or "losses" not in result:
             raise InvalidInput("distilling gave no result")
-        from slmops.store.sources import llama_converter, to_gguf
+        from slmops.ops.back_to_gguf import store_hf
 
-        status("converting to GGUF with llama.cpp's converter")
-        script = llama_converter(sys.executable, f"llama-cpp-python=={metadata.version('llama-cpp-python')}",
-                                 work / "converter")
-        f16 = to_gguf(sys.executable, script, work / "model", work / "model-f16.gguf", "f16", dst.display)
-        from slmops.engine.llamacpp.bindings import quantize_file  # llama.cpp loads only to quantize
-
-        status(f"quantizing to {qtype.upper()}")
         with store.writing():
-            new, info = store.import_derived(
-                lambda out: quantize_file(f16, out, quant.FTYPES[qtype], allow_requantize=False), dst.display)
+            new, info = store_hf(store, work / "model", qtype, dst.display, work, status)
             layers = [new if x.media_type == mt.MODEL else x for x in s_manifest.layers]
             trained = {**asdict(plan), "loss_first": result["losses"][0], "loss_last": result["losses"][-1]}
             config = store.config_layer(info, layers, {"distilled_from": teacher.display,

@@ -132,9 +132,14 @@ def lora(base_gguf: Path, examples: dict[str, Any], out: Path, plan: dict[str, A
         opt.step()
         losses.append(float(loss))
         report(step="train", done=step + 1, total=steps, loss=losses[-1])
-    peft_model.save_pretrained(str(out / "adapter"))
-    model.config.architectures = [type(model).__name__]  # the converter picks its model class by this
-    model.config.save_pretrained(str(out / "base"))
+    if plan.get("merge"):
+        from slmops.ops.onnx_export import save_hf
+
+        save_hf(peft_model.merge_and_unload(), tok, base_gguf, out / "merged")
+    else:
+        peft_model.save_pretrained(str(out / "adapter"))
+        model.config.architectures = [type(model).__name__]  # the converter picks its model class by this
+        model.config.save_pretrained(str(out / "base"))
     trainable = sum(p.numel() for p in params)
     return {"losses": losses, "examples": len(data), "trainable_parameters": trainable,
             "seconds": time.monotonic() - t0}

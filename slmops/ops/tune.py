@@ -6,7 +6,10 @@ serving renders it; the adapter is trained in a child process (:mod:`slmops.ops.
 a GGUF adapter by llama.cpp's ``convert_lora_to_gguf.py`` from the llama-cpp-python sdist the engine was built
 from, and stored as an ``ADAPTER`` layer over the base model's own layers, which are kept as they are: the new model
 costs the store (and a device's download) only the adapter. A base that already carries adapters (an earlier tuned
-release) has them replaced, not stacked: the adapter is trained on the weights alone.
+release) has them replaced, not stacked: the adapter is trained on the weights alone. With ``merge`` the adapter is
+folded into the weights instead, and the model quantized back to the base's type (:mod:`slmops.ops.back_to_gguf`):
+a whole model to ship, but llama.cpp then decodes at the base's speed, where an adapter costs extra matrix
+products at every token.
 
 The new model's config says where it came from: the base (name and manifest digest), the dataset's digest, counts,
 releases and the ids of the feedback it was trained on and held out on, and the training plan with its first and
@@ -22,15 +25,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from slmops.ops import children
+from slmops.ops.back_to_gguf import converter, store_hf
 from slmops.ops.dataset import Dataset, conversations, summary
 from slmops.store import manifests as mt
 from slmops.store.manifests import Layer, Manifest
+from slmops.store.sources import lora_to_gguf
 from slmops.store.store import Store
+from slmops.types import quant
 from slmops.types.errors import InvalidInput
 from slmops.types.name import ModelName
 
@@ -50,6 +55,7 @@ class TunePlan:
     seed: int = 0
     threads: int = 0  # 0: PyTorch's default
     targets: tuple[str, ...] = field(default=TARGETS)
+    merge: bool = False  # fold the adapter into the weights, quantized back to the base's type
 
     def check(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.rank < 1 or not self.lr > 0 or not self.alpha > 0:
@@ -65,7 +71,7 @@ class Tuned:
     seconds: float
     examples: int
     trainable_parameters: int
-    adapter_bytes: int
+    adapter_bytes: int | None  # None: merged into the weights
     replaced_adapters: int
 
 
@@ -85,6 +91,10 @@ def tune_model(store: Store, base: ModelName, dataset: Dataset, dst: ModelName, 
     if weights is None or manifest.layer(mt.FILE) is not None:
         raise InvalidInput(f'"{base.display}" is not a GGUF model; tune works on llama.cpp models')
     spec = spec_from_store(store, base)
+    qtype = quant.of_file_type(store.inspect(base).file_type)
+    if plan.merge and qtype not in quant.FTYPES:
+        raise InvalidInput(f'"{base.display}" is {qtype.upper()}, which llama.cpp cannot quantize back to; tune it '
+                           "without --merge")
     train = [served_messages(spec, c[:-1]) + c[-1:] for c in conversations(dataset.train)]  # as serving renders
     examples = {"template": spec.template or DEFAULT_TEMPLATE, "train": train}
     old_adapters = [x for x in manifest.layers if x.media_type == mt.ADAPTER]
@@ -98,17 +108,19 @@ def tune_model(store: Store, base: ModelName, dataset: Dataset, dst: ModelName, 
                                   progress)
         if not result or "losses" not in result:
             raise InvalidInput("fine-tuning gave no result")
-        from slmops.store.sources import llama_converter, lora_to_gguf
-
-        status("converting the adapter to GGUF with llama.cpp's converter")
-        script = llama_converter(sys.executable, f"llama-cpp-python=={metadata.version('llama-cpp-python')}",
-                                 work / "converter")
-        adapter = lora_to_gguf(sys.executable, script, work / "out" / "adapter", work / "out" / "base",
-                               work / "adapter.gguf", f"the adapter for {dst.display}")
+        kept = [x for x in manifest.layers if x.media_type != mt.ADAPTER]
         with store.writing():
-            stored, _ = store.import_derived(lambda out: shutil.copyfile(adapter, out), f"adapter of {dst.display}")
-            layer = Layer(mediaType=mt.ADAPTER, digest=stored.digest, size=stored.size)
-            layers = [x for x in manifest.layers if x.media_type != mt.ADAPTER] + [layer]
+            if plan.merge:
+                new, info = store_hf(store, work / "out" / "merged", qtype, dst.display, work, status)
+                layers, added = [new if x.media_type == mt.MODEL else x for x in kept], None
+            else:
+                status("converting the adapter to GGUF with llama.cpp's converter")
+                adapter = lora_to_gguf(sys.executable, converter(work), work / "out" / "adapter",
+                                       work / "out" / "base", work / "adapter.gguf", f"the adapter for {dst.display}")
+                stored, _ = store.import_derived(lambda out: shutil.copyfile(adapter, out),
+                                                 f"adapter of {dst.display}")
+                layer = Layer(mediaType=mt.ADAPTER, digest=stored.digest, size=stored.size)
+                layers, added, info = kept + [layer], layer.size, store.inspect(base)
             provenance = {
                 "tuned_from": {"model": base.display, "digest": str(store.manifests.digest(base)),
                                "replaced_adapters": [x.digest for x in old_adapters]},
@@ -116,10 +128,10 @@ def tune_model(store: Store, base: ModelName, dataset: Dataset, dst: ModelName, 
                 "tune": {**asdict(plan), "loss_first": result["losses"][0], "loss_last": result["losses"][-1],
                          "examples": result["examples"]},
             }
-            config = store.config_layer(store.inspect(base), layers, provenance)
+            config = store.config_layer(info, layers, provenance)
             written = store.write_manifest(dst, layers, config)
     return Tuned(written, result["losses"], result["seconds"], result["examples"], result["trainable_parameters"],
-                 layer.size, len(old_adapters))
+                 added, len(old_adapters))
 
 
 def provenance(store: Store, name: ModelName) -> dict[str, Any] | None:
