@@ -175,7 +175,7 @@ def test_schemathesis_finds_no_server_errors(shared_home, tmp_path):
         cmd = [str(BIN.parent / "schemathesis"), "run", s.url + "/openapi.json", "--checks", "not_a_server_error",
                "-H", f"Authorization: Bearer {key}",
                "--max-examples", "4", "--phases", "coverage,fuzzing", "--exclude-path-regex", "/api/pull",
-               "--max-time", "150", "--request-timeout", "120", "--suppress-health-check", "all",
+               "--max-time", "100", "--request-timeout", "90", "--suppress-health-check", "all",
                "--seed", "20261122"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         out = proc.stdout + proc.stderr
