@@ -16,13 +16,10 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent / "slmops"
+from shrink_bench import HERE, cli  # the real CLI with --json, in this bench folder
 FACTS = {
     "reset the thermostat": "Hold the dial down for ten seconds until the ring blinks blue, then release it.",
     "change the battery": "Slide the back plate up and replace the two AA cells; your settings are kept.",
@@ -56,14 +53,6 @@ def feedback(path: Path) -> Path:
                     id="fb_" + hashlib.sha256(str(i).encode()).hexdigest()[:24])
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
-
-
-def cli(home: Path, *args: str, as_json: bool = True) -> dict | list:
-    proc = subprocess.run([str(BIN), *args, *(["--json"] if as_json else [])],
-                          env={**os.environ, "SLMOPS_HOME": str(home)}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"slmops {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
 
 
 def main() -> None:

@@ -11,12 +11,35 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from slmops.store import manifests as mt
 from slmops.store.gguf import GGUFInfo
-from slmops.store.manifests import Layer
+from slmops.store.manifests import Layer, Manifest
 from slmops.store.store import Store
 from slmops.types import quant
+from slmops.types.errors import InvalidInput
+from slmops.types.name import ModelName
 
 Status = Callable[[str], None]
+
+
+def gguf_weights(store: Store, name: ModelName, command: str) -> tuple[Manifest, Layer]:
+    """``name``'s manifest (checked against its digests) and its GGUF weights; ``command`` says who refuses another
+    kind of model."""
+    manifest = store.manifest(name)
+    store.verify(name, manifest)
+    layer = manifest.layer(mt.MODEL)
+    if layer is None or manifest.layer(mt.FILE) is not None:
+        raise InvalidInput(f'"{name.display}" is not a GGUF model; {command} works on llama.cpp models')
+    return manifest, layer
+
+
+def own_type(store: Store, name: ModelName, advice: str = "") -> str:
+    """The type ``name``'s weights are quantized back to after training, refused before any training when
+    llama.cpp cannot write it."""
+    qtype = quant.of_file_type(store.inspect(name).file_type)
+    if qtype not in quant.FTYPES:
+        raise InvalidInput(f'"{name.display}" is {qtype.upper()}, which llama.cpp cannot quantize back to{advice}')
+    return qtype
 
 
 def converter(work: Path) -> Path:

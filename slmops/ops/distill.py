@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from slmops.ops import children
+from slmops.ops.back_to_gguf import gguf_weights, own_type, store_hf
 from slmops.ops.shrink import calibration_text
 from slmops.store import manifests as mt
-from slmops.store.manifests import Layer, Manifest
+from slmops.store.manifests import Manifest
 from slmops.store.store import Store
-from slmops.types import quant
 from slmops.types.errors import InvalidInput
 from slmops.types.name import ModelName
 
@@ -49,15 +49,6 @@ class Distilled:
     tokens_per_step: int
 
 
-def _gguf_layer(store: Store, name: ModelName) -> tuple[Manifest, Layer]:
-    manifest = store.manifest(name)
-    store.verify(name, manifest)
-    layer = manifest.layer(mt.MODEL)
-    if layer is None or manifest.layer(mt.FILE) is not None:
-        raise InvalidInput(f'"{name.display}" is not a GGUF model; distill works on llama.cpp models')
-    return manifest, layer
-
-
 def distill_model(store: Store, teacher: ModelName, student: ModelName, dst: ModelName, plan: DistillPlan,
                   text: str | None = None, progress: Progress | None = None,
                   status: Status = lambda s: None) -> Distilled:
@@ -67,11 +58,9 @@ def distill_model(store: Store, teacher: ModelName, student: ModelName, dst: Mod
     if plan.steps < 1 or plan.seq_len < 16 or plan.batch < 1 or not plan.lr > 0:
         raise InvalidInput("steps and batch must be at least 1, the window at least 16 tokens, the rate above 0")
     children.require(("torch", "transformers", "sentencepiece"), "distilling", "convert")
-    _, t_layer = _gguf_layer(store, teacher)
-    s_manifest, s_layer = _gguf_layer(store, student)
-    qtype = quant.of_file_type(store.inspect(student).file_type)
-    if qtype not in quant.FTYPES:
-        raise InvalidInput(f'"{student.display}" is {qtype.upper()}, which llama.cpp cannot quantize back to')
+    _, t_layer = gguf_weights(store, teacher, "distill")
+    s_manifest, s_layer = gguf_weights(store, student, "distill")
+    qtype = own_type(store, student)
     with tempfile.TemporaryDirectory(prefix="slmops-distill-") as tmp:
         work = Path(tmp)
         (work / "text.txt").write_text(text or calibration_text())
@@ -82,8 +71,6 @@ def distill_model(store: Store, teacher: ModelName, student: ModelName, dst: Mod
                                                           json.dumps(asdict(plan))], work, "distilling", progress)
         if not result or "losses" not in result:
             raise InvalidInput("distilling gave no result")
-        from slmops.ops.back_to_gguf import store_hf
-
         with store.writing():
             new, info = store_hf(store, work / "model", qtype, dst.display, work, status)
             layers = [new if x.media_type == mt.MODEL else x for x in s_manifest.layers]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.ops import children
+from slmops.ops.back_to_gguf import gguf_weights
 from slmops.store import manifests as mt
 from slmops.store.manifests import Manifest
 from slmops.store.store import Store
@@ -77,11 +78,7 @@ def shrink_model(store: Store, src: ModelName, dst: ModelName, drop: int = 0, bl
         raise InvalidInput(f"shrink writes a new model; give a name other than {src.display} with --to")
     if bool(drop) == bool(blocks):
         raise InvalidInput("say how much to drop: --drop N (measured) or --blocks I,J,... (named), not both")
-    manifest = store.manifest(src)
-    store.verify(src, manifest)
-    layer = manifest.layer(mt.MODEL)
-    if layer is None or manifest.layer(mt.FILE) is not None:
-        raise InvalidInput(f'"{src.display}" is not a GGUF model; shrink works on llama.cpp models')
+    manifest, layer = gguf_weights(store, src, "shrink")
     info = store.inspect(src)
     n_blocks = int(info.metadata.get(f"{info.architecture}.block_count", 0))
     if n_blocks < 2:

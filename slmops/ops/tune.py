@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from slmops.ops import children
-from slmops.ops.back_to_gguf import converter, store_hf
+from slmops.ops.back_to_gguf import converter, gguf_weights, own_type, store_hf
 from slmops.ops.dataset import Dataset, conversations, summary
 from slmops.store import manifests as mt
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.sources import lora_to_gguf
 from slmops.store.store import Store
-from slmops.types import quant
 from slmops.types.errors import InvalidInput
 from slmops.types.name import ModelName
 
@@ -85,16 +84,9 @@ def tune_model(store: Store, base: ModelName, dataset: Dataset, dst: ModelName, 
         raise InvalidInput("tune writes a new model; give a name other than the base's with --to")
     plan.check()
     children.require(("torch", "transformers", "peft", "sentencepiece"), "fine-tuning", "convert")
-    manifest = store.manifest(base)
-    store.verify(base, manifest)
-    weights = manifest.layer(mt.MODEL)
-    if weights is None or manifest.layer(mt.FILE) is not None:
-        raise InvalidInput(f'"{base.display}" is not a GGUF model; tune works on llama.cpp models')
+    manifest, weights = gguf_weights(store, base, "tune")
     spec = spec_from_store(store, base)
-    qtype = quant.of_file_type(store.inspect(base).file_type)
-    if plan.merge and qtype not in quant.FTYPES:
-        raise InvalidInput(f'"{base.display}" is {qtype.upper()}, which llama.cpp cannot quantize back to; tune it '
-                           "without --merge")
+    qtype = own_type(store, base, "; tune it without --merge") if plan.merge else ""
     train = [served_messages(spec, c[:-1]) + c[-1:] for c in conversations(dataset.train)]  # as serving renders
     examples = {"template": spec.template or DEFAULT_TEMPLATE, "train": train}
     old_adapters = [x for x in manifest.layers if x.media_type == mt.ADAPTER]
