@@ -37,9 +37,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slmops.server import access, errors
+from slmops.server.asgi import StatusSend
 from slmops.types.errors import SlmopsError
 
 if TYPE_CHECKING:
@@ -141,14 +142,7 @@ class Traced:
             span.span.end()
             return await self.app(scope, receive, send)
         token = CURRENT.set(span)
-        status = 0
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sending = StatusSend(send, 500)
         try:
             await self.app(scope, receive, sending)
         except BaseException as err:
@@ -156,7 +150,7 @@ class Traced:
             raise
         finally:
             CURRENT.reset(token)
-            span.end(status or 500)
+            span.end(sending.status)
 
 
 class RequestSpan:

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import func, select
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slmops.fleet.control.models import Device, Rollout
+from slmops.server.asgi import StatusSend
 
 if TYPE_CHECKING:
     from slmops.fleet.control.app import ControlPlane
@@ -156,18 +157,11 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500  # what the server answers when the app raises before it starts a response
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sending = StatusSend(send, 500)  # what the server answers when the app raises before it starts a response
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.metrics.request(self._route(scope), scope["method"], status, time.perf_counter() - t0)
+            self.metrics.request(self._route(scope), scope["method"], sending.status, time.perf_counter() - t0)
 
     def _route(self, scope: Scope) -> str:
         route = getattr(scope.get("route"), "path", None)
