@@ -192,7 +192,48 @@ def test_a_short_shared_prefix_does_not_hold_a_request_back():
     s.add(0, list(range(200)))
     s.add(1, list(range(10)) + [9999] * 50)  # shares only 10 tokens
     batch, _ = step(s)
-    assert {i.req_id for i in batch.items} == {0, 1}  # not held for request 0's prefill
+    assert [i.req_id for i in batch.items] == [1]  # not held for request 0's prefill: the shorter goes first
+
+
+def first_token_steps(s: Scheduler, reqs: list[int]) -> dict[int, int]:
+    """Step until every request in ``reqs`` has sampled its first token; the step (1-based) at which each did,
+    and the tokens each step evaluated (a step's time is about its token count)."""
+    first, cost = {}, []
+    while len(first) < len(reqs):
+        batch, _ = step(s)
+        cost.append(batch.n_tokens)
+        for i in batch.items:
+            if i.sample and i.req_id not in first:
+                first[i.req_id] = sum(cost)
+    return first
+
+
+def test_the_shortest_prompt_goes_first_and_a_finishing_step_carries_no_partial_chunk():
+    """Two system prompts, four clients each, arriving together (S3 of bench/serve_bench.py): the first prompt's
+    clients get their first token after one prefill, not after both are interleaved."""
+    s = Scheduler(n_slots=8, n_ctx_seq=4096, token_budget=512)
+    a, b = list(range(1000, 1650)), list(range(5000, 5650))
+    for r in range(8):
+        s.add(r, (a if r % 2 == 0 else b) + [r])
+    done_after = first_token_steps(s, list(range(8)))  # tokens evaluated when each got its first token
+    assert max(done_after[r] for r in (0, 2, 4, 6)) < 700 + 8  # a's clients: a's prefill and their own tokens
+    assert min(done_after[r] for r in (1, 3, 5, 7)) > 1300  # b's clients: after both prefills
+    # interleaved (the whole budget every step), a's clients would wait for ~1,000 tokens of work
+
+
+def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones():
+    s = Scheduler(n_slots=4, n_ctx_seq=4096, token_budget=64)
+    s.add(0, list(range(1000, 1500)))  # 500 tokens: eight steps of 64
+    steps, short = 0, 100
+    while s.running.get(0) is None or s.running[0].state.value != "decode":
+        s.add(short, [short, short + 1])  # a new short request every step
+        short += 2
+        step(s)
+        for r in [r for r, q in s.running.items() if r != 0 and q.state.value == "decode"]:
+            s.finish(r)
+        steps += 1
+        assert steps < 100
+    assert steps <= 8 * (Scheduler.MAX_PASSED + 1) + 1  # it goes first after MAX_PASSED steps left out
 
 
 def test_a_chat_turn_supersedes_the_cached_previous_turn():

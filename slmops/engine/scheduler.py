@@ -3,9 +3,14 @@
 It never touches llama.cpp, so it is tested with made-up tokens. Each step:
 
 1. every running sequence decodes its last sampled token (streams stay smooth),
-2. the rest of the per-step token budget goes to prompt chunks (chunked prefill: a long prompt is spread over
-   several steps instead of stalling everyone's stream),
-3. waiting requests are admitted into free sequence slots, first reusing the longest prefix whose KV exists:
+2. waiting requests are admitted into free sequence slots (3.), then the rest of the per-step token budget goes
+   to prompt chunks, the shortest remaining prompt first (chunked prefill: a long prompt is spread over several
+   steps instead of stalling everyone's stream). A step that finishes a prompt carries no part of a longer one:
+   its first token would wait for work that brings the longer prompt's own first token no sooner (the total
+   before it is the same either way). Eight clients whose two system prompts arrive together get the first
+   prompt's answers after one prefill instead of two; a prompt passed over ``MAX_PASSED`` steps in a row goes
+   first, so a stream of short requests cannot starve a long one,
+3. admission reuses the longest prefix whose KV exists:
    in a sequence still running or in the prefix cache's first tier, spare sequences of the KV cache (copying
    cells from either is metadata-only), or in its second tier in host memory (copied back into the new
    sequence). A request whose
@@ -45,6 +50,7 @@ class Seq:
     n_past: int = 0  # tokens whose KV is in the slot, counting chunks scheduled in the current step
     n_kv: int = 0  # tokens whose KV is in the slot for certain (decoded in an earlier step)
     cached: int = 0  # of which came from the prefix cache
+    passed: int = 0  # steps in a row its prefill was left out of the batch
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -114,6 +120,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     SHARE_WAIT = 64  # a waiting request holds back for a running prefill that will give it this many tokens more
+    MAX_PASSED = 8  # steps a prefill may be left out for shorter ones before it goes first
 
     def __init__(self, n_slots: int, n_ctx_seq: int, token_budget: int = 512, max_queue: int = 512,
                  cache: PrefixCache | None = None, spill: PrefixCache | None = None):
@@ -172,18 +179,26 @@ class Scheduler:
             if seq.state is State.DECODE:
                 batch.items.append(Item(seq.req_id, seq.slot, (seq.generated[-1],), seq.n_past, True))
                 budget -= 1
-        for seq in self.running.values():
-            if seq.state is State.PREFILL and budget > 0:
-                budget -= self._prefill_chunk(seq, budget, batch)
         held: list[Seq] = []
-        while self.waiting and self.free_slots and budget > 0:
+        while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             if self._worth_waiting(seq):
                 held.append(seq)
                 continue
             self._admit(seq, batch)
-            budget -= self._prefill_chunk(seq, budget, batch)
         self.waiting.extendleft(reversed(held))
+        prefills = [seq for seq in self.running.values() if seq.state is State.PREFILL]
+        prefills.sort(key=lambda q: (q.passed < self.MAX_PASSED, len(q.prompt) - q.n_past))  # stable: by arrival
+        finishing = False
+        for seq in prefills:
+            rest = len(seq.prompt) - seq.n_past
+            starved = seq.passed >= self.MAX_PASSED
+            if budget > 0 and (rest <= budget or starved or not finishing):
+                finishing |= rest <= budget
+                budget -= self._prefill_chunk(seq, budget, batch)
+                seq.passed = 0
+            else:
+                seq.passed += 1
         return batch
 
     def update(self, batch: Batch, sampled: dict[int, int]) -> list[Finished]:
