@@ -2,18 +2,25 @@
 same GGUF, same threads, all on loopback, scenarios run against each server in turn. Prints ratios (ours/peer),
 writes JSON and a PNG chart.
 
-    python bench/serve_bench.py --rounds 3          # needs: bash bench/build_peer.sh, matplotlib
+    python bench/serve_bench.py --rounds 3                    # needs: bash bench/build_peer.sh, matplotlib
+    python bench/serve_bench.py --scenarios none --rounds 5   # S4 and S5 only: a minute or two, not ten
 
 S1 one client, sequential requests: tokens/s      S2 8 concurrent clients: aggregate tokens/s, p95 inter-token
 S3 8 clients sharing two ~1k-token system prompts, 3 turns each: mean time to first token
 S4 cold start (process start to first token)      S5 peak RSS of the server process tree
 S6 four streams decoding while a ~2k-token prompt arrives: their p95 and largest inter-token gap
+
+S4 starts each server told its model at start, as llama-server is (``-m``): slmops with ``SLMOPS_MODEL``. slmops's
+cold start with the model named only by the first request (no ``SLMOPS_MODEL``: the runner loads it when that
+request arrives) is measured too, in the same rounds, as its own row (``S4_cold_start_model_by_request_s``, its ratio
+against llama-server's only way to start). slmops's bytecode is compiled first, as an installed wheel has it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import platform
@@ -52,12 +59,12 @@ class Peer:
         self.proc: subprocess.Popen | None = None
         self.peak_rss = 0
 
-    def start(self) -> float:
-        """Start, then time until the first generated token arrives (S4)."""
+    def start(self, env: dict[str, str] | None = None) -> float:
+        """Start (``env`` over the peer's own), then time until the first generated token arrives (S4)."""
         t0 = time.perf_counter()
         log = (HERE / "out" / f"{self.name}.log")
         log.parent.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, stdout=log.open("w"),
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env, **(env or {})}, stdout=log.open("w"),
                                      stderr=subprocess.STDOUT)
         while True:
             try:
@@ -163,13 +170,17 @@ async def s6(peer: Peer) -> dict:
 
 
 SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S6": s6}
+MODEL = "smollm2:135m"
+# S4's second row: slmops started without SLMOPS_MODEL, its model named only by the first request
+BY_REQUEST = "S4_cold_start_model_by_request_s"
 
 
 def slmops_peer(name: str, home: str, threads: int, parallel: int, runners: str) -> Peer:
+    """``slmops serve`` told its model at start (``SLMOPS_MODEL``), as llama-server is told with ``-m``."""
     port = free_port()
     return Peer(name, [str(Path(sys.executable).parent / "slmops"), "serve"],
                 {"SLMOPS_HOME": home, "SLMOPS_HOST": f"127.0.0.1:{port}", "SLMOPS_NUM_PARALLEL": str(parallel),
-                 "SLMOPS_NUM_THREADS": str(threads), "SLMOPS_RUNNERS": runners}, port, "smollm2:135m")
+                 "SLMOPS_NUM_THREADS": str(threads), "SLMOPS_RUNNERS": runners, "SLMOPS_MODEL": MODEL}, port, MODEL)
 
 
 def peers(model_path: str, threads: int, parallel: int, home: str, with_python: bool) -> list[Peer]:
@@ -195,7 +206,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 2)
     ap.add_argument("--parallel", type=int, default=8)
-    ap.add_argument("--scenarios", default="S1,S2,S3,S6")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S6", help="comma-separated; none: S4 and S5 only")
     ap.add_argument("--python-server", action="store_true", help="also run llama_cpp.server for S1/S2")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--report-only", action="store_true", help="redraw the table and chart from the last JSON")
@@ -206,9 +217,12 @@ def main() -> None:
         return report(json.loads((Path(args.out) / "serve_bench.json").read_text()), Path(args.out))
     sys.path.insert(0, str(ROOT))
     import slmops
+    # slmops's bytecode, as an installed wheel has it: a source tree run without it (PYTHONDONTWRITEBYTECODE set)
+    # compiles every module again at each start, in the server and in each runner, which S4 would count
+    compileall.compile_dir(Path(slmops.__file__).parent, quiet=1)
     home = os.environ.get("SLMOPS_HOME", str(Path.home() / ".slmops"))
     store = slmops.open_store(home)
-    name = slmops.ModelName.parse("smollm2:135m")
+    name = slmops.ModelName.parse(MODEL)
     if not store.exists(name):
         store.pull(name)
     model_path = str(store.model_path(name))
@@ -220,13 +234,19 @@ def main() -> None:
         args.out = str(Path(args.out) / "runners")
     else:
         all_peers = peers(model_path, args.threads, args.parallel, home, args.python_server)
-    wanted = args.scenarios.split(",")
+    wanted = [] if args.scenarios.lower() == "none" else args.scenarios.split(",")
     for rnd in range(args.rounds):  # peers alternate within each round, so drift hits both alike
         for peer in all_peers:
             r = results["runs"].setdefault(peer.name, {})
+            if "SLMOPS_MODEL" in peer.env:  # slmops: first the cold start with the model named by the request
+                try:
+                    r.setdefault(BY_REQUEST, []).append(peer.start({"SLMOPS_MODEL": ""}))
+                finally:
+                    peer.stop()
             cold = peer.start()
             r.setdefault("S4_cold_start_s", []).append(cold)
             try:
+                peer.sample_rss()
                 for sc in wanted:
                     if peer.name == "llama_cpp.server" and sc in ("S3", "S6"):
                         continue
@@ -251,7 +271,7 @@ def report(results: dict, out: Path) -> None:
              "|---|---|" + "---|" * (len(med) - 1) + "---|"]
     for key in ours:
         peer_vals = [med[p].get(key) for p in med if p != "slmops"]
-        ls = med.get(base, {}).get(key)
+        ls = med.get(base, {}).get(key, med.get(base, {}).get("S4_cold_start_s") if key == BY_REQUEST else None)
         ratio = f"{ours[key] / ls:.2f}" if ls else ""
         lines.append(f"| {key} | {ours[key]:.3f} | " + " | ".join(f"{v:.3f}" if v is not None else "-"
                                                               for v in peer_vals) + f" | {ratio} |")
@@ -263,8 +283,9 @@ def report(results: dict, out: Path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        keys = [k for k in ours if med.get(base, {}).get(k)]
-        ratios = [ours[k] / med[base][k] for k in keys]
+        base_key = {BY_REQUEST: "S4_cold_start_s"}
+        keys = [k for k in ours if med.get(base, {}).get(base_key.get(k, k))]
+        ratios = [ours[k] / med[base][base_key.get(k, k)] for k in keys]
         fig, ax = plt.subplots(figsize=(8, 3.5))
         better = [(r >= 1) if k.endswith("tokens_per_s") else (r <= 1) for k, r in zip(keys, ratios)]
         ax.barh(keys, ratios, color=["#3a7" if b else "#c54" for b in better])

@@ -143,10 +143,12 @@ def engine_config(cfg: Settings, placed: "Placement | None") -> "EngineConfig":
 def engine(cfg: Settings, config: "EngineConfig",
            start: "Callable[[str, EngineConfig], RunnerProcess] | None" = None) -> "EngineClient":
     """The server's engine, as ``SLMOPS_RUNNERS`` says: one runner process per model (``start`` makes one; each
-    gets ``config``, nothing from the environment), or models in this process (``thread``)."""
+    gets ``config``, nothing from the environment, and the first takes over the runner ``slmops serve`` booted
+    ahead, if any), or models in this process (``thread``: a runner booted ahead is stopped)."""
+    from slmops.engine import process
     if cfg["SLMOPS_RUNNERS"] == "process":
-        from slmops.engine.process import ProcessEngine, RunnerProcess
-        return ProcessEngine(config, start or RunnerProcess)
+        return process.ProcessEngine(config, start or process.RunnerProcess)
+    process.discard_booted()
     from slmops.engine.engine import Engine  # llama.cpp loads here
     return Engine(config)
 
@@ -240,18 +242,35 @@ class Server:
     placement: "Placement"
 
 
-def server(cfg: Settings, keys: "KeyStore", store: Store | None = None,
-           detect: "Callable[[], Hardware] | None" = None,
-           start: "Callable[[str, EngineConfig], RunnerProcess] | None" = None) -> Server:
-    """The whole server from the settings: store, placement, engine, runtime, access policy and app, with
-    OpenTelemetry traces when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
-    store = store or open_store(cfg)
+@dataclass
+class Serving:
+    """The server's engine, started: where it places models, and the engine with its first runner."""
+
+    placement: "Placement"
+    engine: "EngineClient"
+
+
+def serving(cfg: Settings, store: Store, detect: "Callable[[], Hardware] | None" = None,
+            start: "Callable[[str, EngineConfig], RunnerProcess] | None" = None) -> Serving:
+    """Placement and the server's engine, its first runner started and, when ``SLMOPS_MODEL`` is stored, loading
+    it: ``slmops serve`` calls this before it imports the web stack, so the load runs while the server imports."""
     placed = placement(cfg, store, detect)
     models = engine(cfg, engine_config(cfg, placed), start)
-    models.prestart(_served_spec(store, cfg["SLMOPS_MODEL"]))  # runners boot (and load) while the server imports
+    models.prestart(_served_spec(store, cfg["SLMOPS_MODEL"]))
+    return Serving(placed, models)
+
+
+def server(cfg: Settings, keys: "KeyStore", store: Store | None = None,
+           detect: "Callable[[], Hardware] | None" = None,
+           start: "Callable[[str, EngineConfig], RunnerProcess] | None" = None,
+           started: Serving | None = None) -> Server:
+    """The whole server from the settings: store, placement and engine (or ``started``, from :func:`serving`),
+    runtime, access policy and app, with OpenTelemetry traces when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
+    store = store or open_store(cfg)
+    started = started or serving(cfg, store, detect, start)
     from slmops.server.app import create_app
     from slmops.server.tracing import from_env as tracing
     access = access_policy(cfg, keys)
-    app = create_app(store, runtime(cfg, store, models), server_config(cfg), access=access,
+    app = create_app(store, runtime(cfg, store, started.engine), server_config(cfg), access=access,
                      tracing=tracing(os.environ))  # OTEL_* are OpenTelemetry's own; its SDK reads the rest itself
-    return Server(app, access, placed)
+    return Server(app, access, started.placement)

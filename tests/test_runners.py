@@ -1,8 +1,12 @@
 """Runner processes: each loaded model runs in its own process, and a native crash there fails only that model's
-requests. A real server, two models, real signals."""
+requests. A real server, two models, real signals; and a runner started before its config, as `slmops serve`
+starts its first."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +16,11 @@ import openai
 import psutil
 import pytest
 
-from conftest import Server, link_home
+from conftest import Server, free_port, link_home
+
+from slmops.engine import messages as msg
+from slmops.engine import process
+from slmops.engine.client import EngineConfig
 
 M = "smollm2:135m"
 VICTIM = "victim:latest"
@@ -148,3 +156,66 @@ def test_integers_too_large_for_the_pipe_are_a_400(srv):
     assert r.status_code == 400 and "too large" in r.json()["error"]
     r = httpx.post(srv.url + "/api/generate", json={"model": M, "prompt": "hi", "context": [-(2 ** 70)]}, timeout=60)
     assert r.status_code == 400 and "too large" in r.json()["error"]
+
+
+def test_a_runner_booted_ahead_of_its_config_takes_it_over_the_socket():
+    process.boot()  # what `slmops serve` does first thing
+    [(booted, _)] = process._booted
+    runner = process.RunnerProcess(M, EngineConfig(num_thread=1))
+    try:
+        assert runner.proc.pid == booted.pid and process._booted == []  # taken over, not a second process
+        assert runner.call(msg.Status, timeout=60).models == []  # its engine runs on the config sent after it started
+    finally:
+        runner.shutdown()
+    assert runner.proc.returncode == 0
+    process.boot()
+    [(unused, _)] = process._booted
+    process.discard_booted()  # models run in the server after all (SLMOPS_RUNNERS=thread)
+    assert unused.returncode is not None and process._booted == []
+
+
+# Run as `slmops serve`, recording what the server process had imported when it started the runner and sent it the
+# load of SLMOPS_MODEL; it stops where the app would be built.
+SERVE_RECORDED = """
+import json, sys
+from slmops import wiring
+from slmops.engine import process
+
+events = []
+def imported():
+    return {"fastapi": "fastapi" in sys.modules, "uvicorn": "uvicorn" in sys.modules,
+            "commands": sorted(m for m in sys.modules if m.startswith("slmops.cli.") and m != "slmops.cli.main")}
+
+class Recording(process.RunnerProcess):
+    def __init__(self, name, config):
+        booted = [proc.pid for proc, _ in process._booted]
+        super().__init__(name, config)
+        events.append({"runner": name, "booted_ahead": self.proc.pid in booted, **imported()})
+
+    def send(self, make):
+        events.append({"sent": type(make(0)).__name__, **imported()})
+        super().send(make)
+
+def server(*args, **kwargs):
+    print(json.dumps(events))
+    sys.exit(0)
+
+process.RunnerProcess, wiring.server = Recording, server
+sys.argv = ["slmops", "serve"]
+from slmops.cli.main import main
+main()
+"""
+
+
+def test_serve_starts_the_models_runner_before_it_imports_the_web_stack(shared_home, tmp_path):
+    env = {**os.environ, "SLMOPS_HOME": str(link_home(shared_home, tmp_path)), "SLMOPS_MODEL": M,
+           "SLMOPS_HOST": f"127.0.0.1:{free_port()}"}
+    done = subprocess.run([sys.executable, "-c", SERVE_RECORDED], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    started, load = json.loads(done.stdout)
+    # the runner booted as the command started, took the served model, and began loading it before the server
+    # imported FastAPI, uvicorn or any other command's module
+    assert started == {"runner": M, "booted_ahead": True, "fastapi": False, "uvicorn": False,
+                       "commands": ["slmops.cli.common", "slmops.cli.serve", "slmops.cli.serving"]}
+    assert load == {"sent": "Load", "fastapi": False, "uvicorn": False, "commands": started["commands"]}

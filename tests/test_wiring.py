@@ -2,12 +2,14 @@
 server app, with nothing written to ``os.environ``; every default is defined once. No model, no process."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from slmops import wiring
 from slmops.cli import common
+from slmops.cli.serving import listening_socket
 from slmops.config.settings import SETTINGS, Settings, default
 from slmops.engine.client import EngineConfig, ModelSpec
 from slmops.engine.process import SPARE, ProcessEngine
@@ -112,6 +114,27 @@ def test_the_whole_server_from_settings(deploy, tmp_path):
     assert not built.access.auth_on() and built.access.audit is not None
     # one runner process started ahead (it boots while the server imports), ready for whichever model comes first
     assert [name for name, _ in FakeRunner.started] == [SPARE]
+
+
+def test_the_server_runs_on_the_engine_serve_started_first(deploy, tmp_path):
+    cfg = wiring.read_settings(config=deploy)
+    FakeRunner.started = []
+    started = wiring.serving(cfg, wiring.open_store(cfg), detect=gpu_machine, start=FakeRunner)
+    assert [name for name, _ in FakeRunner.started] == [SPARE] and started.placement.device == "gpu"
+    built = wiring.server(cfg, KeyStore(tmp_path / "keys.json"), started=started)
+    assert built.app.state.runtime.engine is started.engine and built.placement is started.placement
+    assert len(FakeRunner.started) == 1  # no second engine, no second runner
+
+
+def test_serve_listens_before_its_app_runs_and_names_a_port_in_use():
+    with listening_socket("127.0.0.1", 0, "set SLMOPS_HOST") as sock:
+        port = sock.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"address 127.0.0.1:{port} is already in use; stop the other server "
+                                              "or set SLMOPS_HOST"):
+            listening_socket("127.0.0.1", port, "set SLMOPS_HOST")
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # a client early: it waits, not refused
+            conn, _ = sock.accept()
+            conn.close()
 
 
 def test_store_policies_come_from_the_settings(tmp_path):

@@ -1,81 +1,110 @@
 """The ``slmops`` command. Each noun lives in its own module; this one wires them and maps errors to exit codes.
 
 Every user-facing error is one line on stderr and a non-zero exit; tracebacks only with SLMOPS_DEBUG=1.
+
+A command imports only its own module: ``slmops serve`` does not load what the model, fleet or release commands
+need (help, and a name that is no command, register them all). ``slmops serve`` starts its first runner process
+before anything else (:func:`slmops.engine.process.boot`), so the runner imports llama.cpp while the server imports
+and reads its settings.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import typer
-import typer.exceptions
+if TYPE_CHECKING:
+    import typer
 
-import slmops
-from slmops.cli import agent, feedback, fleet, hw, importing, models, ops, release, run, security, serve, shrink, tune
-from slmops.cli.common import CONTROL_PLANE_ONLY, console, engine_missing, err_console, settings, use_config
-from slmops.config.settings import SETTINGS
-from slmops.types.errors import SlmopsError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run small language models locally; Ollama- and OpenAI-compatible.")
-app.command("pull")(models.pull)
-app.command("push")(models.push)
-app.command("list")(models.list_models)
-app.command("ls", hidden=True)(models.list_models)
-app.command("show")(models.show)
-app.command("rm")(models.rm)
-app.command("cp")(models.cp)
-app.command("create")(models.create)
-app.command("prune")(models.prune)
-app.command("import")(importing.import_cmd)
-app.command("run")(run.run)
-app.command("serve")(serve.serve)
-app.command("ps")(serve.ps)
-app.add_typer(security.keys, name="keys")
-app.add_typer(security.audit_app, name="audit")
-app.add_typer(security.store_app, name="store")
-app.command("sign")(security.sign_cmd)
-app.command("verify")(security.verify_cmd_model)
-app.command("quantize")(ops.quantize_cmd)
-app.command("eval")(ops.eval_cmd)
-app.command("bench")(ops.bench_cmd)
-app.command("optimize")(ops.optimize_cmd)
-app.command("release")(release.release_cmd)
-app.command("shrink")(shrink.shrink_cmd)
-app.command("distill")(shrink.distill_cmd)
-app.command("tune")(tune.tune_cmd)
-app.command("hw")(hw.hw_cmd)
-app.add_typer(fleet.app, name="fleet")
-app.add_typer(agent.app, name="agent")
-app.add_typer(feedback.app, name="feedback")
+# Every command, in the order help lists them: (name, module under slmops.cli, its command function or Typer group)
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("pull", "models", "pull"), ("push", "models", "push"), ("list", "models", "list_models"),
+    ("ls", "models", "list_models"), ("show", "models", "show"), ("rm", "models", "rm"), ("cp", "models", "cp"),
+    ("create", "models", "create"), ("prune", "models", "prune"), ("import", "importing", "import_cmd"),
+    ("run", "run", "run"), ("serve", "serve", "serve"), ("ps", "serve", "ps"), ("keys", "security", "keys"),
+    ("audit", "security", "audit_app"), ("store", "security", "store_app"), ("sign", "security", "sign_cmd"),
+    ("verify", "security", "verify_cmd_model"), ("quantize", "ops", "quantize_cmd"), ("eval", "ops", "eval_cmd"),
+    ("bench", "ops", "bench_cmd"), ("optimize", "ops", "optimize_cmd"), ("release", "release", "release_cmd"),
+    ("shrink", "shrink", "shrink_cmd"), ("distill", "shrink", "distill_cmd"), ("tune", "tune", "tune_cmd"),
+    ("hw", "hw", "hw_cmd"), ("fleet", "fleet", "app"), ("agent", "agent", "app"), ("feedback", "feedback", "app"),
+)
+HIDDEN = {"ls"}
 
 
-@app.command("version")
-def version() -> None:
-    """Print the version."""
-    console.print(f"slmops version {slmops.__version__}")
+def build_app(command: str | None = None) -> typer.Typer:
+    """The command tree. With ``command`` (what this invocation runs), only its module is imported; without one,
+    or with a name that is no command, every module is."""
+    import typer
+
+    from slmops.cli.common import console, settings, use_config
+    from slmops.config.settings import SETTINGS
+
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Run small language models locally; Ollama- and OpenAI-compatible.")
+    only = command if any(command == name for name, _, _ in COMMANDS) else None
+    for name, module, attr in COMMANDS:
+        if only is not None and name != only:
+            continue
+        target = getattr(importlib.import_module(f"slmops.cli.{module}"), attr)
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name)
+        else:
+            app.command(name, hidden=name in HIDDEN)(target)
+
+    @app.command("version")
+    def version() -> None:
+        """Print the version."""
+        import slmops
+        console.print(f"slmops version {slmops.__version__}")
+
+    @app.command("env")
+    def env(config_file: Path = typer.Option(None, "--config", help="Deployment config to apply (or SLMOPS_CONFIG).")
+            ) -> None:
+        """Print every SLMOPS_* setting: effective value, where it came from, and what it does."""
+        use_config(config_file)
+        cfg = settings()
+        for s in SETTINGS:
+            value = cfg[s.name]
+            shown = f"{value[0]}:{value[1]}" if s.name in ("SLMOPS_HOST", "SLMOPS_FLEET_HOST") else \
+                ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            if s.secret:
+                shown = "(set, hidden)" if value not in (None, "") else "None"
+            console.print(f"{s.name}={shown}  ({cfg.origins[s.name]})  # {s.help}", markup=False, soft_wrap=True)
+
+    return app
 
 
-@app.command("env")
-def env(config_file: Path = typer.Option(None, "--config", help="Deployment config to apply (or SLMOPS_CONFIG).")
-        ) -> None:
-    """Print every SLMOPS_* setting: effective value, where it came from, and what it does."""
-    use_config(config_file)
-    cfg = settings()
-    for s in SETTINGS:
-        value = cfg[s.name]
-        shown = f"{value[0]}:{value[1]}" if s.name in ("SLMOPS_HOST", "SLMOPS_FLEET_HOST") else \
-            ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        if s.secret:
-            shown = "(set, hidden)" if value not in (None, "") else "None"
-        console.print(f"{s.name}={shown}  ({cfg.origins[s.name]})  # {s.help}", markup=False, soft_wrap=True)
+def __getattr__(name: str) -> object:
+    if name == "app":  # the whole command tree, for what inspects it (tests, documentation)
+        return build_app()
+    raise AttributeError(name)
+
+
+def boot_runner(argv: list[str]) -> None:
+    """``slmops serve``: start the first runner process now, before the server imports its own modules; it takes
+    its engine config once the server has read its settings. Not for help, nor in the control-plane install (no
+    llama.cpp: the command refuses with one line, and a runner would fail to start)."""
+    if argv[1:2] != ["serve"] or "--help" in argv or importlib.util.find_spec("llama_cpp") is None:
+        return
+    from slmops.engine.process import boot
+    boot()
 
 
 def main() -> None:
     debug = os.environ.get("SLMOPS_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    boot_runner(sys.argv)
+    import typer
+    import typer.exceptions
+
+    from slmops.cli.common import CONTROL_PLANE_ONLY, engine_missing, err_console
+    from slmops.types.errors import SlmopsError
+
     try:
+        app = build_app(sys.argv[1] if len(sys.argv) > 1 else None)
         code = app(standalone_mode=False)  # without standalone mode, click returns an Exit's code
         if isinstance(code, int) and code:
             sys.exit(code)

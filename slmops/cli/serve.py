@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import httpx
 import typer
 
 from slmops import wiring
 from slmops.cli.common import console, err_console, key_store, settings, store, use_config
-from slmops.cli.serving import check_port, run_app
+from slmops.cli.serving import listening_socket, run_app
 from slmops.types.errors import SlmopsError
 
 
@@ -23,15 +22,19 @@ def serve(
                                                "(or SLMOPS_CONFIG); SLMOPS_* variables override it."),
 ) -> None:
     """Start the server on SLMOPS_HOST (default 127.0.0.1:11434)."""
-    from slmops.server.guards import is_loopback
-
     use_config(config_file)
     cfg = settings()
     keys = key_store()
+    stored = store()
+    # The engine first, its runner loading SLMOPS_MODEL while what follows imports the web stack (should the checks
+    # refuse, the runner exits with this process); then the socket, where a request sent meanwhile waits its turn.
+    started = wiring.serving(cfg, stored)
     where = wiring.listen(cfg, keys, tls_cert, tls_key, insecure)
-    check_port(where.host, where.port, "set SLMOPS_HOST")
+    sock = listening_socket(where.host, where.port, "set SLMOPS_HOST")
     _log_config(cfg)
-    built = wiring.server(cfg, keys, store())
+    built = wiring.server(cfg, keys, stored, started=started)
+    from slmops.server.guards import is_loopback
+
     placed = built.placement
     err_console.print(f"{placed.summary()} ({'; '.join(placed.reasons)})", markup=False, soft_wrap=True)
     if not is_loopback(where.host) and not keys:
@@ -39,7 +42,7 @@ def serve(
                           "this address can use and change your models", markup=False)
     auth = "API keys required" if built.access.auth_on() else "no API keys (loopback)"
     console.print(f"slmops listening on {where.scheme}://{where.host}:{where.port} ({auth})", markup=False)
-    run_app(built.app, where.host, where.port, cfg["SLMOPS_DEBUG"], timeout_graceful_shutdown=5,
+    run_app(built.app, where.host, where.port, cfg["SLMOPS_DEBUG"], sock, timeout_graceful_shutdown=5,
             ssl_certfile=str(where.tls_cert) if where.tls_cert else None,
             ssl_keyfile=str(where.tls_key) if where.tls_key else None)
 
@@ -64,6 +67,8 @@ def base_url() -> str:
 
 def ps() -> None:
     """List the models a running server has loaded."""
+    import httpx  # only here: `slmops serve` starts faster without it
+
     url = base_url()
     try:
         key = settings()["SLMOPS_API_KEY"]

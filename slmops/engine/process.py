@@ -4,6 +4,9 @@ A native crash in the backend (llama.cpp: a segfault, an abort) ends only that p
 with a :class:`RunnerCrashed` that names the signal; other models keep serving, and the next request for the model
 starts a fresh runner. Eviction asks a runner to finish its running requests and exit, as unloading does in process.
 The parent never loads a backend: it forwards requests and dispatches replies from one reading thread per runner.
+A runner's engine config is the first message it reads, so one can start before the config is known: ``slmops
+serve`` boots its first runner (:func:`boot`) before it imports anything else, and the first runner it needs takes
+that process over.
 """
 
 from __future__ import annotations
@@ -49,10 +52,45 @@ def _crashed(name: str, code: int) -> RunnerCrashed:
                          "send the request again to restart it")
 
 
-# The backend's native libraries load before anything imports numpy (see slmops.engine.llamacpp.preload).
-SPARE = "(spare)"  # a runner started before any model needs one (ProcessEngine.prestart)
+# A runner imports its backend (whose native libraries load before anything imports numpy: see
+# slmops.engine.llamacpp.preload), then waits for its engine config, the first frame on its socket.
+SPARE = "(spare)"  # a runner started before any model needs one (ProcessEngine.prestart, boot)
 _BOOT = ("import sys; from slmops.engine.backend import preload; preload(); "
          "from slmops.engine.worker import main; main(sys.argv)")
+_booted: list[tuple[subprocess.Popen, socket.socket]] = []  # started by boot(), not yet a RunnerProcess
+
+
+def _spawn(name: str) -> tuple[subprocess.Popen, socket.socket]:
+    ours, theirs = socket.socketpair()
+    with theirs:
+        proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), name],  # the name, for `ps`
+                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+    return proc, ours
+
+
+def boot() -> None:
+    """Start a runner's interpreter now, before anything knows its model or engine config: it imports its
+    backend while this process imports and reads its settings, and the next :class:`RunnerProcess` takes it over
+    (``slmops serve`` calls this first thing; nothing else needs to). Unclaimed, it exits with this process."""
+    _booted.append(_spawn(SPARE))
+
+
+def discard_booted() -> None:
+    """Stop the runners :func:`boot` started that no :class:`RunnerProcess` took (models run in this process)."""
+    while _booted:
+        proc, sock = _booted.pop()
+        sock.close()
+        proc.kill()  # it has loaded nothing yet
+        proc.wait()
+
+
+def _claim_or_spawn(name: str) -> tuple[subprocess.Popen, socket.socket]:
+    while _booted:
+        proc, sock = _booted.pop()
+        if proc.poll() is None:
+            return proc, sock
+        sock.close()
+    return _spawn(name)
 
 
 class RunnerProcess:
@@ -60,18 +98,17 @@ class RunnerProcess:
 
     def __init__(self, name: str, config: EngineConfig):
         self.name = name
-        ours, theirs = socket.socketpair()
-        with theirs:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(theirs.fileno()),
-                 msgspec.json.encode(config).decode(), name],  # the name, for whoever reads `ps`
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        self.proc, ours = _claim_or_spawn(name)
         self.conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._pending: dict[int, Emit] = {}  # request id -> where its replies go (called on the reading thread)
         self._ids = itertools.count(1)
         self.ended: Exception | None = None
         self.shutting_down = False
+        try:
+            self.conn.send_bytes(msgspec.json.encode(config))  # what the runner waits for once it has imported
+        except OSError:
+            pass  # it has exited: the reading thread reports how
         threading.Thread(target=self._read, name=f"runner-{name}", daemon=True).start()
 
     @property

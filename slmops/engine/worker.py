@@ -1,7 +1,8 @@
 """A runner process: one model's in-process :class:`Engine`, served over the socket the server handed it.
 
-Started by :class:`slmops.engine.process.RunnerProcess` as ``python -c "... preload(); ... main(sys.argv)" FD CONFIG
-NAME`` (the backend's libraries load before numpy; see ``process._BOOT``). The reading thread never blocks on model
+Started by :class:`slmops.engine.process.RunnerProcess` as ``python -c "... preload(); ... main(sys.argv)" FD NAME``
+(the backend's libraries load before numpy; see ``process._BOOT``); its engine config is the first frame on the
+socket, so a runner can start before the server has read its settings. The reading thread never blocks on model
 work, so cancels and status queries are answered while requests run. Prompt preparation and other calls run on
 short-lived threads; generated pieces are sent by the batching runner's own thread the moment they are sampled (one
 small write, no thread hand-off: measured, each hand-off cost more than the write). When the server goes away the
@@ -135,10 +136,16 @@ class Worker:
 
 
 def main(argv: list[str]) -> None:
+    """``argv``: the socket's file descriptor (and a name for ``ps``). Everything is imported before the engine
+    config is read from the socket, so a runner started ahead of its config (``process.boot``) only loads."""
     from slmops.engine.engine import Engine
 
-    fd, config = int(argv[1]), msgspec.json.decode(argv[2], type=EngineConfig)
-    Worker(Connection(fd), Engine(config)).serve()
+    conn = Connection(int(argv[1]))
+    try:
+        config = msgspec.json.decode(conn.recv_bytes(), type=EngineConfig)
+    except (EOFError, OSError):
+        os._exit(0)  # the server went away before it needed this runner
+    Worker(conn, Engine(config)).serve()
 
 
 if __name__ == "__main__":

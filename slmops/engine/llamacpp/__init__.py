@@ -21,9 +21,12 @@ def create_backend(verbose: bool | None = None) -> "LlamaCppBackend":
 
 
 def preload() -> None:
-    """llama.cpp's libraries load before anything imports numpy: with a CUDA build of llama.cpp, numpy's bundled
-    OpenBLAS loaded first made every model load segfault (seen on an H100; loading llama.cpp first avoids it)."""
+    """What a runner process imports as it starts, before it knows its model or engine config: llama.cpp's
+    libraries, then this backend's modules. llama.cpp loads before anything imports numpy: with a CUDA build of
+    llama.cpp, numpy's bundled OpenBLAS loaded first made every model load segfault (seen on an H100)."""
     import llama_cpp  # noqa: F401
+
+    from slmops.engine.llamacpp import backend  # noqa: F401
 
 
 def supports_gpu_offload() -> bool:
