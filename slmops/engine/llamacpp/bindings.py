@@ -140,7 +140,12 @@ class LlamaContext:
         cp.n_threads_batch = params.threads
         cp.embeddings = embeddings
         cp.no_perf = True
-        cp.kv_unified = True  # sequences share one cell pool, so a prefix copy between them shares cells
+        # Sequences share one cell pool, so a prefix copy between them shares cells. A stream per sequence
+        # (kv_unified False) spares each token the masked attention over other sequences' cells (a step of eight
+        # distinct 700-token streams: 47 ms against 56-63), but llama.cpp then splits a batch into one pass per
+        # run length, so a step mixing decodes with a prompt chunk costs two or more passes: measured in
+        # bench/serve_bench.py, S2 fell from 1.14x to 0.95x of llama-server and S3 did not move.
+        cp.kv_unified = True
         if params.kv_type not in _KV_TYPES:
             raise InvalidInput(f"KV cache type {params.kv_type!r} is not one of {', '.join(_KV_TYPES)}")
         cp.type_k = cp.type_v = _KV_TYPES[params.kv_type]  # a quantized V cache needs flash attention: auto
