@@ -87,10 +87,10 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = 
 
 
 def _inspect(path: Path) -> GGUFInfo:
-    # The gguf package (and numpy with it) loads only where a header is read: the control plane has neither.
-    from gguf import LlamaFileType
+    # The scanner loads only where a header is read: the control plane has no gguf package.
+    from slmops.store.gguf_scan import gguf_constants, scan_gguf
 
-    from slmops.store.gguf_scan import scan_gguf
+    LlamaFileType = gguf_constants().LlamaFileType
 
     header = scan_gguf(path)
     meta = header.metadata
