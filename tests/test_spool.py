@@ -16,7 +16,7 @@ from slmops.store.registry_auth import RegistryConfig
 from slmops.store.spool import WRITEBACK_EVERY, Spool, start_writeback
 from slmops.store.store import Store
 from slmops.types.digest import Digest
-from slmops.types.errors import SourceError
+from slmops.types.errors import InvalidModelFile, SourceError
 from slmops.types.name import Reference
 
 
@@ -195,3 +195,14 @@ def test_a_layer_failing_beside_the_large_one_stops_it_and_is_the_error(tmp_path
     partial = store.blobs.root / "partial" / f"sha256-{sha(model)[7:]}.partial"
     assert not partial.exists() or partial.stat().st_size < size
     assert store.list() == [] and not list(store.blobs.root.glob("sha256-*"))
+
+
+def test_a_blob_that_is_no_gguf_is_refused_and_the_store_is_unchanged(tmp_path):
+    garbage = b"NOTAGGUF" * 4096
+    manifest, blobs = _model(tmp_path, garbage)
+    store = Store(tmp_path / "models", allow_internal_registries=True)
+    with _registry(manifest, blobs) as reg, pytest.raises(InvalidModelFile, match="not a GGUF file"):
+        _pull(store, reg.host)
+    assert store.list() == [] and store.blobs.digests() == set()
+    kept = {f.name for f in (store.blobs.root / "partial").iterdir()}  # whole, for the next pull to move in
+    assert kept == {f"sha256-{d[7:]}.partial" for d, data in blobs.items() if data != garbage}
