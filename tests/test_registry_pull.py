@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +27,7 @@ from registry import (BINARY, DOCKER_MANIFEST, OCI_MANIFEST, Proxy, Recorder, Re
 from slmops.store import manifests as mt
 from slmops.store.registry import RegistryClient
 from slmops.store.registry_auth import Login, RegistryConfig
+from slmops.store.transport import BulkTransport, iter_body
 from slmops.store.store import Store
 from slmops.types.digest import Digest
 from slmops.types.errors import IntegrityError, InvalidInput, InvalidName, SourceError, UntrustedModel
@@ -436,3 +440,52 @@ def test_client_push_primitives_round_trip(registry):
     got = httpx.get(f"{registry.reg.url}/v2/library/pushed/manifests/v1", headers={"Accept": DOCKER_MANIFEST})
     assert got.content == manifest
     assert httpx.get(f"{registry.reg.url}/v2/library/pushed/blobs/{digest}").content == data
+
+
+# -- blob bodies straight from the socket ------------------------------------------------------------------------
+def _no_httpx_body(*a, **kw):
+    raise AssertionError("the body went through httpx")
+
+
+def test_blob_bodies_come_straight_from_the_socket_over_plain_http(registry, monkeypatch):
+    """The transport reads each response head exactly, so a blob's body is read from the socket, not through h11;
+    the connection that served it is closed, and the client's next requests open another."""
+    data = os.urandom(3 << 20)
+    digest = Digest.of_bytes(data)
+    with RegistryClient(registry.host, INSECURE, allow_internal=True) as c:
+        c.finish_upload(c.start_upload("library/direct"), digest, data)
+        monkeypatch.setattr(httpx.Response, "iter_bytes", _no_httpx_body)
+        for _ in range(2):
+            with c.blob("library/direct", digest) as r:
+                assert b"".join(iter_body(r)) == data
+            with c.blob("library/direct", digest, 1 << 20) as r:
+                assert r.status_code == 206 and b"".join(iter_body(r)) == data[1 << 20:]
+        monkeypatch.undo()
+        assert c.has_blob("library/direct", digest)
+
+
+@pytest.mark.parametrize("case", ["head in two pieces", "chunked body"])
+def test_bodies_the_socket_cannot_give_whole_go_through_httpx(case, monkeypatch):
+    body = os.urandom(300_000)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            if case == "head in two pieces":  # the peek sees no end of the head: h11 reads it, and may read on
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                time.sleep(0.3)
+                conn.sendall(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    through_httpx = []
+    real = httpx.Response.iter_bytes
+    monkeypatch.setattr(httpx.Response, "iter_bytes", lambda self, *a: (through_httpx.append(1), real(self, *a))[1])
+    with server, httpx.Client(transport=BulkTransport(ssl.create_default_context())) as client, \
+            client.stream("GET", f"http://127.0.0.1:{server.getsockname()[1]}/blob") as r:
+        assert b"".join(iter_body(r)) == body
+    assert through_httpx == [1]

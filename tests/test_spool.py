@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from registry import Recorder, ollama_manifest, sha, tiny_gguf
@@ -16,7 +17,7 @@ from slmops.store.registry_auth import RegistryConfig
 from slmops.store.spool import WRITEBACK_EVERY, Spool, start_writeback
 from slmops.store.store import Store
 from slmops.types.digest import Digest
-from slmops.types.errors import InvalidModelFile, SourceError
+from slmops.types.errors import IntegrityError, InvalidModelFile, SourceError
 from slmops.types.name import Reference
 
 
@@ -98,6 +99,25 @@ def test_an_error_of_the_receiving_side_stops_the_threads_and_is_not_swallowed(t
         raise ConnectionResetError
     assert all(not w.is_alive() for w in spool._workers)
     os.close(fd)
+
+
+def test_written_is_called_once_the_file_holds_every_chunk_and_not_after_an_error(tmp_path):
+    path = tmp_path / "blob"
+    seen: list[int] = []
+    for chunks in ([b"one read"], [os.urandom(1 << 20) for _ in range(9)]):  # without threads, and with them
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with Spool(fd, hashlib.sha256(), lambda: seen.append(path.stat().st_size)) as spool:
+            for c in chunks:
+                spool.put(c)
+        os.close(fd)
+        assert seen.pop() == sum(map(len, chunks)) and not seen
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with pytest.raises(ConnectionResetError), Spool(fd, hashlib.sha256(), lambda: seen.append(-1)) as spool:
+        spool.put(b"abc")
+        spool.put(b"def")
+        raise ConnectionResetError
+    os.close(fd)
+    assert seen == []
 
 
 # -- the pull around the spool --------------------------------------------------------------------------------
@@ -206,3 +226,28 @@ def test_a_blob_that_is_no_gguf_is_refused_and_the_store_is_unchanged(tmp_path):
     assert store.list() == [] and store.blobs.digests() == set()
     kept = {f.name for f in (store.blobs.root / "partial").iterdir()}  # whole, for the next pull to move in
     assert kept == {f"sha256-{d[7:]}.partial" for d, data in blobs.items() if data != garbage}
+
+
+def test_the_gguf_is_scanned_once_while_its_hash_finishes_and_the_scan_is_kept(tmp_path, monkeypatch):
+    from slmops.store import gguf_scan
+    scans = []
+    real = gguf_scan.scan_gguf
+    monkeypatch.setattr(gguf_scan, "scan_gguf", lambda path: (scans.append(Path(path)), real(path))[1])
+    model = tiny_gguf(tmp_path / "tiny.gguf") + os.urandom(3 << 20)  # several reads: the spool's threads run
+    manifest, blobs = _model(tmp_path, model)
+    store = Store(tmp_path / "models", allow_internal_registries=True)
+    with _registry(manifest, blobs) as reg:
+        _pull(store, reg.host)
+    assert [p.suffix for p in scans] == [".partial"]  # before the rename, once
+    info = store.inspect(store.list()[0].name)  # from the cache the pull wrote: no second scan
+    assert len(scans) == 1 and info.parameter_count > 0 and info.architecture == "llama"
+
+
+def test_a_blob_that_matches_no_digest_is_refused_for_that_before_any_gguf_check(tmp_path):
+    manifest, blobs = _model(tmp_path)
+    model_digest = next(d for d, data in blobs.items() if data.startswith(b"GGUF"))
+    blobs[model_digest] = b"NOTAGGUF".ljust(len(blobs[model_digest]), b"x")  # the declared size; no GGUF
+    store = Store(tmp_path / "models", allow_internal_registries=True)
+    with _registry(manifest, blobs) as reg, pytest.raises(IntegrityError, match="does not match its digest"):
+        _pull(store, reg.host)
+    assert store.list() == []

@@ -55,13 +55,16 @@ def _identity(path: Path, st: os.stat_result) -> str:
     return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
-def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = None) -> GGUFInfo:
+def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = None,
+                 scanned: GGUFInfo | None = None) -> GGUFInfo:
     """Validate ``path`` fully (header, metadata, every tensor inside the file) and return its metadata.
 
     A scan walks the tokenizer arrays (tens of milliseconds for a small model, more for big vocabularies), so with
     ``cache_dir`` the result is kept under the file's identity (device, inode, size, mtime, ctime): a changed file
     is validated again, an unchanged one loads fast.
     A sealed file (``key`` opens it) is keyed by the sealed file's identity, so a hit decrypts nothing.
+    ``scanned``: what :func:`scan_info` found in these same bytes before they were moved to ``path`` (a pull scans
+    while the hash catches up); it is recorded, not scanned again.
     """
     try:
         st = path.stat()
@@ -77,8 +80,11 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = 
                 return GGUFInfo(**cached["info"])
         except (OSError, ValueError, TypeError, KeyError, IntegrityError):
             pass
-    with plain_file(path, key, "model") as plain:
-        info = _inspect(plain)
+    if scanned is not None:
+        info = scanned
+    else:
+        with plain_file(path, key, "model") as plain:
+            info = scan_info(plain)
     if entry is not None:
         with contextlib.suppress(OSError, TypeError, ValueError):
             data = json.dumps({"identity": ident, "info": asdict(info)}, default=str).encode()
@@ -86,7 +92,8 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None, key: bytes | None = 
     return info
 
 
-def _inspect(path: Path) -> GGUFInfo:
+def scan_info(path: Path) -> GGUFInfo:
+    """A plain GGUF file's metadata, validated, with no cache."""
     # The scanner loads only where a header is read: the control plane has no gguf package.
     from slmops.store.gguf_scan import gguf_constants, scan_gguf
 

@@ -44,12 +44,13 @@ import httpx
 from slmops.store import folders, manifests as mt
 from slmops.store.atomic import atomic_writer, fsync_dir, remove_abandoned_temps
 from slmops.store.blobs import CHUNK
-from slmops.store.gguf import inspect_gguf
+from slmops.store.gguf import inspect_gguf, scan_info
 from slmops.store.manifests import Layer, Manifest
 from slmops.store.network import check_registry_host
 from slmops.store.registry import Descriptor, RegistryClient, RemoteManifest, descriptor, fetch_signature
 from slmops.store.registry_auth import RegistryConfig
 from slmops.store.spool import Spool
+from slmops.store.transport import iter_body
 from slmops.types.digest import Digest
 from slmops.types.errors import IntegrityError, InvalidModelFile, SlmopsError, SourceError
 from slmops.types.name import Reference
@@ -115,6 +116,8 @@ class RegistryPull:
         self.added: set[Digest] = set()
         self.invalid: set[Digest] = set()
         self._stop = threading.Event()  # set when one of the two downloading threads failed: the other stops too
+        self._gguf: Digest | None = None  # the GGUF layer: scanned while its hash is finishing (_scan_early)
+        self._early: dict[Digest, GGUFInfo | InvalidModelFile] = {}
 
     def run(self) -> Manifest:
         check_registry_host(self.ref.name.host, self.store.allow_internal_registries)  # before any status line
@@ -135,15 +138,19 @@ class RegistryPull:
         remote = client.manifest(self.ref.repository, self.ref.manifest_ref)
         plan = plan_of(remote, what)
         remove_abandoned_temps(self.store.root)
+        gguf = plan.model.digest if plan.files is None else None
+        self._gguf = gguf
         signature = self._fetch_all(client, plan.downloads, remote.digest)
         self.progress("verifying sha256 digest", 0, None)
         try:
-            if plan.files is not None:
+            if gguf is None:
                 folders.parse_config(self.store.blobs.read_bytes(plan.model.digest), list(plan.files), what)
                 info = None
             else:
-                info = inspect_gguf(self.store.blobs.path(plan.model.digest), self.store.gguf_cache,
-                                    self.store.blobs.key)
+                early = self._early.get(gguf)
+                if isinstance(early, InvalidModelFile):
+                    raise early
+                info = inspect_gguf(self.store.blobs.path(gguf), self.store.gguf_cache, self.store.blobs.key, early)
         except InvalidModelFile:
             self.invalid.add(plan.model.digest)  # the registry's true bytes, and no model: nothing to keep
             raise
@@ -214,7 +221,8 @@ class RegistryPull:
             tick.set(have)
             if have < layer.size:
                 try:
-                    h = self._stream_into(client, layer, f, h, have, tick)
+                    written = (lambda: self._scan_early(path, layer.digest)) if layer.digest == self._gguf else None
+                    h = self._stream_into(client, layer, f, h, have, tick, written)
                 except IntegrityError:  # the registry's bytes are wrong: none of them are worth keeping
                     path.unlink(missing_ok=True)
                     raise
@@ -229,9 +237,23 @@ class RegistryPull:
     def _partial(self, digest: Digest) -> Path:
         return self.store.blobs.root / "partial" / f"{digest.filename}.partial"
 
+    def _scan_early(self, path: Path, digest: Digest) -> None:
+        """Validate the GGUF in ``path`` (all written, the hash still catching up: see :mod:`slmops.store.spool`).
+        What it finds counts only once the digest matches: a scan error is raised then, by :meth:`_pull`."""
+        try:
+            self._early[digest] = scan_info(path)
+        except InvalidModelFile as err:
+            self._early[digest] = err
+
     def _stream_into(self, client: RegistryClient, layer: Descriptor, f: IO[bytes], h: "hashlib._Hash",
-                     have: int, tick: "_Ticker") -> "hashlib._Hash":
-        """Append the rest of the blob to ``f`` (from ``have``), hashing it; returns the hash of it all."""
+                     have: int, tick: "_Ticker", written: Callable[[], None] | None = None) -> "hashlib._Hash":
+        """Append the rest of the blob to ``f`` (from ``have``), hashing it; returns the hash of it all.
+        ``written`` is called once the whole blob is in the file, perhaps before its hash is done."""
+
+        def complete() -> None:
+            if written is not None and have == layer.size:
+                written()
+
         with client.blob(self.ref.repository, layer.digest, have) as r:
             if have and r.status_code != 206:  # the registry ignored the range: start over from its first byte
                 f.truncate(0)
@@ -240,8 +262,8 @@ class RegistryPull:
             _check_length(r, layer, have, client.host)
             f.flush()
             try:
-                with Spool(f.fileno(), h) as spool:
-                    for chunk in r.iter_bytes():
+                with Spool(f.fileno(), h, complete) as spool:
+                    for chunk in iter_body(r):
                         if have + len(chunk) > layer.size:
                             raise _too_long(layer, client.host)
                         if self._stop.is_set():
@@ -398,7 +420,7 @@ class _BodyReader:
     other downloading thread failed) ends it at the next read."""
 
     def __init__(self, r: httpx.Response, layer: Descriptor, host: str, stop: threading.Event):
-        self._it = r.iter_bytes(CHUNK)
+        self._it = iter_body(r, CHUNK)
         self._layer, self._host, self._stop = layer, host, stop
         self._seen = 0
 

@@ -15,6 +15,11 @@ Chunks keep their order on each thread, so the file always holds a prefix of the
 resume from) and the hash is of exactly the bytes written. The threads start with the second chunk: a blob that
 arrives in one read (a config, a template) is hashed and written on the calling thread, without two threads
 started and joined for it.
+
+The hash is the slowest step (~1.9 GB/s), so when the last chunk arrives the writer is done and the hash is some
+milliseconds behind. ``written``, called on the calling thread at that point, lets the caller use the file then
+(a pull validates the GGUF header: pure Python, which would otherwise wait for the hash and then hold the GIL
+against nothing).
 """
 
 from __future__ import annotations
@@ -75,10 +80,11 @@ class Spool:
     """``with Spool(fd, h) as spool: spool.put(chunk)…``; on a clean exit every chunk is hashed into ``h`` and
     written to ``fd``, its writeback started; the caller fsyncs before it renames the file (one fsync, where the
     file is made durable whether or not this spool wrote all of it). An error of either thread is raised by the
-    next ``put`` or by the exit."""
+    next ``put`` or by the exit. ``written`` is called on a clean exit once every chunk is written, perhaps before
+    all are hashed."""
 
-    def __init__(self, fd: int, h: hashlib._Hash):
-        self._fd, self._h = fd, h
+    def __init__(self, fd: int, h: hashlib._Hash, written: Callable[[], None] | None = None):
+        self._fd, self._h, self._written = fd, h, written
         self._unflushed = 0
         self._first: bytes | None = None  # held until a second chunk starts the threads, or the exit
         self._started = False
@@ -122,10 +128,17 @@ class Spool:
             if exc_type is None and self._first is not None:
                 self._h.update(self._first)
                 self._write(self._first)
+            if exc_type is None and self._written is not None:
+                self._written()
             return
+        hasher, writer = self._workers
         for w in self._workers:
             w.queue.put(_END)
-        for w in self._workers:
-            w.join()
+        writer.join()
+        try:
+            if exc_type is None and writer.error is None and self._written is not None:
+                self._written()
+        finally:
+            hasher.join()
         if exc_type is None:
             self._raise()
