@@ -163,13 +163,46 @@ def test_seeded_sampling_is_reproducible(engine, spec):
     assert a == b
 
 
+def test_greedy_picks_the_token_llama_cpps_greedy_sampler_picks(spec):
+    """Greedy sampling is an argmax in Python; at every step it names the token llama.cpp's own chain names."""
+    import llama_cpp as lc
+    import numpy as np
+
+    from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel, SamplerChain
+    model = LlamaModel(spec.model_path)
+    ctx = LlamaContext(model, opts.LoadParams(num_ctx=512))
+    ref = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    lc.llama_sampler_chain_add(ref, lc.llama_sampler_init_greedy())
+    prompt = model.tokenize("Once upon a time, in a land far away,", add_special=True, parse_special=True)
+    chain = SamplerChain(model, opts.SamplingParams(temperature=0, repeat_penalty=1.0), 512, prompt)
+    try:
+        n = len(prompt)
+        want = np.zeros(n, dtype=np.int8)
+        want[-1] = 1
+        ctx.decode_batch(np.array(prompt, dtype=np.int32), np.arange(n, dtype=np.int32), np.zeros(n, np.int32), want)
+        idx, picks = n - 1, []
+        for pos in range(n, n + 48):
+            ours, theirs = chain.sample(ctx, idx), lc.llama_sampler_sample(ref, ctx.ptr, idx)
+            picks.append((ours, theirs))
+            ctx.decode_batch(np.array([ours], np.int32), np.array([pos], np.int32), np.zeros(1, np.int32),
+                             np.ones(1, np.int8))
+            idx = 0
+        assert all(a == b for a, b in picks) and len({a for a, _ in picks}) > 5
+    finally:
+        chain.close()
+        lc.llama_sampler_free(ref)
+        ctx.close()
+        model.close()
+
+
 @pytest.mark.parametrize("params", [
     {"repeat_penalty": 1.5, "repeat_last_n": 64},
     {"repeat_penalty": 1.0, "frequency_penalty": 0.8, "presence_penalty": 0.6, "repeat_last_n": 16},
     {"repeat_penalty": 1.3, "repeat_last_n": -1, "temperature": 0.8, "seed": 7},
 ])
 def test_penalties_on_the_window_match_llama_cpps_penalties_sampler(spec, params):
-    """The same tokens as llama.cpp's own penalties sampler at the head of an otherwise identical chain."""
+    """The same tokens as llama.cpp's own penalties sampler at the head of an otherwise identical chain (and, for
+    greedy sampling, its greedy sampler in place of the argmax)."""
     import llama_cpp as lc
     import numpy as np
 
@@ -191,7 +224,7 @@ def test_penalties_on_the_window_match_llama_cpps_penalties_sampler(spec, params
         for _ in range(lc.llama_sampler_chain_n(chain.ptr)):  # then the same samplers, moved over
             lc.llama_sampler_chain_add(ref, lc.llama_sampler_chain_remove(chain.ptr, 0))
         chain.close()
-        chain.ptr, chain._window = ref, None  # llama.cpp applies the penalties itself
+        chain.ptr, chain._window, chain._greedy = ref, None, False  # llama.cpp applies the penalties and picks
         return chain
 
     def generate(chain: SamplerChain) -> list[int]:

@@ -10,7 +10,7 @@ import ctypes
 import re
 import sys
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -260,6 +260,10 @@ class SamplerChain:
     SmolLM2, about 0.5 ms, 5 % of a decode step), where the window holds 64 tokens. The arithmetic is the same
     (``penalties_apply`` in llama-sampler.cpp), and the window's logits are put back after sampling, so
     log-probabilities are reported from the model's own logits, as before.
+
+    Greedy sampling without a grammar is an argmax over the logits here: ``llama_sampler_sample`` first copies the
+    whole vocabulary into a candidate array (49,152 entries of 12 bytes for SmolLM2), ~0.3 ms a token, 4 % of a
+    single-stream decode step, for a pick numpy makes in ~20 µs. The same token: both take the first highest logit.
     """
 
     def __init__(self, model: LlamaModel, p: SamplingParams, n_ctx: int, prompt: list[int],
@@ -269,7 +273,9 @@ class SamplerChain:
         last_n = n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
         active = last_n > 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
         self._window: deque[int] | None = deque(prompt[-last_n:], maxlen=last_n) if active else None
+        self._counts = Counter(self._window or ())  # the window's tokens, kept as it slides: no sort per token
         self._repeat, self._freq, self._present = p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+        self._greedy = p.temperature <= 0 and not grammar
         add = lambda s: lc.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if grammar:
             compiled = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
@@ -289,18 +295,25 @@ class SamplerChain:
 
     def sample(self, ctx: LlamaContext, idx: int) -> int:
         if self._window is None:
-            return lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+            return int(ctx.logits(idx).argmax()) if self._greedy else lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
         logits = ctx.logits(idx)
-        ids, counts = np.unique(np.fromiter(self._window, dtype=np.int32, count=len(self._window)),
-                                return_counts=True)
+        n = len(self._counts)
+        ids = np.fromiter(self._counts.keys(), dtype=np.intp, count=n)
+        counts = np.fromiter(self._counts.values(), dtype=np.float32, count=n)
         own = logits[ids]
         logits[ids] = np.where(own <= 0, own * self._repeat, own / self._repeat) \
             - counts * self._freq - self._present
         try:
-            tok = lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+            tok = int(logits.argmax()) if self._greedy else lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
         finally:
             logits[ids] = own
+        if len(self._window) == self._window.maxlen:
+            gone = self._window[0]
+            self._counts[gone] -= 1
+            if not self._counts[gone]:
+                del self._counts[gone]
         self._window.append(tok)
+        self._counts[tok] += 1
         return tok
 
     def close(self) -> None:
