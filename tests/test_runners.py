@@ -175,7 +175,7 @@ def test_a_runner_booted_ahead_of_its_config_takes_it_over_the_socket():
 
 
 # Run as `slmops serve`, recording what the server process had imported when it started the runner and sent it the
-# load of SLMOPS_MODEL; it stops where the app would be built.
+# load of SLMOPS_MODEL, and once the app is built; it stops where the app would start serving.
 SERVE_RECORDED = """
 import json, sys
 from slmops import wiring
@@ -196,7 +196,10 @@ class Recording(process.RunnerProcess):
         events.append({"sent": type(make(0)).__name__, **imported()})
         super().send(make)
 
+build = wiring.server
 def server(*args, **kwargs):
+    build(*args, **kwargs)
+    events.append({"app_built": True, "numpy": "numpy" in sys.modules})
     print(json.dumps(events))
     sys.exit(0)
 
@@ -213,9 +216,11 @@ def test_serve_starts_the_models_runner_before_it_imports_the_web_stack(shared_h
     done = subprocess.run([sys.executable, "-c", SERVE_RECORDED], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    started, load = json.loads(done.stdout)
+    started, load, built = json.loads(done.stdout)
     # the runner booted as the command started, took the served model, and began loading it before the server
     # imported FastAPI, uvicorn or any other command's module
     assert started == {"runner": M, "booted_ahead": True, "fastapi": False, "uvicorn": False,
                        "commands": ["slmops.cli.common", "slmops.cli.serve", "slmops.cli.serving"]}
     assert load == {"sent": "Load", "fastapi": False, "uvicorn": False, "commands": started["commands"]}
+    # numpy (~70 ms) is the runner's; the server process builds its app without it, on the cold start's path
+    assert built == {"app_built": True, "numpy": False}

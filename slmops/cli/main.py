@@ -4,7 +4,7 @@ Every user-facing error is one line on stderr and a non-zero exit; tracebacks on
 
 A command imports only its own module: ``slmops serve`` does not load what the model, fleet or release commands
 need (help, and a name that is no command, register them all). ``slmops serve`` starts its first runner process
-before anything else (:func:`slmops.engine.process.boot`), so the runner imports llama.cpp while the server imports
+before anything else (:func:`slmops.engine.spawn.boot`), so the runner imports llama.cpp while the server imports
 and reads its settings.
 """
 
@@ -90,7 +90,7 @@ def boot_runner(argv: list[str]) -> None:
     llama.cpp: the command refuses with one line, and a runner would fail to start)."""
     if argv[1:2] != ["serve"] or "--help" in argv or importlib.util.find_spec("llama_cpp") is None:
         return
-    from slmops.engine.process import boot
+    from slmops.engine.spawn import boot
     boot()
 
 

@@ -5,8 +5,8 @@ with a :class:`RunnerCrashed` that names the signal; other models keep serving, 
 starts a fresh runner. Eviction asks a runner to finish its running requests and exit, as unloading does in process.
 The parent never loads a backend: it forwards requests and dispatches replies from one reading thread per runner.
 A runner's engine config is the first message it reads, so one can start before the config is known: ``slmops
-serve`` boots its first runner (:func:`boot`) before it imports anything else, and the first runner it needs takes
-that process over.
+serve`` boots its first runner (:func:`slmops.engine.spawn.boot`) before it imports anything else, and the first
+runner it needs takes that process over.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from __future__ import annotations
 import itertools
 import queue
 import signal
-import socket
-import subprocess
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import replace
@@ -29,6 +26,7 @@ from slmops.engine import messages as msg
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, ModelUnloaded, Request,
                                   stream_from, until_loaded, until_loaded_call)
 from slmops.engine.outputs import Output
+from slmops.engine.spawn import SPARE, boot, booted as _booted, claim_or_spawn, discard_booted  # noqa: F401
 from slmops.types.errors import EngineError, InvalidInput, RunnerCrashed, RunnerOutOfMemory
 
 
@@ -52,53 +50,12 @@ def _crashed(name: str, code: int) -> RunnerCrashed:
                          "send the request again to restart it")
 
 
-# A runner imports its backend (whose native libraries load before anything imports numpy: see
-# slmops.engine.llamacpp.preload), then waits for its engine config, the first frame on its socket.
-SPARE = "(spare)"  # a runner started before any model needs one (ProcessEngine.prestart, boot)
-_BOOT = ("import sys; from slmops.engine.backend import preload; preload(); "
-         "from slmops.engine.worker import main; main(sys.argv)")
-_booted: list[tuple[subprocess.Popen, socket.socket]] = []  # started by boot(), not yet a RunnerProcess
-
-
-def _spawn(name: str) -> tuple[subprocess.Popen, socket.socket]:
-    ours, theirs = socket.socketpair()
-    with theirs:
-        proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), name],  # the name, for `ps`
-                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
-    return proc, ours
-
-
-def boot() -> None:
-    """Start a runner's interpreter now, before anything knows its model or engine config: it imports its
-    backend while this process imports and reads its settings, and the next :class:`RunnerProcess` takes it over
-    (``slmops serve`` calls this first thing; nothing else needs to). Unclaimed, it exits with this process."""
-    _booted.append(_spawn(SPARE))
-
-
-def discard_booted() -> None:
-    """Stop the runners :func:`boot` started that no :class:`RunnerProcess` took (models run in this process)."""
-    while _booted:
-        proc, sock = _booted.pop()
-        sock.close()
-        proc.kill()  # it has loaded nothing yet
-        proc.wait()
-
-
-def _claim_or_spawn(name: str) -> tuple[subprocess.Popen, socket.socket]:
-    while _booted:
-        proc, sock = _booted.pop()
-        if proc.poll() is None:
-            return proc, sock
-        sock.close()
-    return _spawn(name)
-
-
 class RunnerProcess:
     """One runner process and the pipe to it. Thread-safe: many requests share the pipe, each under its id."""
 
     def __init__(self, name: str, config: EngineConfig):
         self.name = name
-        self.proc, ours = _claim_or_spawn(name)
+        self.proc, ours = claim_or_spawn(name)
         self.conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._pending: dict[int, Emit] = {}  # request id -> where its replies go (called on the reading thread)

@@ -25,13 +25,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from slmops.store import manifests as mt
 from slmops.store.manifests import Layer, Manifest
 from slmops.types.errors import InvalidModelFile
 
 if TYPE_CHECKING:
+    import numpy as np
     from slmops.store.store import Store
 
 FORMAT = 1
@@ -72,6 +71,8 @@ class KnowledgeIndex:
 
     @classmethod
     def build(cls, embedding: EmbeddingModel, chunks: list[Chunk], vectors: list[list[float]]) -> "KnowledgeIndex":
+        import numpy as np  # not at import: the server imports this module, and most models have no index
+
         array = np.asarray(vectors, dtype=np.float32).reshape(len(chunks), -1) if chunks else \
             np.zeros((0, embedding.dimension), np.float32)
         if array.shape[1] != embedding.dimension:
@@ -81,6 +82,8 @@ class KnowledgeIndex:
 
     def search(self, query: list[float], k: int) -> list[tuple[int, float]]:
         """The ``k`` chunks nearest ``query`` by cosine: (chunk number, score), best first."""
+        import numpy as np
+
         q = np.asarray(query, dtype=np.float32)
         if q.shape != (self.embedding.dimension,):
             raise InvalidModelFile(f"the query embedding has {q.size} dimensions, the knowledge index "
@@ -95,6 +98,8 @@ class KnowledgeIndex:
         return KnowledgeIndex(self.embedding, tuple(self.chunks[i] for i in keep), self.vectors[keep])
 
     def plus(self, other: "KnowledgeIndex") -> "KnowledgeIndex":
+        import numpy as np
+
         return KnowledgeIndex(self.embedding, self.chunks + other.chunks, np.vstack([self.vectors, other.vectors]))
 
     def counts(self) -> dict[str, int]:
@@ -111,6 +116,8 @@ class KnowledgeIndex:
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> "KnowledgeIndex":
         bad = f"the knowledge index of {what} is damaged or of another format"
+        import numpy as np
+
         if len(data) > MAX_INDEX_BYTES:
             raise InvalidModelFile(f"the knowledge index of {what} is over {MAX_INDEX_BYTES} bytes")
         try:
@@ -141,6 +148,8 @@ def _chunk(c: dict[str, Any]) -> Chunk:
 
 
 def _normalised(a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     norms = np.linalg.norm(a, axis=1, keepdims=True)
     return (a / np.where(norms == 0, 1, norms)).astype(np.float32)
 
