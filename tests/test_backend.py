@@ -146,7 +146,8 @@ class _FakeModel:
     def detokenize(self, tokens: list[int]) -> str:
         return bytes(tokens).decode()
 
-    def start(self, tokens, sampling, constraint, emit, load_duration, n_ctx):  # type: ignore[no-untyped-def]
+    def start(self, tokens, sampling, constraint, emit, load_duration, n_ctx,  # type: ignore[no-untyped-def]
+              whole=False):
         self.backend.compiled.append(constraint)
         emit(Output(text=self.detokenize(tokens)))
         emit(Output(text="", done=True, done_reason="stop"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 
 from registry import tiny_gguf
 from slot_server import FakeEngine, serving, stored
+from slmops.engine.outputs import Output, Stats
 from slmops.fleet import histogram
 from slmops.fleet.agent import telemetry
 from slmops.security.keys import KeyStore
@@ -111,6 +113,33 @@ def test_only_the_manage_right_changes_slots(tmp_path: Path, gguf: bytes) -> Non
         assert httpx.put(url + "/api/slots/smol", json=body, headers=as_(operator)).status_code == 200
         assert httpx.get(url + "/api/slots", headers=as_(user)).json()["slots"][0]["model"] == A
         assert generate(url, "smol", **as_(user)).json()["response"] == f"[{A}] done"
+
+
+class WholeAnswers(FakeEngine):
+    """Answers a request that is not streamed as the engine does: the whole text with the final record, after
+    0.3 s of decoding that began with its first token."""
+
+    def start(self, spec, req, emit):  # type: ignore[no-untyped-def]
+        self.load(spec)
+        assert req.stream is False
+
+        def produce() -> None:
+            time.sleep(0.3)
+            emit(Output(text=f"[{spec.name}] done", done=True, done_reason="stop",
+                        stats=Stats(1, 1_000_000, 2, 300_000_000, 0, 310_000_000)))
+        threading.Thread(target=produce, daemon=True).start()
+        return lambda: None
+
+
+def test_time_to_first_token_of_an_answer_not_streamed_is_when_its_first_token_came(tmp_path: Path,
+                                                                                      gguf: bytes) -> None:
+    with serving(stored(tmp_path, gguf, A), WholeAnswers()) as url:
+        httpx.put(url + "/api/slots/smol", json={"model": A})
+        assert generate(url, "smol").json()["response"] == f"[{A}] done"
+        text = httpx.get(url + "/metrics").text
+    [ttft] = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("slmops_time_to_first_token_seconds_sum") and f'model="{A}"' in line]
+    assert 0 <= ttft < 0.2  # the answer came whole after 0.3 s of decoding, which followed its first token
 
 
 def test_metrics_count_in_fleet_buckets_and_failures_per_stored_model(tmp_path: Path, gguf: bytes) -> None:

@@ -201,8 +201,10 @@ class BackendModel(Protocol):
     def detokenize(self, tokens: list[int]) -> str: ...
 
     def start(self, tokens: list[int], sampling: SamplingParams, constraint: Any, emit: Emit,
-              load_duration: int, n_ctx: int | None) -> Cancel:
-        """Without continuous batching only: generate (queueing as the backend can) and deliver to ``emit``."""
+              load_duration: int, n_ctx: int | None, whole: bool = False) -> Cancel:
+        """Without continuous batching only: generate (queueing as the backend can) and deliver to ``emit``
+        (with ``whole``, the text may come with the final record only: see
+        :class:`slmops.engine.streams.TokenStream`)."""
 
     def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         """L2-normalised pooled embeddings and the tokens used (only with ``capabilities.embeddings``)."""

@@ -146,7 +146,8 @@ class Engine:
             if bad:
                 raise InvalidInput(f"context holds token {bad[0]}, which is outside the vocabulary")
             tokens = list(req.prefix_tokens) + tokens
-        return model.submit(tokens, sampling, emit, load_ns, self._load_params(spec, req.options).num_ctx, constraint)
+        return model.submit(tokens, sampling, emit, load_ns, self._load_params(spec, req.options).num_ctx, constraint,
+                            whole=not req.stream)
 
     def embed(self, spec: ModelSpec, inputs: list[str], options: dict[str, Any] | None = None,
               truncate: bool = True) -> tuple[list[list[float]], int, int]:

@@ -89,9 +89,10 @@ class LoadedModel:
             raise ContextOverflow.prompt(n_prompt, n_ctx, self.model.n_ctx_train)
 
     def submit(self, tokens: list[int], sampling: opts.SamplingParams, emit: Emit, load_duration: int = 0,
-               n_ctx: int | None = None, constraint: Any = None) -> Cancel:
+               n_ctx: int | None = None, constraint: Any = None, whole: bool = False) -> Cancel:
         """Queue the completion of ``tokens`` (``constraint``: compiled by the backend); ``emit`` receives its
-        pieces on the runner thread. Returns the function that cancels it."""
+        pieces on the runner thread (with ``whole``, only the final record, holding all the text). Returns the
+        function that cancels it."""
         if not tokens:
             raise InvalidInput("empty prompt")
         if self.model.embedding_only:
@@ -100,8 +101,8 @@ class LoadedModel:
         if self.closed:
             raise ModelUnloaded(self.spec.name)
         if self.runner is None:
-            return self.model.start(tokens, sampling, constraint, emit, load_duration, n_ctx)
-        req_id = self.runner.submit(tokens, sampling, emit, load_duration, n_ctx, constraint)
+            return self.model.start(tokens, sampling, constraint, emit, load_duration, n_ctx, whole)
+        req_id = self.runner.submit(tokens, sampling, emit, load_duration, n_ctx, constraint, whole)
         return lambda: self.runner.cancel(req_id)
 
     # -- embeddings ----------------------------------------------------------------------------------------

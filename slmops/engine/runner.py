@@ -60,10 +60,11 @@ class BatchRunner:
 
     # -- called from any thread ----------------------------------------------------------------------------
     def submit(self, prompt: list[int], sampling: SamplingParams, emit: Emit, load_duration: int = 0,
-               n_ctx: int | None = None, constraint: Any = None) -> int:
-        """``constraint``: what the backend compiled from the request's, or None."""
+               n_ctx: int | None = None, constraint: Any = None, whole: bool = False) -> int:
+        """``constraint``: what the backend compiled from the request's, or None; ``whole``: see
+        :class:`TokenStream`."""
         req_id = next(self._ids)
-        self._inbox.put(("add", _Request(req_id, TokenStream(prompt, sampling, emit, load_duration), n_ctx,
+        self._inbox.put(("add", _Request(req_id, TokenStream(prompt, sampling, emit, load_duration, whole), n_ctx,
                                          constraint)))
         return req_id
 

@@ -22,12 +22,14 @@ from slmops.types.options import SamplingParams
 
 class TokenStream:
     """The streaming state of one request. ``utf8`` is for loops whose tokens are bytes (llama.cpp pieces split
-    characters across tokens); loops that detokenize to text themselves leave it unused."""
+    characters across tokens); loops that detokenize to text themselves leave it unused. With ``whole`` (a request
+    not streamed) the text and log-probabilities are held and go out with the final record, in one piece."""
 
     __slots__ = ("prompt", "sampling", "emit", "load_duration", "stops", "utf8", "t_start", "t_admitted", "t_first",
-                 "cached", "generated", "pending_lp")
+                 "cached", "generated", "pending_lp", "held")
 
-    def __init__(self, prompt: list[int], sampling: SamplingParams, emit: Emit, load_duration: int = 0):
+    def __init__(self, prompt: list[int], sampling: SamplingParams, emit: Emit, load_duration: int = 0,
+                 whole: bool = False):
         self.prompt = prompt
         self.sampling = sampling
         self.emit = emit
@@ -40,6 +42,7 @@ class TokenStream:
         self.cached = 0  # prompt tokens served from a prefix cache
         self.generated: list[int] = []
         self.pending_lp: list[TokenLogprob] = []  # for tokens whose text is not out yet
+        self.held: list[str] | None = [] if whole else None  # the text so far, when it all goes out at the end
 
     def admitted(self) -> None:
         """The loop is evaluating this request's prompt now (the first time counts)."""
@@ -58,7 +61,9 @@ class TokenStream:
         if logprob is not None:
             self.pending_lp.append(logprob)
         text, hit = self.stops.feed(text)
-        if text:
+        if text and self.held is not None:
+            self.held.append(text)
+        elif text:
             self.emit(Output(text=text, logprobs=tuple(self.pending_lp), prompt_eval_count=len(self.prompt),
                              eval_count=len(self.generated)))
             self.pending_lp = []
@@ -74,7 +79,7 @@ class TokenStream:
                       eval_count=len(self.generated), eval_duration=now - first, load_duration=self.load_duration,
                       total_duration=now - self.t_start + self.load_duration, cached_prompt_tokens=self.cached,
                       queue_duration=admitted - self.t_start)
-        tail = self.stops.flush() + self.utf8.decode(b"", final=True)
+        tail = "".join(self.held or ()) + self.stops.flush() + self.utf8.decode(b"", final=True)
         self.emit(Output(text=tail, done=True, done_reason="stop" if reason == "stop" else "length", stats=stats,
                          logprobs=tuple(self.pending_lp), context=tuple(self.prompt) + tuple(self.generated)))
 

@@ -54,7 +54,7 @@ def from_generate(body: oa.GenerateRequest) -> Request:
     _reject_unsupported(body.images, body.think, body.suffix)
     return Request(prompt=body.prompt, system=body.system, template=body.template, raw=body.raw,
                    options=body.options, format=body.format or None, prefix_tokens=body.context,
-                   logprobs=body.top_logprobs if body.logprobs else None)
+                   logprobs=body.top_logprobs if body.logprobs else None, stream=body.stream)
 
 
 def from_chat(body: oa.ChatRequest) -> Request:
@@ -63,7 +63,8 @@ def from_chat(body: oa.ChatRequest) -> Request:
     _reject_unsupported(None, body.think)
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     return Request(messages=[to_engine_message(m) for m in body.messages], options=body.options, tools=tools,
-                   format=body.format or None, logprobs=body.top_logprobs if body.logprobs else None)
+                   format=body.format or None, logprobs=body.top_logprobs if body.logprobs else None,
+                   stream=body.stream)
 
 
 def stats_fields(s: Stats | None) -> dict[str, int]:
@@ -159,14 +160,14 @@ def from_chat_completion(body: oai.ChatCompletionRequest, seed_offset: int = 0) 
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return Request(messages=[_openai_message(m) for m in body.messages],
                    options=_sampling_options(body, max_tokens, seed_offset), tools=tools,
-                   tool_choice=tool_choice, format=fmt, logprobs=logprobs)
+                   tool_choice=tool_choice, format=fmt, logprobs=logprobs, stream=body.stream)
 
 
 def from_completion(body: oai.CompletionRequest, prompt: str, seed_offset: int = 0) -> Request:
     if body.suffix:
         raise InvalidInput("suffix is not supported by this model")
     return Request(prompt=prompt, raw=True, options=_sampling_options(body, body.max_tokens, seed_offset),
-                   logprobs=body.logprobs)
+                   logprobs=body.logprobs, stream=body.stream)
 
 
 def completion_prompts(prompt: Any) -> list[str | list[int]]:

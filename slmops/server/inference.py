@@ -108,6 +108,8 @@ class Inference:
                 async for item in self._pieces(spec, req):
                     if ttft is None and (item.text or item.done):
                         ttft = time.perf_counter() - t0
+                        if item.done and item.stats is not None:  # a whole answer: its first token came earlier
+                            ttft = max(0.0, ttft - item.stats.eval_duration / 1e9)
                     tally.add(item)
                     if traced is not None:
                         traced.piece(item)

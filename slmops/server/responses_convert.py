@@ -141,7 +141,7 @@ def from_request(body: rsp.ResponseRequest) -> Request:
     if body.max_output_tokens is not None:
         options["num_predict"] = body.max_output_tokens
     return Request(messages=to_messages(body), options=options, tools=tools,
-                   tool_choice=_tool_choice(body, tools), format=_format(body))
+                   tool_choice=_tool_choice(body, tools), format=_format(body), stream=body.stream)
 
 
 def echo(body: rsp.ResponseRequest, req: Request) -> dict[str, Any]:

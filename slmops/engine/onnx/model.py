@@ -89,11 +89,11 @@ class OnnxModel:
         return self.loop.waiting
 
     def start(self, tokens: list[int], sampling: opts.SamplingParams, constraint: Any, emit: Emit,
-              load_duration: int, n_ctx: int | None) -> Cancel:
+              load_duration: int, n_ctx: int | None, whole: bool = False) -> Cancel:
         """``constraint``: the ``(guidance type, data)`` pair :meth:`OnnxBackend.compile` made, or None."""
         if self._closed:
             raise ModelUnloaded(self.name)
-        return self.loop.submit(TokenStream(list(tokens), sampling, emit, load_duration), constraint, n_ctx)
+        return self.loop.submit(TokenStream(list(tokens), sampling, emit, load_duration, whole), constraint, n_ctx)
 
     def embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         raise Unsupported("embeddings", "ONNX Runtime GenAI")
