@@ -146,6 +146,19 @@ def test_client_disconnect_stops_generation(server):
     assert r.status_code == 200
 
 
+def test_client_disconnect_stops_a_generation_that_is_not_streamed(server):
+    """Its answer comes whole at the end, so nothing is written that could fail before: the route watches the
+    connection, and the generation is cancelled when the client leaves."""
+    cancelled = metric(server.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}')
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/api/generate", json={**ENDLESS, "stream": False}, timeout=3)
+    deadline = time.time() + 60
+    while time.time() < deadline and metric(server.url, "slmops_requests_in_flight") > 0:
+        time.sleep(0.2)
+    assert metric(server.url, "slmops_requests_in_flight") == 0
+    assert metric(server.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}') == cancelled + 1
+
+
 def test_full_queue_is_503(shared_home, tmp_path):
     s = Server(link_home(shared_home, tmp_path / "h"), SLMOPS_MAX_QUEUE="0", SLMOPS_NUM_PARALLEL="1")
     try:

@@ -89,6 +89,7 @@ async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) 
 
 
 @router.post("/api/generate")
+@streaming.stops_when_gone
 async def generate(body: oa.GenerateRequest, request: Request, response: Response):
     rt, name, spec, keep = _targeted(request, body.model, body.keep_alive)
     if not body.prompt and not body.context:
@@ -102,6 +103,7 @@ async def generate(body: oa.GenerateRequest, request: Request, response: Respons
 
 
 @router.post("/api/chat")
+@streaming.stops_when_gone
 async def chat(body: oa.ChatRequest, request: Request, response: Response):
     rt, name, spec, keep = _targeted(request, body.model, body.keep_alive)
     if not body.messages:

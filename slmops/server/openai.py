@@ -49,6 +49,7 @@ async def _together(runs: list) -> list:
 
 
 @router.post("/chat/completions")
+@streaming.stops_when_gone
 async def chat_completions(body: oai.ChatCompletionRequest, request: Request, response: Response):
     """With knowledge, the chunks given to the model are named in the :data:`knowledge.HEADER` header."""
     rt = _rt(request)
@@ -115,6 +116,7 @@ async def _chat_stream(outputs: AsyncIterator[Output], model: str, cid: str, cre
 
 
 @router.post("/completions")
+@streaming.stops_when_gone
 async def completions(body: oai.CompletionRequest, request: Request):
     rt = _rt(request)
     _, spec = rt.resolver.resolve(body.model)

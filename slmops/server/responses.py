@@ -27,6 +27,7 @@ router = APIRouter(prefix="/v1")
 
 
 @router.post("/responses")
+@streaming.stops_when_gone
 async def create_response(body: rsp.ResponseRequest, request: Request):
     rt: ModelRuntime = request.app.state.runtime
     req = rc.from_request(body)

@@ -6,11 +6,14 @@ after the first piece can only be reported in the stream itself, as Ollama and O
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from slmops.server import errors
 from slmops.types.errors import SlmopsError
@@ -66,6 +69,39 @@ def sse(items: AsyncIterator[dict], path: str = "/v1/") -> StreamingResponse:
         yield b"data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": what the access log shows for it
+
+
+def stops_when_gone(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A generating route whose work is cancelled when its client disconnects, as Ollama's handlers are. A stream
+    notices by itself (its next write fails), but a request that is not streamed writes nothing until its answer
+    is whole, so without this it would decode to its end for no one. The route's body must be a parameter (read
+    before the handler runs): the watch reads what the client sends next, and only a disconnect can come."""
+
+    @functools.wraps(handler)
+    async def run(*args: Any, request: Request, **kwargs: Any) -> Any:
+        work = asyncio.ensure_future(handler(*args, request=request, **kwargs))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if not work.done() and gone.done() and not gone.cancelled() and gone.exception() is None:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)  # its generation is cancelled before the reply
+            return Response(status_code=CLIENT_GONE)
+        return await work
+    return run
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def amap(fn: Callable[[Any], Any], items: AsyncIterator[Any]) -> AsyncIterator[Any]:
