@@ -148,7 +148,8 @@ def engine(cfg: Settings, config: "EngineConfig",
     from slmops.engine import process
     if cfg["SLMOPS_RUNNERS"] == "process":
         return process.ProcessEngine(config, start or process.RunnerProcess)
-    process.discard_booted()
+    from slmops.engine.spawn import discard_booted
+    discard_booted()
     from slmops.engine.engine import Engine  # llama.cpp loads here
     return Engine(config)
 

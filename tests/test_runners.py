@@ -19,7 +19,7 @@ import pytest
 from conftest import Server, free_port, link_home
 
 from slmops.engine import messages as msg
-from slmops.engine import process
+from slmops.engine import process, spawn
 from slmops.engine.client import EngineConfig
 
 M = "smollm2:135m"
@@ -159,19 +159,19 @@ def test_integers_too_large_for_the_pipe_are_a_400(srv):
 
 
 def test_a_runner_booted_ahead_of_its_config_takes_it_over_the_socket():
-    process.boot()  # what `slmops serve` does first thing
-    [(booted, _)] = process._booted
+    spawn.boot()  # what `slmops serve` does first thing
+    [(booted, _)] = spawn.booted
     runner = process.RunnerProcess(M, EngineConfig(num_thread=1))
     try:
-        assert runner.proc.pid == booted.pid and process._booted == []  # taken over, not a second process
+        assert runner.proc.pid == booted.pid and spawn.booted == []  # taken over, not a second process
         assert runner.call(msg.Status, timeout=60).models == []  # its engine runs on the config sent after it started
     finally:
         runner.shutdown()
     assert runner.proc.returncode == 0
-    process.boot()
-    [(unused, _)] = process._booted
-    process.discard_booted()  # models run in the server after all (SLMOPS_RUNNERS=thread)
-    assert unused.returncode is not None and process._booted == []
+    spawn.boot()
+    [(unused, _)] = spawn.booted
+    spawn.discard_booted()  # models run in the server after all (SLMOPS_RUNNERS=thread)
+    assert unused.returncode is not None and spawn.booted == []
 
 
 # Run as `slmops serve`, recording what the server process had imported when it started the runner and sent it the
@@ -179,7 +179,7 @@ def test_a_runner_booted_ahead_of_its_config_takes_it_over_the_socket():
 SERVE_RECORDED = """
 import json, sys
 from slmops import wiring
-from slmops.engine import process
+from slmops.engine import process, spawn
 
 events = []
 def imported():
@@ -188,7 +188,7 @@ def imported():
 
 class Recording(process.RunnerProcess):
     def __init__(self, name, config):
-        booted = [proc.pid for proc, _ in process._booted]
+        booted = [proc.pid for proc, _ in spawn.booted]
         super().__init__(name, config)
         events.append({"runner": name, "booted_ahead": self.proc.pid in booted, **imported()})
 

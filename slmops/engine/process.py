@@ -26,7 +26,7 @@ from slmops.engine import messages as msg
 from slmops.engine.client import (Cancel, Emit, EngineConfig, ModelSpec, ModelStatus, ModelUnloaded, Request,
                                   stream_from, until_loaded, until_loaded_call)
 from slmops.engine.outputs import Output
-from slmops.engine.spawn import SPARE, boot, booted as _booted, claim_or_spawn, discard_booted  # noqa: F401
+from slmops.engine.spawn import SPARE, claim_or_spawn
 from slmops.types.errors import EngineError, InvalidInput, RunnerCrashed, RunnerOutOfMemory
 
 

@@ -137,7 +137,7 @@ class Worker:
 
 def main(argv: list[str]) -> None:
     """``argv``: the socket's file descriptor (and a name for ``ps``). Everything is imported before the engine
-    config is read from the socket, so a runner started ahead of its config (``process.boot``) only loads."""
+    config is read from the socket, so a runner started ahead of its config (``spawn.boot``) only loads."""
     from slmops.engine.engine import Engine
 
     conn = Connection(int(argv[1]))

@@ -91,7 +91,7 @@ def stops_when_gone(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
             raise
         finally:
             gone.cancel()
-        if not work.done() and gone.done() and not gone.cancelled() and gone.exception() is None:
+        if not work.done() and gone.exception() is None:  # the watch ended first: a disconnect
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)  # its generation is cancelled before the reply
             return Response(status_code=CLIENT_GONE)

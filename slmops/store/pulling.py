@@ -117,7 +117,7 @@ class RegistryPull:
         self.invalid: set[Digest] = set()
         self._stop = threading.Event()  # set when one of the two downloading threads failed: the other stops too
         self._gguf: Digest | None = None  # the GGUF layer: scanned while its hash is finishing (_scan_early)
-        self._early: dict[Digest, GGUFInfo | InvalidModelFile] = {}
+        self._early: GGUFInfo | InvalidModelFile | None = None  # what that scan found
 
     def run(self) -> Manifest:
         check_registry_host(self.ref.name.host, self.store.allow_internal_registries)  # before any status line
@@ -138,8 +138,7 @@ class RegistryPull:
         remote = client.manifest(self.ref.repository, self.ref.manifest_ref)
         plan = plan_of(remote, what)
         remove_abandoned_temps(self.store.root)
-        gguf = plan.model.digest if plan.files is None else None
-        self._gguf = gguf
+        self._gguf = gguf = plan.model.digest if plan.files is None else None
         signature = self._fetch_all(client, plan.downloads, remote.digest)
         self.progress("verifying sha256 digest", 0, None)
         try:
@@ -147,10 +146,10 @@ class RegistryPull:
                 folders.parse_config(self.store.blobs.read_bytes(plan.model.digest), list(plan.files), what)
                 info = None
             else:
-                early = self._early.get(gguf)
-                if isinstance(early, InvalidModelFile):
-                    raise early
-                info = inspect_gguf(self.store.blobs.path(gguf), self.store.gguf_cache, self.store.blobs.key, early)
+                if isinstance(self._early, InvalidModelFile):
+                    raise self._early
+                info = inspect_gguf(self.store.blobs.path(gguf), self.store.gguf_cache, self.store.blobs.key,
+                                    self._early)
         except InvalidModelFile:
             self.invalid.add(plan.model.digest)  # the registry's true bytes, and no model: nothing to keep
             raise
@@ -221,7 +220,7 @@ class RegistryPull:
             tick.set(have)
             if have < layer.size:
                 try:
-                    written = (lambda: self._scan_early(path, layer.digest)) if layer.digest == self._gguf else None
+                    written = (lambda: self._scan_early(path)) if layer.digest == self._gguf else None
                     h = self._stream_into(client, layer, f, h, have, tick, written)
                 except IntegrityError:  # the registry's bytes are wrong: none of them are worth keeping
                     path.unlink(missing_ok=True)
@@ -237,13 +236,13 @@ class RegistryPull:
     def _partial(self, digest: Digest) -> Path:
         return self.store.blobs.root / "partial" / f"{digest.filename}.partial"
 
-    def _scan_early(self, path: Path, digest: Digest) -> None:
+    def _scan_early(self, path: Path) -> None:
         """Validate the GGUF in ``path`` (all written, the hash still catching up: see :mod:`slmops.store.spool`).
         What it finds counts only once the digest matches: a scan error is raised then, by :meth:`_pull`."""
         try:
-            self._early[digest] = scan_info(path)
+            self._early = scan_info(path)
         except InvalidModelFile as err:
-            self._early[digest] = err
+            self._early = err
 
     def _stream_into(self, client: RegistryClient, layer: Descriptor, f: IO[bytes], h: "hashlib._Hash",
                      have: int, tick: "_Ticker", written: Callable[[], None] | None = None) -> "hashlib._Hash":
