@@ -43,6 +43,10 @@ PROMPTS = [f"Write a story about a {w} who learns to sail." for w in
            ("fox", "robot", "baker", "whale", "child", "painter", "pilot", "gardener")]
 # S6's streams must still run when the long prompt arrives: counting goes on to max_tokens, where a story may end
 # early (and where it ends can change with a prefix-cache hit), leaving no stream to measure.
+# Greedy, with the repeat penalty slmops's /v1 applies as Ollama's does (1.1 over the last 64 tokens; OpenAI's API
+# has no field for it, and slmops ignores one). llama-server's default is 1.0: told 1.1, it writes the same texts,
+# so both servers generate the same tokens and do the same work (without it, answers differ in length).
+GREEDY = {"temperature": 0, "repeat_penalty": 1.1}
 COUNTING = [", ".join(str(i) for i in range(k, k + 8)) + "," for k in (1, 101, 1001, 5001)]
 
 
@@ -117,20 +121,20 @@ async def s1(peer: Peer) -> dict:
         t0, toks = time.perf_counter(), 0
         for p in PROMPTS[:4]:
             r = await c.post(peer.url + "/v1/completions", json={"model": peer.model, "prompt": p,
-                                                                  "max_tokens": N_TOKENS, "temperature": 0})
+                                                                  "max_tokens": N_TOKENS, **GREEDY})
             toks += r.json()["usage"]["completion_tokens"]
-        return {"tokens_per_s": toks / (time.perf_counter() - t0)}
+        return {"tokens_per_s": toks / (time.perf_counter() - t0), "tokens": toks}
 
 
 async def s2(peer: Peer) -> dict:
     async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
         t0 = time.perf_counter()
-        body = {"max_tokens": N_TOKENS, "temperature": 0}
+        body = {"max_tokens": N_TOKENS, **GREEDY}
         runs = await asyncio.gather(*[stream_completion(c, peer, {**body, "prompt": p}, False) for p in PROMPTS])
         elapsed = time.perf_counter() - t0
         peer.sample_rss()
         gaps = sorted(g for r in runs for g in r["gaps"])
-        return {"tokens_per_s": sum(r["tokens"] for r in runs) / elapsed,
+        return {"tokens_per_s": sum(r["tokens"] for r in runs) / elapsed, "tokens": sum(r["tokens"] for r in runs),
                 "p95_inter_token_s": gaps[int(0.95 * (len(gaps) - 1))] if gaps else None}
 
 
@@ -143,7 +147,7 @@ async def s3(peer: Peer) -> dict:
             ttfts = []
             for turn in range(3):
                 history.append({"role": "user", "content": f"Question {turn} from client {i}: what should I do?"})
-                r = await stream_completion(c, peer, {"messages": history, "max_tokens": 24, "temperature": 0}, True)
+                r = await stream_completion(c, peer, {"messages": history, "max_tokens": 24, **GREEDY}, True)
                 ttfts.append(r["ttft"])
                 history.append({"role": "assistant", "content": "Noted."})
             return ttfts
@@ -156,12 +160,12 @@ async def s6(peer: Peer) -> dict:
     """Four streams decode; a ~2k-token prompt arrives. Inter-token gaps of the streams while it is prefilled."""
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 200
     async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
-        body = {"max_tokens": 400, "temperature": 0}
+        body = {"max_tokens": 400, **GREEDY}
         streams = [asyncio.create_task(stream_completion(c, peer, {**body, "prompt": p}, False))
                    for p in COUNTING]
         await asyncio.sleep(1.5)
         t_send = time.perf_counter()
-        arrival = await stream_completion(c, peer, {"prompt": long_prompt, "max_tokens": 1, "temperature": 0}, False)
+        arrival = await stream_completion(c, peer, {"prompt": long_prompt, "max_tokens": 1, **GREEDY}, False)
         t_end = arrival["times"][0] if arrival["times"] else time.perf_counter()
         runs = await asyncio.gather(*streams)
     gaps = sorted(b - a for r in runs for a, b in zip(r["times"], r["times"][1:]) if t_send <= b <= t_end + 0.2)

@@ -130,6 +130,22 @@ def test_health_ready_openapi_and_metrics(server):
     assert 'slmops_requests_total{method="POST",route="/api/generate",status="200"}' in text
 
 
+def test_a_streamed_request_is_timed_to_its_last_chunk(server):
+    """The request latency histogram holds a stream's whole length, as docs/monitoring.md says, not the time to
+    its response headers."""
+    route = '{route="/api/generate"}'
+    body = {**ENDLESS, "options": {**ENDLESS["options"], "num_predict": 40}}
+    HTTP.post(server.url + "/api/generate", json={**body, "stream": False})  # loaded: the next one only streams
+    before = metric(server.url, "slmops_request_duration_seconds_sum", route)
+    times = []
+    with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=120) as r:
+        for _ in r.iter_lines():
+            times.append(time.perf_counter())
+    span = times[-1] - times[0]  # first chunk received to last: inside the server's own span for the request
+    assert len(times) > 30 and span > 0.05
+    assert metric(server.url, "slmops_request_duration_seconds_sum", route) - before >= 0.9 * span
+
+
 def test_client_disconnect_stops_generation(server):
     cancelled = metric(server.url, "slmops_cancelled_generations_total", f'{{model="{M}"}}')
     with httpx.stream("POST", server.url + "/api/generate", json=ENDLESS, timeout=120) as r:

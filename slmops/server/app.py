@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from slmops.server import errors, feedback, ollama, openai, responses, slots
 from slmops.server import tracing as request_tracing
 from slmops.server.access import Access, AccessPolicy, Recorder, authorize
 from slmops.server.guards import LOCAL_ORIGINS, BodyLimit, HeaderCheck, OriginCheck, is_loopback
-from slmops.server.metrics import Metrics
+from slmops.server.metrics import Metrics, Observed
 from slmops.server.runtime import ModelRuntime
 from slmops.server.tracing import Traced, Tracing
 from slmops.store.store import Store
@@ -92,20 +91,10 @@ def create_app(store: Store, runtime: ModelRuntime, config: ServerConfig | None 
     _add_ops_routes(app)
     _add_error_handlers(app)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        metrics.requests.labels(label, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - t0)
-        response.headers["x-slmops-version"] = slmops.__version__  # /api/version reports the Ollama API level
-        return response
-
     # Outermost last: recorder, trace span, header checks, origin check + CORS (answers preflights, decorates
     # refusals), access, body checks, metrics. The span sits inside the recorder, whose request context names the
     # model a refused request asked for.
+    app.add_middleware(Observed, metrics=metrics, version=slmops.__version__)
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     if access is not None:
         app.add_middleware(Access, policy=access)

@@ -10,7 +10,10 @@ raised), which is what the agent's health window watches after a switch.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slmops.engine.outputs import Stats
 from slmops.fleet.histogram import BOUNDS_S
@@ -75,3 +78,35 @@ class Metrics:
         else:
             return
         self.failures.labels(model, kind).inc()
+
+
+class Observed:
+    """ASGI middleware, innermost: each request's count and latency to its last byte (a stream's whole length) by
+    route template, and the version header on every answer. Raw ASGI because Starlette's ``@app.middleware``
+    runs the route in a task of its own and passes every chunk of a stream through a memory channel: a cost per
+    streamed token."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, version: str):
+        self.app = app
+        self.metrics = metrics
+        self.version = version.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500  # what the server answers when the app raises before it starts a response
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-slmops-version", self.version)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
