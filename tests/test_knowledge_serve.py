@@ -143,6 +143,17 @@ def test_chat_answers_name_the_chunks_used_for_both_apis(kb_server):
             "model": "k7", "stream": True, "max_tokens": 2,
             "messages": [{"role": "user", "content": "How much does the unit weigh?"}]}) as s:
         assert s.headers["x-slmops-knowledge"] == raw.headers["x-slmops-knowledge"]
+    # the Responses API retrieves as chat does: the same question finds the same chunks
+    answered = oai.responses.with_raw_response.create(model="k7", input="How much does the unit weigh?",
+                                                      max_output_tokens=2)
+    assert answered.parse().status in ("completed", "incomplete")
+    assert answered.headers["x-slmops-knowledge"] == raw.headers["x-slmops-knowledge"]
+    with httpx.stream("POST", kb_server.url + "/v1/responses", timeout=120, json={
+            "model": "k7", "stream": True, "max_output_tokens": 2, "input": "How much does the unit weigh?"}) as s:
+        assert s.headers["x-slmops-knowledge"] == raw.headers["x-slmops-knowledge"]
+    plain = oai.responses.with_raw_response.create(model="smollm2:135m", input="How much does the unit weigh?",
+                                                   max_output_tokens=2)
+    assert "x-slmops-knowledge" not in plain.headers
 
     shown = client.show("k7")  # /api/show keeps Ollama's shape for the client, and lists the files besides
     assert shown.modelfile

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -105,6 +105,16 @@ def audited(action: str, model: str | None = None, **fields: object) -> Iterator
         audit(action, model=model, status=1, error=str(err) or type(err).__name__, **fields)
         raise
     audit(action, model=model, status=0, **fields)
+
+
+def print_table(rows: Sequence[Sequence[object]], gap: int = 4) -> None:
+    """Columns padded to their widest cell, header first, as ``ollama list`` prints them; cells are printed as
+    they are (a model name with brackets is not console markup)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        console.print((" " * gap).join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False,
+                      soft_wrap=True)
 
 
 def human_size(n: int) -> str:

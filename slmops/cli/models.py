@@ -10,7 +10,8 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, \
     TransferSpeedColumn
 
-from slmops.cli.common import PullBar, audited, console, err_console, human_ago, human_size, settings, store
+from slmops.cli.common import (PullBar, audited, console, err_console, human_ago, human_size, print_table, settings,
+                               store)
 from slmops.modelfile import parse, render
 from slmops.store import manifests as mt
 from slmops.store.pushing import push_to_registry
@@ -102,13 +103,7 @@ class LayerBars:
 def list_models() -> None:
     """List the models in the store."""
     rows = [(r.name.display, r.digest.hex[:12], human_size(r.size), human_ago(r.modified_at)) for r in store().list()]
-    _table(("NAME", "ID", "SIZE", "MODIFIED"), rows)
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for row in (header, *rows):
-        console.print("    ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), soft_wrap=True)
+    print_table([("NAME", "ID", "SIZE", "MODIFIED"), *rows])
 
 
 def show(
@@ -215,8 +210,8 @@ def _show_files(s, name: ModelName) -> None:
     if index is None:
         err_console.print(f'"{name.display}" has no knowledge files', markup=False)
         return
-    _table(("NAME", "SIZE", "CHUNKS", "DIGEST"),
-           [(f.name, human_size(f.size), str(f.chunks), f.digest.removeprefix("sha256:")[:12]) for f in listed])
+    print_table([("NAME", "SIZE", "CHUNKS", "DIGEST"),
+                 *[(f.name, human_size(f.size), str(f.chunks), f.digest.removeprefix("sha256:")[:12]) for f in listed]])
     e = index.embedding
     console.print(f"embedded with {e.model} ({e.dimension} dimensions, {e.digest.removeprefix('sha256:')[:12]})",
                   markup=False, soft_wrap=True)

@@ -16,7 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from slmops.cli.common import audited, console, err_console, local_engine, store
+from slmops.cli.common import audited, console, err_console, local_engine, print_table, store
 from slmops.types.errors import InvalidInput, ModelNotFound, SlmopsError
 from slmops.types.name import ModelName
 
@@ -111,9 +111,7 @@ def _print_reports(reports, delta: float | None) -> None:  # type: ignore[no-unt
     for r in reports:
         rows.append((r.model, f"{r.perplexity:.3f}", str(r.tokens), f"{r.golden_passed}/{r.golden_total}",
                      f"{r.seconds:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        console.print("    ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False)
+    print_table(rows)
     for r in reports:
         for failure in r.failures:
             console.print(f"  {r.model}: {failure}", markup=False, soft_wrap=True)
@@ -166,9 +164,7 @@ def bench_cmd(
                          f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x",
                          f"{r.decode_tokens_per_s_parallel / base.decode_tokens_per_s_parallel:.2f}x",
                          f"{r.ttft_ms / base.ttft_ms:.2f}x", f"{r.peak_rss_bytes / base.peak_rss_bytes:.2f}x"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        console.print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False, soft_wrap=True)
+    print_table(rows, gap=2)
 
 
 def optimize_cmd(
@@ -205,7 +201,5 @@ def optimize_cmd(
         rows.append((c.name, f"{c.prompt_tokens_per_s:.0f}", f"{c.decode_tokens_per_s:.1f}",
                      f"{c.speed / out.source.speed:.2f}x", f"{c.perplexity:.3f}", f"{c.ppl_increase:+.2f}%", c.golden,
                      "yes" if c.lossless else "no"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        console.print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False, soft_wrap=True)
+    print_table(rows, gap=2)
     console.print(("wrote " if out.winner else "") + out.why, markup=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from slmops.cli.common import audit_log, audited, console, key_store, store
+from slmops.cli.common import audit_log, audited, console, key_store, print_table, store
 from slmops.security.audit import verify
 from slmops.security.roles import ROLES
 from slmops.types.errors import ConfigError, InvalidInput, ModelNotFound, NotFound
@@ -55,9 +55,7 @@ def list_keys() -> None:
         created = datetime.fromtimestamp(k.created, timezone.utc).strftime("%Y-%m-%d %H:%M")
         rows.append((k.name, k.role, k.id, created, str(k.requests_per_minute or "-"),
                      str(k.tokens_per_minute or "-")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        console.print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)
+    print_table(rows)
 
 
 @keys.command("revoke")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from slmops import wiring
-from slmops.cli.common import console, err_console, key_store, settings, store, use_config
+from slmops.cli.common import console, err_console, key_store, print_table, settings, store, use_config
 from slmops.cli.serving import listening_socket, run_app
 from slmops.types.errors import SlmopsError
 
@@ -84,9 +84,7 @@ def ps() -> None:
     for m in models:
         rows.append((m["name"], m.get("digest", "")[:12], f"{m.get('size', 0) / 1e6:.0f} MB",
                      str(m.get("context_length", "")), m.get("expires_at", "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        console.print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)
+    print_table(rows)
     for m in models:
         if m.get("fallback"):
             console.print(f"{m['name']}: {m['fallback']}", markup=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from slmops.cli.common import audited, console, err_console, local_engine, store
+from slmops.cli.common import audited, console, err_console, local_engine, print_table, store
 from slmops.cli.ops import TensorBar
 from slmops.types.errors import InvalidInput, ModelNotFound
 from slmops.types.name import ModelName
@@ -113,9 +113,7 @@ def _print_report(rows: list[dict[str, Any]]) -> None:
                       f"{new['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x",
                       f"{new['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}x",
                       f"{new['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        console.print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False, soft_wrap=True)
+    print_table(table, gap=2)
 
 
 def distill_cmd(

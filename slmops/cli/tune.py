@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from slmops.cli.common import audited, console, err_console, local_engine, store
+from slmops.cli.common import audited, console, err_console, local_engine, print_table, store
 from slmops.cli.ops import TensorBar
 from slmops.types.errors import ModelNotFound
 from slmops.types.name import ModelName
@@ -101,10 +101,7 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 def _print(rows: list[dict[str, Any]]) -> None:
     header, cells = _table(rows)
-    table = [[h.upper() for h in header], *cells]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        console.print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), markup=False, soft_wrap=True)
+    print_table([[h.upper() for h in header], *cells], gap=2)
 
 
 def _plot(out: dict[str, Any], path: Path) -> None:

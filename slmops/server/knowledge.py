@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
+from fastapi import Response
+
 from slmops.api import ollama as oa
 from slmops.engine.client import ModelSpec, Request, spec_from_store
 from slmops.server.inference import Inference
@@ -161,6 +163,24 @@ def augment(req: Request, spec: ModelSpec, found: Retrieval | None) -> Request:
     return replace(req, messages=messages)
 
 
+async def look_up(state: Any, name: ModelName, spec: ModelSpec, req: Request, keep_alive: float,
+                  response: Response) -> tuple[Request, Retrieval | None]:
+    """``req`` with the chunks of the model's knowledge it asks about, and what was found (None when the model
+    has none). Their names also go in the :data:`HEADER` header of ``response``: Ollama's and OpenAI's clients
+    drop fields they do not know."""
+    found = await of(state).retrieve(name, query_of(req), keep_alive)
+    if found is not None:
+        response.headers[HEADER] = found.header()
+    return augment(req, spec, found), found
+
+
+def headed(streamed: Response, response: Response) -> Response:
+    """A streamed answer carries the header set on ``response`` (FastAPI applies it to returned values only)."""
+    if HEADER in response.headers:
+        streamed.headers[HEADER] = response.headers[HEADER]
+    return streamed
+
+
 def of(state: Any) -> Knowledge:
     """The server's :class:`Knowledge`, made on first use from the store and inference the server holds."""
     found = getattr(state, "knowledge", None)
@@ -169,4 +189,5 @@ def of(state: Any) -> Knowledge:
     return found
 
 
-__all__ = ["HEADER", "Knowledge", "Retrieval", "TOP_K", "Used", "augment", "last_user_text", "of", "query_of"]
+__all__ = ["HEADER", "Knowledge", "Retrieval", "TOP_K", "Used", "augment", "headed", "last_user_text", "look_up", "of",
+           "query_of"]

@@ -62,17 +62,8 @@ async def _with_knowledge(request: Request, response: Response, name: ModelName,
     """``req`` with the chunks of the model's knowledge it asks about, and their names for the answer (None
     when the model has none), also in the :data:`knowledge.HEADER` header: Ollama's clients drop fields they
     do not know."""
-    found = await knowledge.of(request.app.state).retrieve(name, knowledge.query_of(req), keep)
-    if found is not None:
-        response.headers[knowledge.HEADER] = found.header()
-    return knowledge.augment(req, spec, found), (found.metadata() if found else None)
-
-
-def _headed(streamed: Response, response: Response) -> Response:
-    """A streamed answer carries the headers set on ``response`` (FastAPI applies them to returned values only)."""
-    if knowledge.HEADER in response.headers:
-        streamed.headers[knowledge.HEADER] = response.headers[knowledge.HEADER]
-    return streamed
+    req, found = await knowledge.look_up(request.app.state, name, spec, req, keep, response)
+    return req, (found.metadata() if found else None)
 
 
 async def _load_only(rt: ModelRuntime, model: str, spec, keep: float, key: str) -> dict:
@@ -97,7 +88,7 @@ async def generate(body: oa.GenerateRequest, request: Request, response: Respons
     req, used = await _with_knowledge(request, response, name, spec, convert.from_generate(body), keep)
     outputs = await streaming.prime(rt.inference.stream(spec, req, keep))
     if body.stream:
-        return _headed(streaming.ndjson(streaming.amap(
+        return knowledge.headed(streaming.ndjson(streaming.amap(
             lambda o: convert.generate_chunk(body.model, o, knowledge=used), outputs)), response)
     return convert.generate_chunk(body.model, await answers.acollect(outputs), knowledge=used)
 
@@ -111,7 +102,7 @@ async def chat(body: oa.ChatRequest, request: Request, response: Response):
     req, used = await _with_knowledge(request, response, name, spec, convert.from_chat(body), keep)
     outputs = await streaming.prime(answers.split_calls(rt.inference.stream(spec, req, keep), req))
     if body.stream:
-        return _headed(streaming.ndjson(_chat_lines(body.model, outputs, used)), response)
+        return knowledge.headed(streaming.ndjson(_chat_lines(body.model, outputs, used)), response)
     return convert.chat_chunk(body.model, await answers.acollect(outputs), used)
 
 

@@ -57,19 +57,14 @@ async def chat_completions(body: oai.ChatCompletionRequest, request: Request, re
     req = convert.from_chat_completion(body)
     if body.stream and body.n != 1:
         raise InvalidInput("n > 1 is not supported with stream; make n requests")
-    found = await knowledge.of(request.app.state).retrieve(name, knowledge.query_of(req),
-                                                           rt.admission.default_keep_alive)
-    req = knowledge.augment(req, spec, found)
+    req, _ = await knowledge.look_up(request.app.state, name, spec, req, rt.admission.default_keep_alive,
+                                     response)
     created, cid = int(time.time()), convert.new_id("chatcmpl")
     if body.stream:
         outputs = await streaming.prime(answers.split_calls(_stream(rt, spec, req), req))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        streamed = streaming.sse(_chat_stream(outputs, body.model, cid, created, include_usage))
-        if found is not None:
-            streamed.headers[knowledge.HEADER] = found.header()
-        return streamed
-    if found is not None:
-        response.headers[knowledge.HEADER] = found.header()
+        return knowledge.headed(streaming.sse(_chat_stream(outputs, body.model, cid, created, include_usage)),
+                                response)
     choices, stats = [], []
     finals = await _together([_run(rt, spec, replace(req, options=convert.from_chat_completion(
         body, seed_offset=i).options)) for i in range(body.n)])

@@ -11,14 +11,14 @@ import json
 import time
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from slmops.api import responses as rsp
 from slmops.engine import answers
 from slmops.engine.outputs import Output, ToolCall
-from slmops.server import errors, streaming
+from slmops.server import errors, knowledge, streaming
 from slmops.server import responses_convert as rc
 from slmops.server.runtime import ModelRuntime
 from slmops.types.errors import EngineError, SlmopsError
@@ -28,15 +28,17 @@ router = APIRouter(prefix="/v1")
 
 @router.post("/responses")
 @streaming.stops_when_gone
-async def create_response(body: rsp.ResponseRequest, request: Request):
+async def create_response(body: rsp.ResponseRequest, request: Request, response: Response):
+    """With knowledge, the chunks given to the model are named in the :data:`knowledge.HEADER` header."""
     rt: ModelRuntime = request.app.state.runtime
     req = rc.from_request(body)
-    _, spec = rt.resolver.resolve(body.model)
+    name, spec = rt.resolver.resolve(body.model)
+    req, _ = await knowledge.look_up(request.app.state, name, spec, req, rt.admission.default_keep_alive, response)
     base = {"id": rc.new_id("resp"), "created_at": int(time.time()), **rc.echo(body, req)}
     outputs = answers.split_calls(rt.inference.stream(spec, req, rt.admission.default_keep_alive), req)
     if body.stream:
         events = _Events(base, hold_blanks=answers.offered_tools(req) is not None)
-        return _sse(_stream(await streaming.prime(outputs), events))
+        return knowledge.headed(_sse(_stream(await streaming.prime(outputs), events)), response)
     answer = await answers.acollect(outputs)
     incomplete = answer.done_reason == "length"
     return rsp.Response(**base, completed_at=int(time.time()), status="incomplete" if incomplete else "completed",
