@@ -102,7 +102,11 @@ def test_distillation_heals_a_pruned_model_on_held_out_text(shome, tmp_path):
     assert ev.returncode == 0, ev.stderr
     # the claim distillation makes: the healed model predicts text it never trained on better than the cut one
     assert json.loads(ev.stdout)["perplexity_increase_percent"] < 0
-    answer = run_cli("run", "small:healed", "What is the capital of France?", home=shome)
+    # a pruned model healed for 10 steps may never end its turn (a minute of text here): bounded in a Modelfile,
+    # as a user would bound it
+    (tmp_path / "Modelfile").write_text("FROM small:healed\nPARAMETER num_predict 32\n")
+    assert run_cli("create", "small:brief", "-f", str(tmp_path / "Modelfile"), home=shome).returncode == 0
+    answer = run_cli("run", "small:brief", "What is the capital of France?", home=shome)
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
 
 
