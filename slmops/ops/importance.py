@@ -16,17 +16,16 @@ import math
 import sys
 from pathlib import Path
 
+from slmops.ops import hf_gguf
 from slmops.ops.children import report
 
 
 def block_distances(gguf: Path, text: str, max_tokens: int) -> tuple[list[float], int]:
     """Per block, the mean angular distance between its input and output over ``text``'s first tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.eval()
+    tok = hf_gguf.tokenizer(gguf)
+    model = hf_gguf.model(gguf).eval()
     ids = tok(text, return_tensors="pt").input_ids[:, :max_tokens]
     blocks = model.model.layers
     sums = [0.0] * len(blocks)

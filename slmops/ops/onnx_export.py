@@ -62,12 +62,9 @@ def to_hf(gguf: Path, out: Path) -> None:
     from slmops.store.gguf_scan import scan_gguf
 
     scan_gguf(gguf)  # a bad file stops here, before transformers reads it
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from slmops.ops import hf_gguf
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    save_hf(model, tok, gguf, out)
+    save_hf(hf_gguf.model(gguf), hf_gguf.tokenizer(gguf), gguf, out)
 
 
 def save_hf(model, tok, gguf: Path, out: Path) -> None:  # type: ignore[no-untyped-def]

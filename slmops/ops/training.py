@@ -21,14 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slmops.ops import hf_gguf
 from slmops.ops.children import report
-
-
-def _load(gguf: Path):  # type: ignore[no-untyped-def]
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
 
 
 def windows(ids: list[int], length: int) -> list[list[int]]:
@@ -43,13 +37,12 @@ def distill(teacher_gguf: Path, student_gguf: Path, text: str, out: Path, plan: 
     """Train the student on ``text`` against the teacher; save it as a Hugging Face folder at ``out``."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
 
     torch.manual_seed(plan.get("seed", 0))
     if plan.get("threads"):
         torch.set_num_threads(int(plan["threads"]))
-    tok = AutoTokenizer.from_pretrained(str(teacher_gguf.parent), gguf_file=teacher_gguf.name)
-    teacher, student = _load(teacher_gguf).eval(), _load(student_gguf).train()
+    tok = hf_gguf.tokenizer(teacher_gguf)
+    teacher, student = hf_gguf.model(teacher_gguf).eval(), hf_gguf.model(student_gguf).train()
     if teacher.config.vocab_size != student.config.vocab_size:
         raise SystemExit("the student's vocabulary differs from the teacher's; distil models of one family")
     chunks = windows(tok(text).input_ids, int(plan["seq_len"]))
@@ -102,13 +95,12 @@ def lora(base_gguf: Path, examples: dict[str, Any], out: Path, plan: dict[str, A
     """Train a LoRA adapter on ``examples`` (template and conversations); save it and the base's config at ``out``."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
 
     torch.manual_seed(plan.get("seed", 0))
     if plan.get("threads"):
         torch.set_num_threads(int(plan["threads"]))
-    tok = AutoTokenizer.from_pretrained(str(base_gguf.parent), gguf_file=base_gguf.name)
-    model = _load(base_gguf)
+    tok = hf_gguf.tokenizer(base_gguf)
+    model = hf_gguf.model(base_gguf)
     data = _examples(tok, examples["template"], examples["train"], int(plan["max_len"]))
     config = LoraConfig(r=int(plan["rank"]), lora_alpha=float(plan["alpha"]), lora_dropout=0.0, bias="none",
                         target_modules=list(plan["targets"]), task_type="CAUSAL_LM")
