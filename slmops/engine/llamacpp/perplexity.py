@@ -7,11 +7,11 @@ tokens of context.
 
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 from slmops.engine.client import ModelSpec
 from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel
@@ -64,16 +64,21 @@ def score_answers(spec: ModelSpec, conversations: list[list[dict[str, Any]]], n_
             if model.eos >= 0:
                 answer.append(model.eos)  # ending the answer there is part of the answer
             tokens = np.array((head + answer)[-n_ctx:], dtype=np.int32)
-            n, first = len(tokens), max(0, len(tokens) - len(answer) - 1)
-            ctx.clear()
-            ctx.decode_batch(tokens, np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32),
-                             np.ones(n, dtype=np.int8))
-            logits = ctx.all_logits(n)[first:n - 1].astype(np.float64)
-            nll += _nll(logits, tokens[first + 1:])
-            count += n - 1 - first
+            scored, n = _scored(ctx, tokens, max(0, len(tokens) - len(answer) - 1))
+            nll += scored
+            count += n
     if not count:
         raise InvalidInput("no answer to score: give conversations that end with an answer")
     return nll, count, len(conversations)
+
+
+def _scored(ctx: LlamaContext, tokens: np.ndarray, first: int) -> tuple[float, int]:
+    """``tokens`` decoded as one sequence from a clear cache: the summed negative log-likelihood of each token after
+    ``first`` given those before it, and how many were scored."""
+    n = len(tokens)
+    ctx.clear()
+    ctx.decode_batch(tokens, np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32), np.ones(n, dtype=np.int8))
+    return _nll(ctx.all_logits(n)[first:n - 1].astype(np.float64), tokens[first + 1:]), n - 1 - first
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -90,16 +95,12 @@ def _score(model: LlamaModel, ctx: LlamaContext, text: str, n_ctx: int, max_wind
     if windows == 0:
         raise InvalidInput(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}; lower --ctx")
     bos = model.bos if model.add_bos else None
-    nll, count, first = 0.0, 0, n_ctx // 2
+    nll, count = 0.0, 0
     for w in range(windows):
         window = tokens[w * n_ctx:(w + 1) * n_ctx].copy()
         if bos is not None:
             window[0] = bos  # as llama-perplexity: the window starts a sequence
-        ctx.clear()
-        ctx.decode_batch(window, np.arange(n_ctx, dtype=np.int32), np.zeros(n_ctx, dtype=np.int32),
-                         np.ones(n_ctx, dtype=np.int8))
-        logits = ctx.all_logits(n_ctx)[first:n_ctx - 1].astype(np.float64)
-        targets = window[first + 1:]
-        nll += _nll(logits, targets)
-        count += len(targets)
+        scored, n = _scored(ctx, window, n_ctx // 2)
+        nll += scored
+        count += n
     return nll, count, windows
