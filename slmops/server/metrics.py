@@ -13,10 +13,11 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slmops.engine.outputs import Stats
 from slmops.fleet.histogram import BOUNDS_S
+from slmops.server.asgi import StatusSend
 from slmops.types.errors import EngineError, IntegrityError, OutOfMemory, RunnerCrashed, SlmopsError
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -89,24 +90,16 @@ class Observed:
     def __init__(self, app: ASGIApp, metrics: Metrics, version: str):
         self.app = app
         self.metrics = metrics
-        self.version = version.encode()
+        self.headers = ((b"x-slmops-version", version.encode()),)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500  # what the server answers when the app raises before it starts a response
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-slmops-version", self.version)]
-            await send(message)
-
+        sending = StatusSend(send, 500, self.headers)  # 500: what the server answers when the app raises first
         try:
             await self.app(scope, receive, sending)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.requests.labels(route, scope["method"], str(sending.status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
