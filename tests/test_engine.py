@@ -251,3 +251,73 @@ def test_penalties_on_the_window_match_llama_cpps_penalties_sampler(spec, params
     finally:
         ctx.close()
         model.close()
+
+
+def test_greedy_with_penalties_picks_the_penalized_argmax_whether_or_not_the_top_token_is_in_the_window(spec):
+    """Greedy sampling with penalties that only lower logits takes the plain argmax when that token is outside the
+    window and applies the penalties otherwise; both give the argmax of the penalized logits."""
+    import numpy as np
+
+    from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel, SamplerChain
+    model = LlamaModel(spec.model_path)
+    ctx = LlamaContext(model, opts.LoadParams(num_ctx=512))
+    window = [5, 17, 300, 301, 302]
+    sampling = opts.SamplingParams(temperature=0, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
+                                   repeat_last_n=8)
+    chain = SamplerChain(model, sampling, 512, window + [17])
+    try:
+        ctx.decode_batch(np.array([1, 2], np.int32), np.arange(2, dtype=np.int32), np.zeros(2, np.int32),
+                         np.array([0, 1], np.int8))
+        logits = ctx.logits(1)
+        rng = np.random.default_rng(3)
+        picks = []
+        for k, top in enumerate((17, 300, 9000, 5, 12345)):  # in the window, in it, outside, slid out, outside
+            counts = dict(chain._counts)
+            logits[:] = rng.normal(0, 0.5, logits.size)
+            logits[top] = 6.0
+            logits[20000 + k] = 5.0  # a runner-up outside the window: wins when the top token is penalized
+            expected = logits.copy()
+            for t, c in counts.items():
+                v = expected[t]
+                expected[t] = (v * 1.3 if v <= 0 else v / 1.3) - c * 0.2 - 0.1
+            before = logits.copy()
+            picks.append(chain.sample(ctx, 1))
+            assert picks[-1] == int(expected.argmax())
+            assert np.array_equal(logits, before)  # the logits are left as they were
+        assert picks == [20000, 20001, 9000, 5, 12345]
+    finally:
+        chain.close()
+        ctx.close()
+        model.close()
+
+
+def test_logits_follow_the_rows_each_step_asks_for(spec):
+    """Each step's logits view names its own row, as the output buffer grows and shrinks between steps; a row the
+    step did not compute is a clear error."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel
+    from slmops.types.errors import EngineError
+    model = LlamaModel(spec.model_path)
+    ctx = LlamaContext(model, opts.LoadParams(num_ctx=512), n_seq_max=4)
+    try:
+        for n_out in (1, 4, 64, 2):
+            ctx.seq_drop(0)
+            toks = np.arange(100, 164, dtype=np.int32)
+            want = np.zeros(64, np.int8)
+            want[-n_out:] = 1
+            ctx.decode_batch(toks, np.arange(64, dtype=np.int32), np.zeros(64, np.int32), want)
+            for i in range(64 - n_out, 64):
+                ptr = lc.llama_get_logits_ith(ctx.ptr, i)
+                ref = np.ctypeslib.as_array(ptr, shape=(model.n_vocab,))
+                view = ctx.logits(i)
+                assert view.ctypes.data == ctypes.addressof(ptr.contents) and np.array_equal(view, ref)
+            if n_out < 64:
+                with pytest.raises(EngineError, match="no logits"):
+                    ctx.logits(64 - n_out - 1)
+    finally:
+        ctx.close()
+        model.close()

@@ -15,6 +15,7 @@ Importing this module loads no backend: a parent process that only talks to runn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -22,11 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from slmops.types.errors import InvalidInput, Unsupported
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from slmops.engine.client import Cancel, EngineConfig, Emit, ModelSpec
     from slmops.engine.outputs import TokenLogprob
-    from slmops.engine.scheduler import MemOp
+    from slmops.engine.scheduler import Item, MemOp
     from slmops.types.options import LoadParams, SamplingParams
 
 ConstraintKind = Literal["json", "json_schema", "tool_calls", "regex", "gbnf"]
@@ -156,8 +155,9 @@ class BatchDecoder(Protocol):
 
     n_batch: int  # the most tokens one decode takes
 
-    def decode(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, want: np.ndarray) -> None:
-        """Decode ``tokens`` at positions ``pos`` of sequences ``seqs``; logits where ``want`` is 1."""
+    def decode(self, items: Sequence[Item]) -> None:
+        """Decode each item's tokens into its slot from ``pos0`` on, in order; logits at the last token of each item
+        whose ``sample`` is set (the runner samples from batch index: the running count of tokens, less one)."""
 
     def memory(self, op: MemOp) -> None:
         """Perform one of the scheduler's memory operations (copy, drop, save, forget, restore a sequence)."""

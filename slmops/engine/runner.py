@@ -15,8 +15,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from slmops.engine.backend import BatchDecoder, BatchPlan, Sampler
 from slmops.engine.client import Emit
 from slmops.engine.prefix_cache import PrefixCache
@@ -49,7 +47,7 @@ class BatchRunner:
             if cache and plan.spill_budget > 0 else None
         self.scheduler = Scheduler(n_parallel, n_ctx_seq, min(token_budget, decoder.n_batch), max_queue=max_queue,
                                    cache=cache, spill=spill)
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._closing: BaseException | None = None
@@ -90,14 +88,12 @@ class BatchRunner:
 
     # -- the runner thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        inbox = self._inbox
         while True:
-            block = self.scheduler.idle and self._closing is None
-            try:
-                while True:
-                    self._handle(*self._inbox.get(block=block))
-                    block = False
-            except queue.Empty:
-                pass
+            if self.scheduler.idle and self._closing is None:
+                self._handle(*inbox.get())  # nothing to step: wait for work
+            while not inbox.empty():  # a C call per step, where get_nowait raised and caught queue.Empty
+                self._handle(*inbox.get())
             if self._closing is not None and self.scheduler.idle:
                 break
             batch = self.scheduler.schedule()
@@ -141,25 +137,21 @@ class BatchRunner:
             return
         self.steps += 1
         self.max_batch = max(self.max_batch, len(batch.items))
-        tokens = np.fromiter((t for i in batch.items for t in i.tokens), dtype=np.int32)
-        pos = np.concatenate([np.arange(i.pos0, i.pos0 + len(i.tokens), dtype=np.int32) for i in batch.items])
-        seqs = np.concatenate([np.full(len(i.tokens), i.slot, dtype=np.int32) for i in batch.items])
-        want = np.zeros(len(tokens), dtype=np.int8)
-        ends = np.cumsum([len(i.tokens) for i in batch.items]) - 1
-        for end, item in zip(ends, batch.items):
-            want[end] = 1 if item.sample else 0
+        for item in batch.items:
             req = self._requests.get(item.req_id)
             if req is not None and not req.out.t_admitted:  # its prompt's first step: its wait ends
                 req.out.admitted()
-        self.decoder.decode(tokens, pos, seqs, want)
+        self.decoder.decode(batch.items)
         sampled: dict[int, int] = {}
         finished: list[Finished] = []
-        for end, item in zip(ends, batch.items):
+        end = -1  # batch index of each item's last token
+        for item in batch.items:
+            end += len(item.tokens)
             req = self._requests.get(item.req_id)
             if not item.sample or req is None:
                 continue
-            tok = req.sampler.sample(int(end))
-            if self._on_token(req, tok, int(end)):
+            tok = req.sampler.sample(end)
+            if self._on_token(req, tok, end):
                 done = self.scheduler.finish(req.req_id, "stop")
                 if done:
                     finished.append(done)

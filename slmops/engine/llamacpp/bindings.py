@@ -12,6 +12,7 @@ import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import llama_cpp as lc
@@ -27,6 +28,8 @@ _listener: Callable[[str], None] | None = None  # sees llama.cpp's log while a q
 _quantize_lock = threading.Lock()  # one listener at a time
 _KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
 _TENSOR_DONE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+# The address alone: llama_cpp's own wrapper returns a ctypes pointer, and a numpy view of that is rebuilt per call
+_logits_at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(("llama_get_logits_ith", lc.llama_cpp._lib))
 
 
 @lc.llama_log_callback
@@ -68,7 +71,8 @@ class LlamaModel:
         self.bos = lc.llama_vocab_bos(self.vocab)
         self.eos = lc.llama_vocab_eos(self.vocab)
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
-        self._piece = ctypes.create_string_buffer(256)
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})  # without, with special tokens' text
+        self._eog: dict[int, bool] = {}
         self._adapters: list[LoraAdapter] = []
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -85,18 +89,27 @@ class LlamaModel:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        n = lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-            return buf.raw[:n]
-        return self._piece.raw[:n]
+        """A token's bytes, remembered: the vocabulary is fixed, and on the runner's per-token path a dict lookup
+        costs a fraction of the call into llama.cpp. A first sight fills a buffer of its own (threads share none)."""
+        memo = self._pieces[special]
+        out = memo.get(token)
+        if out is None:
+            buf = ctypes.create_string_buffer(256)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            out = memo[token] = buf.raw[:n]
+        return out
 
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(lc.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
@@ -171,6 +184,11 @@ class LlamaContext:
         base = self._seq.ctypes.data
         for i in range(self.n_batch):
             self._batch.seq_id[i] = ctypes.cast(base + 4 * i, ctypes.POINTER(lc.llama_seq_id))
+        # A one-token item is written through these ctypes pointers, a prompt chunk through the numpy views
+        self._c = (self._batch.token, self._batch.pos, (ctypes.c_int32 * self.n_batch).from_buffer(self._seq),
+                   self._batch.logits)
+        self._addr = ctypes.cast(self.ptr, ctypes.c_void_p).value
+        self._views: dict[int, np.ndarray] = {}  # logits address -> a numpy view of it
 
     def set_loras(self, adapters: list[LoraAdapter], scale: float = 1.0) -> None:
         arr = (lc.llama_adapter_lora_p_ctypes * len(adapters))(*[a.ptr for a in adapters])
@@ -185,6 +203,31 @@ class LlamaContext:
         self._pos[:n] = pos
         self._seq[:n] = seqs
         self._logits[:n] = want
+        self._decode(n)
+
+    def decode_items(self, items: Sequence[Any]) -> None:
+        """One ``llama_decode`` over the scheduler's items (``slot``, ``tokens``, ``pos0``, ``sample``).
+
+        The code between two decodes runs on cold caches (a step streams the whole model through them): there, each
+        numpy call costs tens of microseconds where a ctypes store costs a few, so a decoding sequence's one token
+        is written with four stores and only prompt chunks go through numpy.
+        """
+        tok, pos, seq, want = self._c
+        k = 0
+        for it in items:
+            n = len(it.tokens)
+            if n == 1:
+                tok[k], pos[k], seq[k], want[k] = it.tokens[0], it.pos0, it.slot, it.sample
+            else:
+                self._tokens[k:k + n] = it.tokens
+                self._pos[k:k + n] = np.arange(it.pos0, it.pos0 + n, dtype=np.int32)
+                self._seq[k:k + n] = it.slot
+                self._logits[k:k + n] = 0
+                want[k + n - 1] = it.sample
+            k += n
+        self._decode(k)
+
+    def _decode(self, n: int) -> None:
         self._batch.n_tokens = n
         rc = lc.llama_decode(self.ptr, self._batch)
         if rc != 0:
@@ -218,9 +261,21 @@ class LlamaContext:
         return np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(n, self.model.n_vocab))
 
     def logits(self, idx: int) -> np.ndarray:
-        """The raw logits at batch index ``idx`` as a numpy view (valid until the next decode)."""
-        ptr = lc.llama_get_logits_ith(self.ptr, idx)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+        """The raw logits at batch index ``idx`` as a numpy view (valid until the next decode).
+
+        Views are kept by address: llama.cpp writes a step's logits to the same rows of its output buffer, and
+        building a view costs 70 us on the cold caches after a decode (np.ctypeslib makes a ctypes type each time),
+        a lookup a third of that."""
+        addr = _logits_at(self._addr, idx)
+        view = self._views.get(addr)
+        if view is None:
+            if not addr:
+                raise EngineError(f"llama.cpp has no logits at batch index {idx}")
+            if len(self._views) >= 4096:  # the buffer moved (a bigger batch asked for more rows): drop the old rows
+                self._views.clear()
+            view = self._views[addr] = np.frombuffer((ctypes.c_float * self.model.n_vocab).from_address(addr),
+                                                     dtype=np.float32)
+        return view
 
     def embed(self, tokens: list[int]) -> np.ndarray:
         """Pooled embedding of ``tokens`` (an embeddings context, one sequence, memory cleared first)."""
@@ -276,6 +331,9 @@ class SamplerChain:
         self._counts = Counter(self._window or ())  # the window's tokens, kept as it slides: no sort per token
         self._repeat, self._freq, self._present = p.repeat_penalty, p.frequency_penalty, p.presence_penalty
         self._greedy = p.temperature <= 0 and not grammar
+        # The argmax of the unpenalized logits is the answer whenever it is not in the window (a third of the
+        # numpy calls, which cost tens of microseconds each on the cold caches after a decode)
+        self._lowers_only = self._greedy and self._repeat >= 1.0 and self._freq >= 0.0 and self._present >= 0.0
         add = lambda s: lc.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if grammar:
             compiled = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
@@ -297,6 +355,11 @@ class SamplerChain:
         if self._window is None:
             return int(ctx.logits(idx).argmax()) if self._greedy else lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
         logits = ctx.logits(idx)
+        if self._lowers_only:  # greedy: penalties only lower the window's logits, so a top token outside it wins
+            tok = int(logits.argmax())
+            if tok not in self._counts:
+                self._slide(tok)
+                return tok
         n = len(self._counts)
         ids = np.fromiter(self._counts.keys(), dtype=np.intp, count=n)
         counts = np.fromiter(self._counts.values(), dtype=np.float32, count=n)
@@ -307,6 +370,10 @@ class SamplerChain:
             tok = int(logits.argmax()) if self._greedy else lc.llama_sampler_sample(self.ptr, ctx.ptr, idx)
         finally:
             logits[ids] = own
+        self._slide(tok)
+        return tok
+
+    def _slide(self, tok: int) -> None:
         if len(self._window) == self._window.maxlen:
             gone = self._window[0]
             self._counts[gone] -= 1
@@ -314,7 +381,6 @@ class SamplerChain:
                 del self._counts[gone]
         self._window.append(tok)
         self._counts[tok] += 1
-        return tok
 
     def close(self) -> None:
         if self.ptr:

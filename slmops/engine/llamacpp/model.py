@@ -7,6 +7,7 @@ operations on the unified KV cache, C sampler chains with their grammars, and lo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +17,7 @@ from slmops.engine.backend import BatchPlan
 from slmops.engine.client import EngineConfig, ModelSpec
 from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel, SamplerChain
 from slmops.engine.outputs import TokenLogprob
-from slmops.engine.scheduler import MemOp
+from slmops.engine.scheduler import Item, MemOp
 from slmops.engine.streams import token_logprob
 from slmops.store.gguf import GGUFInfo, inspect_gguf
 from slmops.store.sealed import plain_file
@@ -65,8 +66,8 @@ class LlamaDecoder:
         self.n_batch = ctx.n_batch
         self._saved: dict[int, object] = {}  # host-memory entry -> its KV state
 
-    def decode(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, want: np.ndarray) -> None:
-        self.ctx.decode_batch(tokens, pos, seqs, want)
+    def decode(self, items: Sequence[Item]) -> None:
+        self.ctx.decode_items(items)
 
     def memory(self, op: MemOp) -> None:
         if op.kind == "copy":
