@@ -1,7 +1,8 @@
 """llama.cpp's C API through ``llama_cpp`` ctypes: model, context, batch, memory, C sampler chains and quantize.
 
 Everything per-token that llama.cpp can do in C stays in C (the sampler chain samples and accepts in one call);
-batch fills go through numpy views of the ctypes arrays instead of Python loops over the prompt.
+prompt chunks go into the batch through numpy views of its ctypes arrays instead of Python loops over the prompt,
+and what runs once per generated token is written for the cold caches a decode leaves (see ``decode_items``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
@@ -29,7 +30,8 @@ _quantize_lock = threading.Lock()  # one listener at a time
 _KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
 _TENSOR_DONE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 # The address alone: llama_cpp's own wrapper returns a ctypes pointer, and a numpy view of that is rebuilt per call
-_logits_at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(("llama_get_logits_ith", lc.llama_cpp._lib))
+_logits_at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+    ("llama_get_logits_ith", lc.llama_cpp._lib))
 
 
 @lc.llama_log_callback
