@@ -75,3 +75,15 @@ def test_raise_exception_becomes_template_error():
 
 def test_literal_braces_in_go_text_survive():
     assert go_to_jinja("{% raw %} {{ .Prompt }}") == "{% raw %}{% raw %} {% endraw %}{{ prompt }}"
+
+
+def test_a_template_is_compiled_once_however_often_it_renders(monkeypatch):
+    """Every chat request renders the model's template: Jinja's parse and code generation happen once for it."""
+    from slmops.modelfile import template as tpl
+    calls = []
+    real = tpl._JINJA_ENV.from_string
+    monkeypatch.setattr(tpl._JINJA_ENV, "from_string", lambda src: calls.append(src) or real(src))
+    chat = tpl.ChatTemplate.compile("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}#once")
+    texts = {chat.render([{"role": "user", "content": f"question {i}"}]) for i in range(3)}
+    assert texts == {f"[user] question {i}\n#once" for i in range(3)}
+    assert len(calls) == 1
