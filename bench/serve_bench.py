@@ -47,11 +47,18 @@ PROMPTS = [f"Write a story about a {w} who learns to sail." for w in
 # has no field for it, and slmops ignores one). llama-server's default is 1.0: told 1.1, it writes the same texts,
 # so both servers generate the same tokens and do the same work (without it, answers differ in length).
 GREEDY = {"temperature": 0, "repeat_penalty": 1.1}
+
+
+def counting(*starts: int) -> list[str]:
+    return [", ".join(str(i) for i in range(k, k + 8)) + "," for k in starts]
+
+
+COUNTING = counting(1, 101, 1001, 5001)
 # S2's eight clients count too, so both servers generate max_tokens for every client and do the same work: with
 # stories, greedy decoding of a 135M model turns on how eight sequences' attention is computed (one cache shared by
-# all sequences in slmops, a stream per slot in llama-server), and the answers ended at different lengths.
-COUNTING = [", ".join(str(i) for i in range(k, k + 8)) + "," for k in (1, 101, 1001, 5001, 20, 340, 7000, 90001, 2500)]
-S2_PROMPTS = COUNTING[1:]  # counting from 1 turns into code and ends after ~40 tokens
+# all sequences in slmops, a stream per slot in llama-server), and the answers ended at different lengths. Counting
+# from 1 turns into code and ends after ~40 tokens, so it is not among them.
+S2_PROMPTS = counting(101, 1001, 5001, 20, 340, 7000, 90001, 2500)
 
 
 def free_port() -> int:
@@ -166,7 +173,7 @@ async def s6(peer: Peer) -> dict:
     async with httpx.AsyncClient(timeout=600, limits=NO_KEEPALIVE) as c:
         body = {"max_tokens": 400, **GREEDY}
         streams = [asyncio.create_task(stream_completion(c, peer, {**body, "prompt": p}, False))
-                   for p in COUNTING[:4]]
+                   for p in COUNTING]
         await asyncio.sleep(1.5)
         t_send = time.perf_counter()
         arrival = await stream_completion(c, peer, {"prompt": long_prompt, "max_tokens": 1, **GREEDY}, False)
