@@ -122,7 +122,11 @@ def test_two_replicas_migrate_at_once(fleet_db_url: str) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         for p in procs:
-            assert p.stdout and p.stdout.readline().strip() == "ready"
+            assert p.stdout
+            line = p.stdout.readline().strip()
+            if line != "ready":  # say why: its stderr (it exited) rather than an empty line
+                _, err = p.communicate(timeout=30)
+                pytest.fail(f"a replica did not start: {err.strip() or repr(line)}")
         for p in procs:
             assert p.stdin
             p.stdin.write("go\n")
