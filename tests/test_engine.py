@@ -1,5 +1,8 @@
 """The real engine with the real default model."""
 
+import concurrent.futures as cf
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -113,23 +116,40 @@ def test_chat_history_reuses_the_cached_prefix(engine, spec):
     assert final.stats.cached_prompt_tokens > 10
 
 
+# Counting after a shared preamble: a continuation greedy decoding is sure of, so batch-shape rounding cannot flip a
+# token, and prompts that share a long prefix.
+SHARED = "Numbers follow, one after another, separated by commas. " * 12
+COUNT = {"temperature": 0, "num_predict": 12, "repeat_penalty": 1.0}
+
+
+def counting(*starts: int) -> list[str]:
+    return [SHARED + ", ".join(str(i) for i in range(k, k + 6)) + "," for k in starts]
+
+
+def count_on(engine: Engine, spec, prompt: str):
+    return collect(engine.run(spec, Request(prompt=prompt, raw=True, options=COUNT)))
+
+
+def alone(spec, prompts: list[str]) -> list[str]:
+    """Each prompt's answer from an engine that serves nothing else."""
+    out = []
+    for p in prompts:
+        fresh = Engine(default_ctx=1024, num_parallel=1)
+        out.append(count_on(fresh, spec, p)[0])
+        fresh.close()
+    return out
+
+
 def test_a_prefix_restored_from_host_memory_decodes_as_if_evaluated(spec):
     """A prefix evicted from the KV cache's spare sequences to host memory comes back by copy
     (``llama_state_seq_set_data``); greedy output must not change for it, nor when the copy cannot be made and the
     runner evaluates the cached tokens instead."""
-    # Counting: a continuation greedy decoding is sure of, so batch-shape rounding cannot flip a token.
-    shared = "Numbers follow, one after another, separated by commas. " * 12
-    turns = [shared + ", ".join(str(i) for i in range(start, start + 6)) + "," for start in (1, 300)]
-    greedy = {"temperature": 0, "num_predict": 12, "repeat_penalty": 1.0}
+    turns = counting(1, 300)
+    expected = alone(spec, turns)
 
     def run(engine: Engine, prompt: str):
-        return collect(engine.run(spec, Request(prompt=prompt, raw=True, options=greedy)))
+        return count_on(engine, spec, prompt)
 
-    expected = []
-    for t in turns:
-        fresh = Engine(default_ctx=1024, num_parallel=1)
-        expected.append(run(fresh, t)[0])
-        fresh.close()
     cached = Engine(default_ctx=1024, num_parallel=1)  # one spare sequence: the second prompt evicts the first
     try:
         assert run(cached, turns[0])[0] == expected[0]
@@ -144,6 +164,32 @@ def test_a_prefix_restored_from_host_memory_decodes_as_if_evaluated(spec):
         assert final.stats.cached_prompt_tokens == final.stats.prompt_eval_count - 1 and text == expected[1]
     finally:
         cached.close()
+
+
+def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
+    """Three prompts that share a long prefix reach the runner in one step: the shared part is evaluated once, as
+    tokens that belong to all three sequences (one KV cell each, held by every sequence listed), and each answer is
+    the one its prompt gets alone."""
+    prompts = counting(1, 300, 5000)
+    expected = alone(spec, prompts)
+    together = Engine(default_ctx=1024, num_parallel=4)
+    try:
+        runner = together.load_model(spec)[0].runner
+        gate = threading.Event()
+        with cf.ThreadPoolExecutor(4) as pool:
+            held = pool.submit(runner.call, lambda: gate.wait(30))  # the runner waits between two steps
+            futures = [pool.submit(count_on, together, spec, p) for p in prompts]
+            while runner._inbox.qsize() < len(prompts):  # all three queued before the runner's next step
+                time.sleep(0.01)
+            gate.set()
+            held.result()
+            results = [f.result() for f in futures]
+        assert [text for text, _ in results] == expected and all(expected)
+        cached = sorted(final.stats.cached_prompt_tokens for _, final in results)
+        assert cached[0] == 0 and cached[1] == cached[2] > 100  # one evaluated the shared part, two rode along
+        assert runner.steps == COUNT["num_predict"]  # all three prompts in the first step, then one per token
+    finally:
+        together.close()
 
 
 def test_closing_the_stream_cancels_and_the_next_request_is_unaffected(engine, spec):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from slmops.engine.prefix_cache import PrefixCache
-from slmops.engine.scheduler import Finished, MemOp, Scheduler
+from slmops.engine.scheduler import Batch, Finished, MemOp, Scheduler
 from slmops.types.errors import Busy, ContextOverflow
 
 
@@ -20,7 +20,7 @@ def test_admission_up_to_slots_and_queue_bound():
     for r in range(2):
         s.add(r, [1, 2, 3])
     batch, _ = step(s)
-    assert {i.req_id for i in batch.items} == {0, 1}
+    assert set(s.running) == {0, 1} and [i.req_id for i in batch.items] == [0]  # one prompt finishes per step
     s.add(2, [1, 2, 3])
     s.add(3, [1])
     assert step(s)[0].items and [q.req_id for q in s.waiting] == [2, 3]  # no free slot
@@ -168,23 +168,74 @@ def test_a_new_request_shares_the_prefix_a_running_sequence_holds():
     assert first.tokens == (5, 6, 7) and first.pos0 == 300 and s.running[1].cached == 300
 
 
-def test_requests_arriving_together_wait_for_one_prefill_of_their_shared_prompt():
+def prompt_work(s: Scheduler, reqs) -> tuple[dict[int, int], dict[int, int], list[Batch]]:
+    """Step until every request in ``reqs`` decodes: prompt tokens each evaluated as its own, the step at which
+    each got its first token, and the batches."""
+    evaluated, first, batches = {r: 0 for r in reqs}, {}, []
+    while any(r not in s.running or s.running[r].state.value != "decode" for r in reqs):
+        batch, _ = step(s)
+        batches.append(batch)
+        for i in batch.items:
+            if i.pos0 < len(s.running[i.req_id].prompt):  # prompt tokens, not decode steps
+                evaluated[i.req_id] += len(i.tokens)
+            if i.sample:
+                first.setdefault(i.req_id, len(batches))
+    return evaluated, first, batches
+
+
+def test_requests_arriving_together_evaluate_their_shared_prompt_once_and_finish_together():
     s = Scheduler(n_slots=4, n_ctx_seq=4096, token_budget=256)
     system = list(range(1000, 1600))  # three steps of prefill
     for r in range(3):
         s.add(r, system + [r])
     s.add(9, list(range(5000, 5100)))  # unrelated: never held back
-    evaluated = {r: 0 for r in (0, 1, 2, 9)}
-    copies = []
-    while any(r not in s.running or s.running[r].state.value != "decode" for r in evaluated):
-        batch, _ = step(s)
-        copies += [op for op in batch.ops if op.kind == "copy"]
-        for i in batch.items:
-            if i.pos0 < len(s.running[i.req_id].prompt):  # prompt tokens, not decode steps
-                evaluated[i.req_id] += len(i.tokens)
+    evaluated, first, batches = prompt_work(s, (0, 1, 2, 9))
     assert evaluated[0] == 601 and evaluated[9] == 100
     assert evaluated[1] == evaluated[2] == 1  # each evaluated only its own last token
-    assert [op.n for op in copies] == [600, 600]
+    slots = {r: s.running[r].slot for r in (1, 2)}
+    shared = [i for b in batches for i in b.items if i.also]
+    assert sum(len(i.tokens) for i in shared) == 600 and all(set(i.also) == set(slots.values()) for i in shared)
+    assert first[0] == first[1] == first[2]  # the riders' own tokens come in the step that ends the shared part
+    assert not [op for b in batches for op in b.ops if op.kind == "copy"]  # they rode from the first chunk
+
+
+def test_a_request_arriving_mid_prefill_copies_what_exists_and_rides_along_for_the_rest():
+    s = Scheduler(n_slots=3, n_ctx_seq=4096, token_budget=256)
+    system = list(range(1000, 1600))
+    s.add(0, system + [0])
+    step(s)  # 256 tokens of it exist
+    s.add(1, system[:500] + [7, 8])  # shares 500 tokens
+    batch, _ = step(s)
+    rider = s.running[1]
+    assert MemOp("copy", s.running[0].slot, rider.slot, 256) in batch.ops
+    # the leader's chunk is cut where the shared part ends; the rider's own tokens follow in the same step
+    assert [(i.req_id, i.pos0, len(i.tokens), i.also) for i in batch.items] == [
+        (0, 256, 244, (rider.slot,)), (0, 500, 10, ()), (1, 500, 2, ())]
+    assert rider.state.value == "decode" and rider.cached == 500 and batch.riders == [1]
+
+
+def test_riders_of_a_cancelled_prefill_go_on_from_the_cells_they_have():
+    s = Scheduler(n_slots=3, n_ctx_seq=4096, token_budget=128)
+    system = list(range(1000, 1400))
+    for r in range(2):
+        s.add(r, system + [r])
+    step(s)
+    assert s.running[1].leader is s.running[0] and s.running[1].n_kv == 128
+    s.cancel(0)
+    evaluated, _, batches = prompt_work(s, (1,))
+    assert evaluated[1] == 401 - 128  # the rest of its prompt, from where its shared cells end
+    assert batches[0].items[0].pos0 == 128 and not any(i.also for b in batches for i in b.items)
+
+
+def test_chat_turns_arriving_together_get_their_first_tokens_one_step_apart():
+    """Three short prompts arriving in one step: each finishes in its own step, so the first gets its token after
+    its own work rather than after all three (the total before the last is the same)."""
+    s = Scheduler(n_slots=4, n_ctx_seq=4096, token_budget=512)
+    for r in range(3):
+        s.add(r, list(range(100 * r, 100 * r + 27)))
+    _, first, batches = prompt_work(s, (0, 1, 2))
+    assert sorted(first.values()) == [1, 2, 3]
+    assert [b.n_tokens for b in batches] == [27, 28, 29]  # each step: one prompt and the streams already running
 
 
 def test_a_short_shared_prefix_does_not_hold_a_request_back():

@@ -157,7 +157,8 @@ class BatchDecoder(Protocol):
 
     def decode(self, items: Sequence[Item]) -> None:
         """Decode each item's tokens into its slot from ``pos0`` on, in order; logits at the last token of each item
-        whose ``sample`` is set (the runner samples from batch index: the running count of tokens, less one)."""
+        whose ``sample`` is set (the runner samples from batch index: the running count of tokens, less one). An
+        item's ``also`` slots hold its tokens too: their KV is computed once, for all of them."""
 
     def memory(self, op: MemOp) -> None:
         """Perform one of the scheduler's memory operations (copy, drop, save, forget, restore a sequence)."""

@@ -101,8 +101,8 @@ class BatchRunner:
                 try:
                     self._step(batch)
                 except Exception as err:  # a failed decode fails the requests in it, never the thread
-                    for item in batch.items:
-                        self._fail(item.req_id, err)
+                    for req_id in batch.requests():
+                        self._fail(req_id, err)
 
     def _handle(self, kind: str, arg) -> None:
         if kind == "add" and self._closing is not None:
@@ -137,8 +137,8 @@ class BatchRunner:
             return
         self.steps += 1
         self.max_batch = max(self.max_batch, len(batch.items))
-        for item in batch.items:
-            req = self._requests.get(item.req_id)
+        for req_id in batch.requests():
+            req = self._requests.get(req_id)
             if req is not None and not req.out.t_admitted:  # its prompt's first step: its wait ends
                 req.out.admitted()
         self.decoder.decode(batch.items)

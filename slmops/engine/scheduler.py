@@ -5,17 +5,21 @@ It never touches llama.cpp, so it is tested with made-up tokens. Each step:
 1. every running sequence decodes its last sampled token (streams stay smooth),
 2. waiting requests are admitted into free sequence slots (3.), then the rest of the per-step token budget goes
    to prompt chunks, the shortest remaining prompt first (chunked prefill: a long prompt is spread over several
-   steps instead of stalling everyone's stream). A step that finishes a prompt carries no part of a longer one:
-   its first token would wait for work that brings the longer prompt's own first token no sooner (the total
-   before it is the same either way). Eight clients whose two system prompts arrive together get the first
-   prompt's answers after one prefill instead of two; a prompt passed over ``MAX_PASSED`` steps in a row goes
-   first, so a stream of short requests cannot starve a long one,
+   steps instead of stalling everyone's stream). A step finishes at most one prompt and then carries no other
+   prompt work: the first token would wait for work that brings the others' first tokens no sooner (the total
+   before each is the same either way). Eight clients whose two system prompts arrive together get the first
+   prompt's answers after one prefill instead of two, and chat turns arriving together get their first tokens
+   one step apart instead of all at the end of one longer step; a prompt passed over ``MAX_PASSED`` steps in a
+   row goes first, so a stream of short requests cannot starve a long one,
 3. admission reuses the longest prefix whose KV exists:
    in a sequence still running or in the prefix cache's first tier, spare sequences of the KV cache (copying
    cells from either is metadata-only), or in its second tier in host memory (copied back into the new
    sequence). A request whose
-   prompt shares a long prefix with one still being prefilled waits for that prefill instead of computing the
-   same tokens again beside it: eight clients sending one system prompt at once evaluate it once.
+   prompt shares a long prefix with one still being prefilled rides along with it: it takes a slot, copies the
+   cells computed so far, and each later chunk of the shared part is evaluated once for all of them (llama.cpp
+   writes such a token's KV into one cell that every sequence listed for it holds). Its own tokens follow in the
+   step that ends the shared part, so eight clients sending one system prompt at once evaluate it once and get
+   their first tokens together.
 
 Each active sequence owns one slot with ``n_ctx_seq`` KV cells reserved, so admission never over-commits the
 cache; spare slots hold cached prefixes within their own budget (``cache``), and what that tier evicts spills to
@@ -49,9 +53,11 @@ class Seq:
     state: State = State.WAITING
     n_past: int = 0  # tokens whose KV is in the slot, counting chunks scheduled in the current step
     n_kv: int = 0  # tokens whose KV is in the slot for certain (decoded in an earlier step)
-    cached: int = 0  # of which came from the prefix cache
+    cached: int = 0  # of which came from the prefix cache, or from a prefill it rode along with
     passed: int = 0  # steps in a row its prefill was left out of the batch
     generated: list[int] = field(default_factory=list)
+    leader: "Seq | None" = None  # the prefill it rides along with, until ``share_end``
+    share_end: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -82,12 +88,18 @@ class Item:
     tokens: tuple[int, ...]
     pos0: int
     sample: bool  # logits wanted for the last token: a token is sampled for this request after the step
+    also: tuple[int, ...] = ()  # other slots these tokens belong to: sequences riding along with this prefill
 
 
 @dataclass
 class Batch:
     ops: list[MemOp] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
+    riders: list[int] = field(default_factory=list)  # requests whose prompt advances only through ``also``
+
+    def requests(self) -> list[int]:
+        """Every request this step works for."""
+        return [i.req_id for i in self.items] + self.riders
 
     @property
     def n_tokens(self) -> int:
@@ -179,21 +191,19 @@ class Scheduler:
             if seq.state is State.DECODE:
                 batch.items.append(Item(seq.req_id, seq.slot, (seq.generated[-1],), seq.n_past, True))
                 budget -= 1
-        held: list[Seq] = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            if self._worth_waiting(seq):
-                held.append(seq)
-                continue
-            self._admit(seq, batch)
-        self.waiting.extendleft(reversed(held))
-        prefills = [seq for seq in self.running.values() if seq.state is State.PREFILL]
+            leader, shared = self._leader_for(seq)
+            if leader is not None:
+                self._ride(seq, leader, shared, batch)
+            else:
+                self._admit(seq, batch)
+        prefills = [seq for seq in self.running.values() if seq.state is State.PREFILL and seq.leader is None]
         prefills.sort(key=lambda q: (q.passed < self.MAX_PASSED, len(q.prompt) - q.n_past))  # stable: by arrival
         finishing = False
         for seq in prefills:
             rest = len(seq.prompt) - seq.n_past
-            starved = seq.passed >= self.MAX_PASSED
-            if budget > 0 and (rest <= budget or starved or not finishing):
+            if budget > 0 and (seq.passed >= self.MAX_PASSED or not finishing):
                 finishing |= rest <= budget
                 budget -= self._prefill_chunk(seq, budget, batch)
                 seq.passed = 0
@@ -204,7 +214,11 @@ class Scheduler:
     def update(self, batch: Batch, sampled: dict[int, int]) -> list[Finished]:
         """Record the step: KV now holds each item's tokens; ``sampled`` maps request → token sampled for it."""
         done = []
+        riders = {q.slot: q for q in self.running.values()} if batch.riders else {}
         for item in batch.items:
+            for slot in item.also:
+                if slot in riders:
+                    riders[slot].n_kv = item.pos0 + len(item.tokens)
             seq = self.running.get(item.req_id)
             if seq is None:
                 continue
@@ -255,23 +269,58 @@ class Scheduler:
             have = max(have, common_prefix(seq.prompt, other.tokens[: other.n_kv]))
         return have
 
-    def _worth_waiting(self, seq: Seq) -> bool:
-        """A running prefill will soon hold a long prefix of this prompt that no KV holds yet."""
+    def _leader_for(self, seq: Seq) -> tuple[Seq | None, int]:
+        """A running prefill that will soon hold a long prefix of this prompt that no KV holds yet, and how many
+        of this prompt's tokens it shares; (None, 0) when none is worth riding along with."""
         have = self._reusable(seq)
-        usable = len(seq.prompt) - 1
-        return any(other.state is State.PREFILL
-                   and min(common_prefix(seq.prompt, other.prompt), usable) - have >= self.SHARE_WAIT
-                   for other in self.running.values())
+        usable = len(seq.prompt) - 1  # at least one token of its own, for its logits
+        best, shared = None, 0
+        for other in self.running.values():
+            if other.state is State.PREFILL and other.leader is None:
+                n = min(common_prefix(seq.prompt, other.prompt), usable)
+                if n - max(have, other.n_past) >= self.SHARE_WAIT and n > shared:
+                    best, shared = other, n
+        return best, shared
+
+    def _ride(self, seq: Seq, leader: Seq, shared: int, batch: Batch) -> None:
+        """Admit ``seq`` beside ``leader``: the cells the leader has so far are copied (llama.cpp requires
+        sequences that share a batch's tokens to hold the same positions before it), the rest of the shared prefix
+        comes with the leader's chunks."""
+        seq.slot = self.free_slots.pop(0)
+        seq.state = State.PREFILL
+        self.running[seq.req_id] = seq
+        if leader.n_past > 0:  # its cells exist once the ops before it have run (a copy it started from, too)
+            batch.ops.append(MemOp("copy", leader.slot, seq.slot, leader.n_past))
+        seq.n_past = leader.n_past
+        seq.cached = shared
+        seq.leader, seq.share_end = leader, shared
 
     def _prefill_chunk(self, seq: Seq, budget: int, batch: Batch) -> int:
+        """Schedule the next chunk of ``seq``'s prompt, split where riders' shared parts end; the riders whose
+        shared part it completes follow with their own tokens, in this step when the budget allows."""
         rest = seq.prompt[seq.n_past:]
-        chunk = rest[:budget]
+        chunk = rest[:budget] if budget > 0 else []
         if not chunk:
             return 0
-        last = len(chunk) == len(rest)
-        batch.items.append(Item(seq.req_id, seq.slot, tuple(chunk), seq.n_past, last))
-        seq.n_past += len(chunk)  # provisional, confirmed by update(); lets a later chunk follow in one step
-        return len(chunk)
+        start, end = seq.n_past, seq.n_past + len(chunk)
+        riders = [q for q in self.running.values() if q.leader is seq]
+        ending = [q for q in riders if q.share_end <= end]
+        over = len(chunk) + sum(len(q.prompt) - q.share_end for q in ending) - budget
+        if ending and over > 0:  # room for the riders' own tokens, so that they finish in this step
+            end = max(end - over, max(q.share_end for q in ending))
+        cuts = sorted({q.share_end for q in riders if start < q.share_end < end} | {end})
+        for a, b in zip([start] + cuts, cuts):
+            also = tuple(q.slot for q in riders if q.share_end >= b)
+            batch.items.append(Item(seq.req_id, seq.slot, tuple(seq.prompt[a:b]), a, b == len(seq.prompt), also))
+        seq.n_past = end  # provisional, confirmed by update(); lets a later chunk follow in one step
+        used = end - start
+        for q in riders:
+            q.n_past = min(end, q.share_end)
+            batch.riders.append(q.req_id)
+            if q.n_past == q.share_end:  # its own tokens now: after the shared ones, in the same step if they fit
+                q.leader = None
+                used += self._prefill_chunk(q, budget - used, batch)
+        return used
 
     def _release(self, seq: Seq, keep: bool) -> None:
         """Free the slot; with ``keep`` its tokens first move to the prefix cache (when it has room)."""
@@ -287,6 +336,9 @@ class Scheduler:
                     self._ops.extend(MemOp("forget", e) for e in self.spill.supersede(tokens))
         self._ops.append(MemOp("drop", seq.slot))
         self.free_slots.append(seq.slot)
+        for q in self.running.values():  # riding along with a cancelled prefill: on their own from what they have
+            if q.leader is seq:
+                q.leader, q.cached = None, q.n_past
 
     def _spill(self, entry: Entry) -> None:
         """An entry evicted from the KV tier: copied to host memory when that tier takes it, then freed. Only an

@@ -179,16 +179,19 @@ class LlamaContext:
         self._n_seq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
         self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         self._n_seq[:] = 1
-        # Point every token's seq_id at one contiguous array so a whole batch's sequence ids are one numpy write;
-        # the pointers llama_batch_init allocated are kept and restored before llama_batch_free.
-        self._seq = np.zeros(self.n_batch, dtype=np.int32)
+        # Point every token's seq_id at a row of one contiguous array, so a whole batch's sequence ids are one
+        # numpy write (column 0; the other columns list the sequences that share a token, see decode_items); the
+        # pointers llama_batch_init allocated are kept and restored before llama_batch_free.
+        self._seqs = np.zeros((self.n_batch, n_seq_max), dtype=np.int32)
+        self._seq = self._seqs[:, 0]
+        self._shared: list[slice] = []  # tokens of the last decode listed in more than one sequence
         self._own_seq_ptrs = [ctypes.cast(self._batch.seq_id[i], ctypes.c_void_p).value for i in range(self.n_batch)]
-        base = self._seq.ctypes.data
+        base, row = self._seqs.ctypes.data, self._seqs.strides[0]
         for i in range(self.n_batch):
-            self._batch.seq_id[i] = ctypes.cast(base + 4 * i, ctypes.POINTER(lc.llama_seq_id))
+            self._batch.seq_id[i] = ctypes.cast(base + row * i, ctypes.POINTER(lc.llama_seq_id))
         # A one-token item is written through these ctypes pointers, a prompt chunk through the numpy views
-        self._c = (self._batch.token, self._batch.pos, (ctypes.c_int32 * self.n_batch).from_buffer(self._seq),
-                   self._batch.logits)
+        self._c = (self._batch.token, self._batch.pos,
+                   (ctypes.c_int32 * self._seqs.size).from_buffer(self._seqs), self._batch.logits, n_seq_max)
         self._addr = ctypes.cast(self.ptr, ctypes.c_void_p).value
         self._views: dict[int, np.ndarray] = {}  # logits address -> a numpy view of it
 
@@ -201,6 +204,7 @@ class LlamaContext:
     def decode_batch(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, want: np.ndarray) -> None:
         """One ``llama_decode`` over tokens of several sequences (at most ``n_batch``)."""
         n = len(tokens)
+        self._one_seq_each()
         self._tokens[:n] = tokens
         self._pos[:n] = pos
         self._seq[:n] = seqs
@@ -214,20 +218,30 @@ class LlamaContext:
         numpy call costs tens of microseconds where a ctypes store costs a few, so a decoding sequence's one token
         is written with four stores and only prompt chunks go through numpy.
         """
-        tok, pos, seq, want = self._c
+        tok, pos, seq, want, row = self._c
+        self._one_seq_each()
         k = 0
         for it in items:
             n = len(it.tokens)
-            if n == 1:
-                tok[k], pos[k], seq[k], want[k] = it.tokens[0], it.pos0, it.slot, it.sample
+            if n == 1 and not it.also:
+                tok[k], pos[k], seq[row * k], want[k] = it.tokens[0], it.pos0, it.slot, it.sample
             else:
                 self._tokens[k:k + n] = it.tokens
                 self._pos[k:k + n] = np.arange(it.pos0, it.pos0 + n, dtype=np.int32)
                 self._seq[k:k + n] = it.slot
                 self._logits[k:k + n] = 0
                 want[k + n - 1] = it.sample
+                if it.also:  # one cell per token, held by every sequence riding along with this prefill
+                    self._seqs[k:k + n, 1:1 + len(it.also)] = it.also
+                    self._n_seq[k:k + n] = 1 + len(it.also)
+                    self._shared.append(slice(k, k + n))
             k += n
         self._decode(k)
+
+    def _one_seq_each(self) -> None:
+        for done in self._shared:
+            self._n_seq[done] = 1
+        self._shared.clear()
 
     def _decode(self, n: int) -> None:
         self._batch.n_tokens = n
