@@ -222,6 +222,7 @@ def test_riders_of_a_cancelled_prefill_go_on_from_the_cells_they_have():
     step(s)
     assert s.running[1].leader is s.running[0] and s.running[1].n_kv == 128
     s.cancel(0)
+    assert s.running[1].cached == 128  # what it holds without having evaluated it
     evaluated, _, batches = prompt_work(s, (1,))
     assert evaluated[1] == 401 - 128  # the rest of its prompt, from where its shared cells end
     assert batches[0].items[0].pos0 == 128 and not any(i.also for b in batches for i in b.items)
@@ -362,3 +363,33 @@ def test_only_reused_prefixes_spill_to_host_memory():
     s.finish(3)
     assert MemOp("save", 1, 50, 4) in s.schedule().ops
     assert [e.tokens for e in s.spill.entries.values()] == [(7, 7, 7, 8)]
+
+
+def test_a_long_prefill_moves_unreused_cached_prefixes_to_host_memory():
+    """In llama.cpp's unified KV cache each prompt token's attention passes over every cached cell, masked or not:
+    before a long prefill, the prefixes no request has reused leave the KV tier for host memory. A reused one stays,
+    and a short prompt moves nothing."""
+    s = Scheduler(n_slots=2, n_ctx_seq=1024, token_budget=512, cache=PrefixCache(slots=[2, 3, 4], budget_tokens=1000),
+                  spill=PrefixCache(slots=[50, 51], budget_tokens=300))
+    one_off, chat = list(range(1000, 1200)), list(range(2000, 2100))
+    for req, prompt in enumerate([one_off, chat, chat + [5]]):  # the third continues the second: reused
+        s.add(req, prompt)
+        step(s)
+        s.finish(req)
+    assert sorted(len(e.tokens) for e in s.cache.entries.values()) == [101, 200]  # the short prompts moved nothing
+    s.add(3, list(range(3000, 3300)))  # 300 tokens to evaluate
+    batch, _ = step(s)
+    gone = next(op.src for op in batch.ops if op.kind == "save")
+    assert batch.ops[-2:] == [MemOp("save", gone, 50, 200), MemOp("drop", gone)]
+    assert [e.tokens for e in s.cache.entries.values()] == [tuple(chat + [5])]
+    assert [(e.tokens, e.reused) for e in s.spill.entries.values()] == [(tuple(one_off), False)]
+
+
+def test_a_one_off_takes_host_memory_only_beside_reused_prefixes():
+    c = PrefixCache(slots=[1, 2, 3], budget_tokens=10)
+    c.insert([1] * 6, reused=True)
+    assert c.insert([2] * 3, evict_reused=False)[0] is not None  # room beside it
+    assert c.insert([3] * 5, evict_reused=False) == (None, [], [])  # only the one-off could make room: too little
+    slot, _, evicted = c.insert([4] * 4, evict_reused=False)  # the one-off makes room for another
+    assert slot is not None and [e.tokens for e in evicted] == [(2, 2, 2)]
+    assert sorted(e.tokens for e in c.entries.values()) == [(1,) * 6, (4,) * 4]

@@ -70,19 +70,26 @@ class PrefixCache:
         entry.last_used = next(self._clock)
         entry.reused = True
 
-    def insert(self, tokens: list[int], reused: bool = False) -> tuple[int | None, list[int], list[Entry]]:
+    def insert(self, tokens: list[int], reused: bool = False,
+               evict_reused: bool = True) -> tuple[int | None, list[int], list[Entry]]:
         """Reserve an entry for ``tokens``: (entry, or None if it is not stored; entries it supersedes; entries
-        evicted to make room, with their tokens, so a lower tier can take them).
+        evicted to make room, with their tokens, so a lower tier can take them). Without ``evict_reused`` only
+        entries no request has reused make room, and nothing changes when they cannot.
 
         A sequence already cached whole is not stored twice, and entries it extends (the previous turn of a chat)
         are superseded: every prefix they matched, it matches too.
         """
         if not tokens or len(tokens) > self.budget or self.match(tokens)[1] == len(tokens):
             return None, [], []
+        if not evict_reused:
+            movable = [e for e in self.entries.values() if not e.reused]
+            if (self.budget - self.used_tokens + sum(len(e.tokens) for e in movable) < len(tokens)
+                    or not (self.free or movable)):
+                return None, [], []
         superseded = self.supersede(tokens)
         evicted: list[Entry] = []
         while self.entries and (not self.free or self.used_tokens + len(tokens) > self.budget):
-            evicted.append(self._evict_lru())
+            evicted.append(self._evict_lru(evict_reused))
         if not self.free:
             return None, superseded, evicted
         slot = self.free.pop(0)
@@ -98,8 +105,8 @@ class PrefixCache:
             self.remove(slot)
         return gone
 
-    def _evict_lru(self) -> Entry:
-        victim = min(self.entries.values(), key=lambda e: e.last_used)
+    def _evict_lru(self, reused_too: bool = True) -> Entry:
+        victim = min((e for e in self.entries.values() if reused_too or not e.reused), key=lambda e: e.last_used)
         self.remove(victim.slot)
         return victim
 
