@@ -188,6 +188,7 @@ def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
         cached = sorted(final.stats.cached_prompt_tokens for _, final in results)
         assert cached[0] == 0 and cached[1] == cached[2] > 100  # one evaluated the shared part, two rode along
         assert runner.steps == COUNT["num_predict"]  # all three prompts in the first step, then one per token
+        assert runner.max_batch == 3  # sequences, not items: the shared chunk and the leader's own tokens are two
     finally:
         together.close()
 

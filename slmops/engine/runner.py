@@ -136,8 +136,9 @@ class BatchRunner:
         if not batch.items:
             return
         self.steps += 1
-        self.max_batch = max(self.max_batch, len(batch.items))
-        for req_id in batch.requests():
+        working = set(batch.requests())  # a prompt chunk shared with riders is several items of one request
+        self.max_batch = max(self.max_batch, len(working))
+        for req_id in working:
             req = self._requests.get(req_id)
             if req is not None and not req.out.t_admitted:  # its prompt's first step: its wait ends
                 req.out.admitted()
