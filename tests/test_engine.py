@@ -5,10 +5,14 @@ import threading
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from conftest import DEFAULT
 from slmops.engine import Engine, Request, spec_from_store
+from slmops.engine.llamacpp.bindings import LlamaContext, LlamaModel
+from slmops.engine.llamacpp.model import LlamaDecoder
+from slmops.engine.scheduler import Scheduler
 from slmops.types import options as opts
 from slmops.types.errors import ContextOverflow, InvalidInput, InvalidOption
 
@@ -191,6 +195,48 @@ def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
         assert runner.max_batch == 3  # sequences, not items: the shared chunk and the leader's own tokens are two
     finally:
         together.close()
+
+
+def test_a_rider_whose_leader_is_cancelled_decodes_as_if_alone(spec):
+    """The scheduler and llama.cpp's context driven step by step: a prompt rides along with another's prefill for
+    a chunk (cells held by both sequences), the leader is cancelled, and the rider evaluates the rest of its
+    prompt on its own from the cells it holds; its greedy answer is the one it gets alone."""
+    model = LlamaModel(str(spec.model_path))
+    prompts = [model.tokenize(p) for p in counting(1, 300)]
+
+    def answer(reqs: dict[int, list[int]], cancel_after: int = 0) -> list[int]:
+        ctx = LlamaContext(model, opts.LoadParams(num_ctx=1024, num_batch=128), n_seq_max=2)
+        decoder, s = LlamaDecoder(model, ctx), Scheduler(2, 1024, token_budget=128)
+        for r, prompt in reqs.items():
+            s.add(r, prompt)
+        out, steps = [], 0
+        try:
+            while len(out) < 8:
+                batch = s.schedule()
+                for op in batch.ops:
+                    decoder.memory(op)
+                decoder.decode(batch.items)
+                sampled, end = {}, -1
+                for item in batch.items:
+                    end += len(item.tokens)
+                    if item.sample:
+                        sampled[item.req_id] = int(np.argmax(ctx.logits(end)))
+                s.update(batch, sampled)
+                out += [sampled[1]] if 1 in sampled else []
+                steps += 1
+                if steps == cancel_after:
+                    assert s.running[1].leader is s.running[0]  # still riding
+                    s.cancel(0)
+            return out
+        finally:
+            ctx.close()
+
+    try:
+        alone = answer({1: prompts[1]})
+        assert answer({0: prompts[0], 1: prompts[1]}, cancel_after=1) == alone
+        assert model.detokenize(alone).startswith(" 306, 30")  # it counts on from 305
+    finally:
+        model.close()
 
 
 def test_closing_the_stream_cancels_and_the_next_request_is_unaffected(engine, spec):
