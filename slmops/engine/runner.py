@@ -136,7 +136,7 @@ class BatchRunner:
         if not batch.items:
             return
         self.steps += 1
-        working = set(batch.requests())  # a prompt chunk shared with riders is several items of one request
+        working = batch.requests()
         self.max_batch = max(self.max_batch, len(working))
         for req_id in working:
             req = self._requests.get(req_id)

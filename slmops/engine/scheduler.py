@@ -98,8 +98,9 @@ class Batch:
     riders: list[int] = field(default_factory=list)  # requests whose prompt advances only through ``also``
 
     def requests(self) -> list[int]:
-        """Every request this step works for."""
-        return [i.req_id for i in self.items] + self.riders
+        """Every request this step works for, once (with riders, a shared chunk is several items of its leader)."""
+        ids = [i.req_id for i in self.items]
+        return list(dict.fromkeys(ids + self.riders)) if self.riders else ids
 
     @property
     def n_tokens(self) -> int:
@@ -215,11 +216,11 @@ class Scheduler:
     def update(self, batch: Batch, sampled: dict[int, int]) -> list[Finished]:
         """Record the step: KV now holds each item's tokens; ``sampled`` maps request → token sampled for it."""
         done = []
-        riders = {q.slot: q for q in self.running.values()} if batch.riders else {}
+        for req_id in batch.riders:  # what the shared chunks gave them is in KV now
+            rider = self.running.get(req_id)
+            if rider is not None:
+                rider.n_kv = rider.n_past
         for item in batch.items:
-            for slot in item.also:
-                if slot in riders:
-                    riders[slot].n_kv = item.pos0 + len(item.tokens)
             seq = self.running.get(item.req_id)
             if seq is None:
                 continue
