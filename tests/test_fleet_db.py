@@ -8,7 +8,9 @@ import asyncio
 import hashlib
 import itertools
 import subprocess
+import sqlite3
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, TypeVar
@@ -149,6 +151,33 @@ def test_two_replicas_migrate_at_once(fleet_db_url: str) -> None:
             await db.close()
     run(check())
 
+
+
+def test_sqlite_wal_switch_waits_for_a_writer(tmp_path: Path) -> None:
+    """A second replica opening a new SQLite file while the first holds its write lock: SQLite refuses the switch
+    to WAL at once (no busy timeout applies to it), so the replica waits for the lock instead of failing to start.
+    The lock is held as two replicas starting together hold it, for a moment."""
+    path = tmp_path / "fleet.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE first_write (i INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO first_write VALUES (1)")
+    release = threading.Timer(0.3, writer.execute, ("COMMIT",))
+    release.start()
+
+    async def go() -> str:
+        db = Database(f"sqlite+aiosqlite:///{path}")
+        try:
+            await db.migrate()
+            async with db.engine.connect() as conn:
+                return (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
+        finally:
+            await db.close()
+    try:
+        assert run(go()) == "wal"
+    finally:
+        release.join()
+        writer.close()
 
 _REPLICA = """
 import asyncio, sys

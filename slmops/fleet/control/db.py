@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import weakref
 from pathlib import Path
 from collections.abc import Collection
@@ -137,8 +138,22 @@ class Database:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
+    _wal(cur)
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _wal(cur, tries: int = 100) -> None:  # type: ignore[no-untyped-def]
+    """Switch a new database file to WAL, which two replicas starting together both try: SQLite answers one of
+    them "database is locked" at once, without its busy timeout (the lock upgrade would deadlock), so it waits
+    and tries again; the mode persists in the file, so later connections find it set."""
+    for attempt in range(tries):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as err:  # the driver's OperationalError, wrapped by SQLAlchemy's async adapter
+            if "locked" not in str(err) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
