@@ -130,18 +130,33 @@ def counting(*starts: int) -> list[str]:
     return [SHARED + ", ".join(str(i) for i in range(k, k + 6)) + "," for k in starts]
 
 
-def count_on(engine: Engine, spec, prompt: str):
-    return collect(engine.run(spec, Request(prompt=prompt, raw=True, options=COUNT)))
+def count_on(engine: Engine, spec, prompt: str, options: dict = COUNT):
+    return collect(engine.run(spec, Request(prompt=prompt, raw=True, options=options)))
 
 
-def alone(spec, prompts: list[str]) -> list[str]:
+def alone(spec, prompts: list[str], options: dict = COUNT) -> list[str]:
     """Each prompt's answer from an engine that serves nothing else."""
     out = []
     for p in prompts:
         fresh = Engine(default_ctx=1024, num_parallel=1)
-        out.append(count_on(fresh, spec, p)[0])
+        out.append(count_on(fresh, spec, p, options)[0])
         fresh.close()
     return out
+
+
+def released_together(engine: Engine, spec, prompts: list[str], options: dict = COUNT):
+    """Each prompt's (text, final record), the requests held at the runner until all are queued, so that they
+    reach its scheduler in one step."""
+    runner = engine.load_model(spec)[0].runner
+    gate = threading.Event()
+    with cf.ThreadPoolExecutor(len(prompts) + 1) as pool:
+        held = pool.submit(runner.call, lambda: gate.wait(30))  # the runner waits between two steps
+        futures = [pool.submit(count_on, engine, spec, p, options) for p in prompts]
+        while runner._inbox.qsize() < len(prompts):  # all queued before the runner's next step
+            time.sleep(0.01)
+        gate.set()
+        held.result()
+        return [f.result() for f in futures]
 
 
 def test_a_prefix_restored_from_host_memory_decodes_as_if_evaluated(spec):
@@ -178,16 +193,8 @@ def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
     expected = alone(spec, prompts)
     together = Engine(default_ctx=1024, num_parallel=4)
     try:
+        results = released_together(together, spec, prompts)
         runner = together.load_model(spec)[0].runner
-        gate = threading.Event()
-        with cf.ThreadPoolExecutor(4) as pool:
-            held = pool.submit(runner.call, lambda: gate.wait(30))  # the runner waits between two steps
-            futures = [pool.submit(count_on, together, spec, p) for p in prompts]
-            while runner._inbox.qsize() < len(prompts):  # all three queued before the runner's next step
-                time.sleep(0.01)
-            gate.set()
-            held.result()
-            results = [f.result() for f in futures]
         assert [text for text, _ in results] == expected and all(expected)
         cached = sorted(final.stats.cached_prompt_tokens for _, final in results)
         assert cached[0] == 0 and cached[1] == cached[2] > 100  # one evaluated the shared part, two rode along
@@ -196,6 +203,27 @@ def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
     finally:
         together.close()
 
+
+
+def test_prompts_arriving_together_get_first_tokens_one_step_apart(spec):
+    """Three short unrelated prompts reach the runner in one step. One step's token budget holds all three, but a
+    step finishes at most one prompt: the second's first token would otherwise wait for the third's evaluation,
+    which brings the third's no sooner. So each prompt is evaluated in the step after the one before, beside the
+    decodes of those already answered, and each answer is the one its prompt gets alone."""
+    options = {**COUNT, "num_predict": 3}
+    prompts = [", ".join(str(i) for i in range(k, k + 8)) + "," for k in (1, 300, 5000)]
+    expected = alone(spec, prompts, options)
+    together = Engine(default_ctx=1024, num_parallel=4)
+    try:
+        results = released_together(together, spec, prompts, options)
+        runner = together.load_model(spec)[0].runner
+        assert [text for text, _ in results] == expected and all(expected)
+        assert all(final.stats.cached_prompt_tokens == 0 for _, final in results)  # nothing shared to reuse
+        # prompts in steps 1, 2 and 3, each followed by its two decodes: 5 steps (all three in step 1: 3 steps)
+        assert runner.steps == 5
+        assert runner.max_batch == 3  # step 3: the first's last decode, the second's, the third's prompt
+    finally:
+        together.close()
 
 def test_a_rider_whose_leader_is_cancelled_decodes_as_if_alone(spec):
     """The scheduler and llama.cpp's context driven step by step: a prompt rides along with another's prefill for
