@@ -221,8 +221,10 @@ def test_riders_of_a_cancelled_prefill_go_on_from_the_cells_they_have():
         s.add(r, system + [r])
     step(s)
     assert s.running[1].leader is s.running[0] and s.running[1].n_kv == 128
+    leader_cells = s.running[0].spans(128)
     s.cancel(0)
     assert s.running[1].cached == 128  # what it holds without having evaluated it
+    assert s.running[1].spans(130) == leader_cells + ((s.running[1].origin, 128, 130),)  # its own from there
     evaluated, _, batches = prompt_work(s, (1,))
     assert evaluated[1] == 401 - 128  # the rest of its prompt, from where its shared cells end
     assert batches[0].items[0].pos0 == 128 and not any(i.also for b in batches for i in b.items)
@@ -299,8 +301,8 @@ def test_a_chat_turn_supersedes_the_cached_previous_turn():
 class Reused(PrefixCache):
     """Every entry counts as reused (only those spill): these tests follow where spilled entries go."""
 
-    def insert(self, tokens, reused=False):
-        return super().insert(tokens, True)
+    def insert(self, tokens, reused=False, evict_reused=True, cells=()):
+        return super().insert(tokens, True, evict_reused, cells)
 
 
 def test_evicted_prefixes_spill_to_host_memory_and_come_back():
@@ -393,3 +395,39 @@ def test_a_one_off_takes_host_memory_only_beside_reused_prefixes():
     slot, _, evicted = c.insert([4] * 4, evict_reused=False)  # the one-off makes room for another
     assert slot is not None and [e.tokens for e in evicted] == [(2, 2, 2)]
     assert sorted(e.tokens for e in c.entries.values()) == [(1,) * 6, (4,) * 4]
+
+
+def test_cached_prefixes_that_share_cells_count_them_once():
+    """Two chats copied from one system prompt hold its cells together (a copy adds a sequence id to a cell): the
+    KV tier counts them once. A sequence restored from host memory wrote cells of its own, and they count."""
+    c = PrefixCache(slots=[1, 2, 3], budget_tokens=10)
+    system = [1, 2, 3, 4, 5, 6]
+    assert c.insert(system + [7], cells=((0, 0, 6), (1, 6, 7)))[0] is not None
+    slot, _, evicted = c.insert(system + [8], cells=((0, 0, 6), (2, 6, 7)))
+    assert slot is not None and not evicted and c.used_tokens == 8  # 14 if each counted the system prompt
+    slot, _, evicted = c.insert(system + [9], cells=((3, 0, 7),))  # its own copy of the system prompt
+    assert slot is not None and len(evicted) == 2 and c.used_tokens == 7
+
+
+def test_chats_on_one_system_prompt_stay_in_the_kv_tier_together():
+    """Four clients send one system prompt at once and ride one prefill; their finished sequences go to the KV
+    tier, which holds the shared prompt once: all four stay, nothing goes to host memory, and the next turn of
+    one of them copies its cells from there and supersedes its entry."""
+    s = Scheduler(n_slots=4, n_ctx_seq=1024, token_budget=512, cache=PrefixCache(slots=[4, 5, 6, 7], budget_tokens=150),
+                  spill=PrefixCache(slots=[50, 51, 52, 53], budget_tokens=1000))
+    system = list(range(1000, 1100))
+    for r in range(4):
+        s.add(r, system + [r])
+    step(s)  # one prefill, three riders
+    step(s)  # a decode each
+    for r in range(4):
+        s.finish(r)
+    ops = s.schedule().ops
+    assert len(s.cache.entries) == 4 and s.cache.used_tokens == 100 + 4 * 2  # 408 counted per entry
+    assert not [op for op in ops if op.kind in ("save", "restore")] and not s.spill.entries
+    s.add(4, system + [0, 7, 9])  # client 0's next turn: its 102 tokens are cached
+    batch, _ = step(s)
+    assert batch.ops[0].kind == "copy" and batch.ops[0].n == 102 and s.running[4].cached == 102
+    s.finish(4)
+    s.schedule()
+    assert len(s.cache.entries) == 4 and s.cache.used_tokens == 100 + 3 * 2 + 3  # its turn superseded its entry

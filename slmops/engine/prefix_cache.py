@@ -22,12 +22,36 @@ class _Node:
     parent: "_Node | None" = None
 
 
+Span = tuple[int, int, int]  # (origin, start, end): cells [start, end) that the sequence ``origin`` evaluated
+
+
 @dataclass
 class Entry:
     slot: int
     tokens: tuple[int, ...]
     last_used: int
     reused: bool = False  # a request started from it, or it continues one that started from the cache
+    cells: tuple[Span, ...] = ()  # where its KV cells came from; empty: cells of its own, one per token
+
+
+def clip(cells: tuple[Span, ...], n: int) -> tuple[Span, ...]:
+    """The spans of the first ``n`` cells."""
+    return tuple((o, a, min(b, n)) for o, a, b in cells if a < n)
+
+
+def cells_used(entries) -> int:  # type: ignore[no-untyped-def]
+    """KV cells that ``entries`` hold together. Sequences that copied a prefix share its cells (a copy in
+    llama.cpp's KV cache adds a sequence id to a cell), so eight chats on one system prompt hold it once. Every
+    holder of an origin's cells copied a prefix of them, so per origin they are one run from its start."""
+    runs: dict[int, tuple[int, int]] = {}
+    own = 0
+    for e in entries:
+        if not e.cells:
+            own += len(e.tokens)
+        for origin, start, end in e.cells:
+            s0, e0 = runs.get(origin, (start, end))
+            runs[origin] = (min(s0, start), max(e0, end))
+    return own + sum(end - start for start, end in runs.values())
 
 
 class PrefixCache:
@@ -41,7 +65,8 @@ class PrefixCache:
 
     @property
     def used_tokens(self) -> int:
-        return sum(len(e.tokens) for e in self.entries.values())
+        """Cells held, each counted once however many entries share it."""
+        return cells_used(self.entries.values())
 
     def match(self, tokens: list[int], touch: bool = True) -> tuple[int | None, int]:
         """(entry, number of leading tokens it holds) for the longest cached prefix of ``tokens``; with
@@ -70,32 +95,33 @@ class PrefixCache:
         entry.last_used = next(self._clock)
         entry.reused = True
 
-    def insert(self, tokens: list[int], reused: bool = False,
-               evict_reused: bool = True) -> tuple[int | None, list[int], list[Entry]]:
+    def insert(self, tokens: list[int], reused: bool = False, evict_reused: bool = True,
+               cells: tuple[Span, ...] = ()) -> tuple[int | None, list[int], list[Entry]]:
         """Reserve an entry for ``tokens``: (entry, or None if it is not stored; entries it supersedes; entries
-        evicted to make room, with their tokens, so a lower tier can take them). Without ``evict_reused`` only
+        evicted to make room, with their tokens, so a lower tier can take them). ``cells``: where its KV cells
+        came from, so that cells it shares with other entries take no more room. Without ``evict_reused`` only
         entries no request has reused make room, and nothing changes when they cannot.
 
         A sequence already cached whole is not stored twice, and entries it extends (the previous turn of a chat)
         are superseded: every prefix they matched, it matches too.
         """
-        if not tokens or len(tokens) > self.budget or self.match(tokens)[1] == len(tokens):
+        new = Entry(-1, tuple(tokens), 0, reused, cells)
+        if not tokens or cells_used([new]) > self.budget or self.match(tokens)[1] == len(tokens):
             return None, [], []
         if not evict_reused:
-            movable = [e for e in self.entries.values() if not e.reused]
-            if (self.budget - self.used_tokens + sum(len(e.tokens) for e in movable) < len(tokens)
-                    or not (self.free or movable)):
+            kept = [e for e in self.entries.values() if e.reused]
+            if cells_used(kept + [new]) > self.budget or (not self.free and len(kept) == len(self.entries)):
                 return None, [], []
         superseded = self.supersede(tokens)
         evicted: list[Entry] = []
-        while self.entries and (not self.free or self.used_tokens + len(tokens) > self.budget):
+        while self.entries and (not self.free or cells_used([*self.entries.values(), new]) > self.budget):
             evicted.append(self._evict_lru(evict_reused))
         if not self.free:
             return None, superseded, evicted
-        slot = self.free.pop(0)
-        self.entries[slot] = Entry(slot, tuple(tokens), next(self._clock), reused)
-        self._add_path(tuple(tokens), slot)
-        return slot, superseded, evicted
+        new.slot, new.last_used = self.free.pop(0), next(self._clock)
+        self.entries[new.slot] = new
+        self._add_path(new.tokens, new.slot)
+        return new.slot, superseded, evicted
 
     def supersede(self, tokens: list[int]) -> list[int]:
         """Remove the entries whose tokens start ``tokens`` (a sequence holding ``tokens`` now serves them)."""

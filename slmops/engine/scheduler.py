@@ -29,11 +29,12 @@ copies, saves to and restores from host memory, frees) travel in the batch, in o
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from slmops.engine.prefix_cache import Entry, PrefixCache
+from slmops.engine.prefix_cache import Entry, PrefixCache, Span, clip
 from slmops.types.errors import Busy, ContextOverflow
 
 
@@ -58,6 +59,13 @@ class Seq:
     generated: list[int] = field(default_factory=list)
     leader: "Seq | None" = None  # the prefill it rides along with, until ``share_end``
     share_end: int = 0
+    cells: tuple[Span, ...] = ()  # the KV cells it started from, copied from another sequence (see prefix_cache)
+    origin: int = -1  # the cells it evaluates itself, after those
+
+    def spans(self, n: int) -> tuple[Span, ...]:
+        """Where its first ``n`` cells came from."""
+        start = self.cells[-1][2] if self.cells else 0
+        return clip(self.cells, n) + (((self.origin, start, n),) if n > start else ())
 
     @property
     def tokens(self) -> list[int]:
@@ -149,6 +157,7 @@ class Scheduler:
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
         self._ops: list[MemOp] = []
+        self._origins = itertools.count()
 
     # -- requests ------------------------------------------------------------------------------------------
     def add(self, req_id: int, prompt: list[int], max_new: int = -1, n_ctx: int | None = None) -> None:
@@ -238,10 +247,14 @@ class Scheduler:
         return [d for d in done if d is not None]
 
     # -- internals -----------------------------------------------------------------------------------------
-    def _admit(self, seq: Seq, batch: Batch) -> None:
+    def _take_slot(self, seq: Seq) -> None:
         seq.slot = self.free_slots.pop(0)
         seq.state = State.PREFILL
+        seq.origin = next(self._origins)
         self.running[seq.req_id] = seq
+
+    def _admit(self, seq: Seq, batch: Batch) -> None:
+        self._take_slot(seq)
         usable = len(seq.prompt) - 1  # at least one token is evaluated, for its logits
         n, op, chosen = 0, None, None
         if self.spill is not None:
@@ -249,17 +262,21 @@ class Scheduler:
             if entry is not None:
                 op, chosen = MemOp("restore", entry, seq.slot, min(n, usable), tuple(seq.prompt[:min(n, usable)])), \
                     (self.spill, entry)
+        cells: tuple[Span, ...] = ()  # a restore writes cells of its own
         if self.cache is not None:  # cells shared for free: preferred on a tie
             slot, shared = self.cache.match(seq.prompt, touch=False)
             if slot is not None and shared >= n:
                 n, op, chosen = shared, MemOp("copy", slot, seq.slot, min(shared, usable)), (self.cache, slot)
+                cells = clip(self.cache.entries[slot].cells, op.n)
         for other in self.running.values():
             shared = common_prefix(seq.prompt, other.tokens[: other.n_kv])
             if shared >= n and shared > 0:
                 n, op, chosen = shared, MemOp("copy", other.slot, seq.slot, min(shared, usable)), None
+                cells = other.spans(op.n)
         if op is not None and op.n > 0:
             batch.ops.append(op)
             seq.n_past = seq.cached = op.n
+            seq.cells = cells
             if chosen is not None:
                 chosen[0].touch(chosen[1])
         if self.cache is not None and len(seq.prompt) - seq.n_past >= self.LONG_PREFILL:
@@ -300,14 +317,13 @@ class Scheduler:
         """Admit ``seq`` beside ``leader``: the cells the leader has so far are copied (llama.cpp requires
         sequences that share a batch's tokens to hold the same positions before it), the rest of the shared prefix
         comes with the leader's chunks."""
-        seq.slot = self.free_slots.pop(0)
-        seq.state = State.PREFILL
-        self.running[seq.req_id] = seq
+        self._take_slot(seq)
         if leader.n_past > 0:  # its cells exist once the ops before it have run (a copy it started from, too)
             batch.ops.append(MemOp("copy", leader.slot, seq.slot, leader.n_past))
         seq.n_past = leader.n_past
         seq.cached = shared
         seq.leader, seq.share_end = leader, shared
+        seq.cells = leader.spans(shared)  # the cells the leader holds and will write for both
 
     def _prefill_chunk(self, seq: Seq, budget: int, batch: Batch) -> int:
         """Schedule the next chunk of ``seq``'s prompt, split where riders' shared parts end; the riders whose
@@ -340,7 +356,8 @@ class Scheduler:
         """Free the slot; with ``keep`` its tokens first move to the prefix cache (when it has room)."""
         if keep and self.cache is not None:
             tokens = seq.tokens[: seq.n_past]
-            slot, superseded, evicted = self.cache.insert(tokens, reused=seq.cached > 0)
+            slot, superseded, evicted = self.cache.insert(tokens, reused=seq.cached > 0,
+                                                          cells=seq.spans(len(tokens)))
             self._ops.extend(MemOp("drop", s) for s in superseded)
             for entry in evicted:
                 if entry.reused:  # a one-off evicted for room is not worth host memory
@@ -355,7 +372,7 @@ class Scheduler:
         self.free_slots.append(seq.slot)
         for q in self.running.values():  # riding along with a cancelled prefill: on their own from what they have
             if q.leader is seq:
-                q.leader, q.cached = None, q.n_past
+                q.leader, q.cached, q.cells = None, q.n_past, clip(q.cells, q.n_past)
 
     def _spill(self, entry: Entry, ops: list[MemOp]) -> None:
         """An entry that leaves the KV tier: copied to host memory when that tier takes it, then freed. An entry
