@@ -204,7 +204,6 @@ def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
         together.close()
 
 
-
 def test_prompts_arriving_together_get_first_tokens_one_step_apart(spec):
     """Three short unrelated prompts reach the runner in one step. One step's token budget holds all three, but a
     step finishes at most one prompt: the second's first token would otherwise wait for the third's evaluation,
@@ -224,6 +223,7 @@ def test_prompts_arriving_together_get_first_tokens_one_step_apart(spec):
         assert runner.max_batch == 3  # step 3: the first's last decode, the second's, the third's prompt
     finally:
         together.close()
+
 
 def test_a_rider_whose_leader_is_cancelled_decodes_as_if_alone(spec):
     """The scheduler and llama.cpp's context driven step by step: a prompt rides along with another's prefill for

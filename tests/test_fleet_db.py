@@ -152,7 +152,6 @@ def test_two_replicas_migrate_at_once(fleet_db_url: str) -> None:
     run(check())
 
 
-
 def test_sqlite_wal_switch_waits_for_a_writer(tmp_path: Path) -> None:
     """A second replica opening a new SQLite file while the first holds its write lock: SQLite refuses the switch
     to WAL at once (no busy timeout applies to it), so the replica waits for the lock instead of failing to start.
@@ -178,6 +177,7 @@ def test_sqlite_wal_switch_waits_for_a_writer(tmp_path: Path) -> None:
     finally:
         release.join()
         writer.close()
+
 
 _REPLICA = """
 import asyncio, sys

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 import weakref
 from pathlib import Path
@@ -153,7 +154,7 @@ def _wal(cur, tries: int = 100) -> None:  # type: ignore[no-untyped-def]
         try:
             cur.execute("PRAGMA journal_mode=WAL")
             return
-        except Exception as err:  # the driver's OperationalError, wrapped by SQLAlchemy's async adapter
+        except sqlite3.OperationalError as err:  # raised as is through SQLAlchemy's aiosqlite adapter
             if "locked" not in str(err) or attempt == tries - 1:
                 raise
             time.sleep(0.05)
