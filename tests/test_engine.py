@@ -204,6 +204,24 @@ def test_requests_riding_along_with_one_prefill_decode_as_if_alone(spec):
         together.close()
 
 
+def test_finished_riders_stay_in_the_kv_tier_together(spec):
+    """Three prompts ride one prefill of their shared preamble; when they finish, the KV tier (one context: 256
+    cells here) keeps all three, because it counts the preamble's cells once: counted per entry they would need
+    ~480 and two would go to host memory. Each answer is the one its prompt gets alone."""
+    prompts = counting(1, 300, 5000)
+    expected = alone(spec, prompts)
+    together = Engine(default_ctx=256, num_parallel=4)
+    try:
+        results = released_together(together, spec, prompts)
+        assert [text for text, _ in results] == expected and all(expected)
+        runner = together.load_model(spec)[0].runner
+        runner.call(lambda: None)  # the finished sequences' moves into the cache have run
+        entries = list(runner.scheduler.cache.entries.values())
+        assert len(entries) == 3 and sum(len(e.tokens) for e in entries) > 256 >= runner.scheduler.cache.used_tokens
+        assert not runner.decoder._saved  # nothing went to host memory
+    finally:
+        together.close()
+
 def test_prompts_arriving_together_get_first_tokens_one_step_apart(spec):
     """Three short unrelated prompts reach the runner in one step. One step's token budget holds all three, but a
     step finishes at most one prompt: the second's first token would otherwise wait for the third's evaluation,
